@@ -1,0 +1,152 @@
+"""``RunConfig``: the one description of a training run.
+
+The CLI fills it from options, a YAML/TOML file loads into it, the tracker flattens it into
+MLflow params and the checkpoint stores it, so that a run can always be rebuilt from it.
+Every field validates itself in ``__post_init__`` and a bad value raises ``ConfigError``
+naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kithara_ops.errors import ConfigError
+
+Sharding = Literal["dp", "fsdp"]
+Precision = Literal["float32", "mixed_bfloat16"]
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a run, as plain values (no live objects)."""
+
+    model: str = "tiny"
+    """Built-in size (``tiny``, ``small``) or a ``module:function`` returning a ``keras.Model``."""
+    data: str = "stdlib"
+    """Training data source: ``stdlib``, ``synthetic``, a text file/dir/glob, or a ``.jsonl`` file."""
+    eval_data: str | None = None
+    """Evaluation data source (same forms as ``data``); ``None`` for no evaluation."""
+    optimizer: str = "optax.adamw"
+    """Optimizer spec: a name such as ``optax.adamw`` / ``keras.AdamW``, or a call expression."""
+    learning_rate: float = 1e-3
+    """Learning rate used when ``optimizer`` is a bare name."""
+    weight_decay: float | None = None
+    """Weight decay used when ``optimizer`` is a bare name (``None``: the optimizer's default)."""
+    steps: int | None = None
+    """Total number of optimizer steps of the run (``None``: derived from ``epochs``)."""
+    epochs: int | None = None
+    """Passes over the training data, used when ``steps`` is ``None``."""
+    batch_size: int = 8
+    """Global batch size in sequences (across all devices and processes)."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    sharding: Sharding = "dp"
+    """``dp``: replicated parameters, sharded batch. ``fsdp``: parameters and optimizer state sharded too."""
+    mesh_shape: tuple[int, int] | None = None
+    """``(data, fsdp)`` device mesh; ``None`` puts every device on the axis ``sharding`` names."""
+    min_shard_size: int = 4096
+    """Parameters with fewer elements stay replicated under ``fsdp`` (not worth a collective)."""
+    seed: int = 0
+    """Seeds parameter init, data order and the train step's RNG."""
+    log_every: int = 10
+    """Fetch metrics from the devices and report them every this many steps."""
+    eval_every: int | None = None
+    """Evaluate every this many steps (and at the end); ``None``: only at the end."""
+    eval_steps: int | None = None
+    """Batches per evaluation; ``None``: one full pass over ``eval_data``."""
+    grad_accum_steps: int = 1
+    """Split each batch into this many micro-batches and sum their gradients."""
+    precision: Precision = "float32"
+    """``mixed_bfloat16`` computes the built-in model in bfloat16 with float32 master weights."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mesh_shape, list):
+            self.mesh_shape = tuple(self.mesh_shape)
+        _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
+        _check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
+        _check_choice(self, "sharding", ("dp", "fsdp"))
+        _check_choice(self, "precision", ("float32", "mixed_bfloat16"))
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.min_shard_size < 0:
+            raise ConfigError(f"min_shard_size must be >= 0, got {self.min_shard_size}.")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
+                f"{self.grad_accum_steps}: choose a batch size that is a multiple of it."
+            )
+        if self.mesh_shape is not None and (
+            len(self.mesh_shape) != 2 or any(int(n) < 1 for n in self.mesh_shape)
+        ):
+            raise ConfigError(
+                f"mesh_shape must be two positive sizes (data, fsdp), got {self.mesh_shape}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON/YAML-friendly values."""
+        out = dataclasses.asdict(self)
+        if out["mesh_shape"] is not None:
+            out["mesh_shape"] = list(out["mesh_shape"])
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a mapping, refusing unknown keys with a did-you-mean hint."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"Unknown config key {key!r}.{hint}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (validated like a new config)."""
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    def dump_yaml(self) -> str:
+        """The config as a YAML document that ``load_config`` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a ``RunConfig`` from a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist: check the path.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            values = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"Config file {str(path)!r} is not valid: {first}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of option: value.")
+    return RunConfig.from_dict(values)
+
+
+def _check_positive(cfg: RunConfig, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_choice(cfg: RunConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")

@@ -1,0 +1,235 @@
+"""Built-in model sizes and turning a run's ``model`` string into a built ``keras.Model``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from kithara_ops.errors import ConfigError
+from kithara_ops.models.transformer import CausalLM
+
+LayoutRules = list[tuple[str, tuple[str | None, ...]]]
+"""``(variable path regex, partition spec)`` pairs, as returned by ``get_layout_rules()``."""
+
+_DOTTED_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerSize:
+    """Shape of a built-in ``CausalLM``.
+
+    Attributes:
+        d_model: Residual stream width ``D``; a multiple of 8 so FSDP can shard it.
+        num_layers: Number of decoder blocks.
+        num_heads: Attention heads; ``D / num_heads`` must be an even integer (rotary).
+        mlp_dim: Hidden width of each gated MLP.
+    """
+
+    d_model: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+
+    def __post_init__(self) -> None:
+        if self.d_model % 8:
+            raise ValueError(f"d_model must be a multiple of 8, got {self.d_model}.")
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ValueError(
+                f"d_model {self.d_model} must split into {self.num_heads} heads of even width."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, ``d_model // num_heads``."""
+        return self.d_model // self.num_heads
+
+
+SIZES: dict[str, TransformerSize] = {
+    # About 1.1M parameters at vocab 259: trains in minutes on a CPU.
+    "tiny": TransformerSize(d_model=128, num_layers=4, num_heads=4, mlp_dim=512),
+    # About 14.4M parameters at vocab 259: big enough for sharding to matter.
+    "small": TransformerSize(d_model=384, num_layers=8, num_heads=6, mlp_dim=1024),
+}
+"""Built-in model sizes by name."""
+
+
+def causal_lm(
+    size: str = "tiny",
+    *,
+    vocab_size: int = 259,
+    seq_len: int = 256,
+    dtype: str | None = None,
+    dropout: float = 0.0,
+    name: str = "causal_lm",
+) -> keras.Model:
+    """Build a built-in ``CausalLM`` with its variables created.
+
+    Initial values come from Keras' global RNG, so calling
+    ``keras.utils.set_random_seed(seed)`` first makes them reproducible.
+
+    Args:
+        size: A key of ``SIZES``.
+        vocab_size: Vocabulary size (output logits per position).
+        seq_len: Sequence length the model is built for (rotary positions work at any length).
+        dtype: Keras dtype policy name, e.g. ``"mixed_bfloat16"``; ``None`` for the default.
+        dropout: Residual dropout rate inside each block.
+        name: Model name, the first component of every variable path.
+
+    Returns:
+        The built model.
+
+    Raises:
+        ConfigError: ``size`` is not a built-in size.
+    """
+    if size not in SIZES:
+        raise ConfigError(
+            f"Unknown model size {size!r}: choose one of {', '.join(SIZES)}"
+            f"{_did_you_mean(size)}, or give a 'package.module:function' spec."
+        )
+    shape = SIZES[size]
+    model = CausalLM(
+        vocab_size=vocab_size,
+        d_model=shape.d_model,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        mlp_dim=shape.mlp_dim,
+        dropout=dropout,
+        dtype=dtype,
+        name=name,
+    )
+    model.build((None, seq_len))
+    return model
+
+
+def resolve_model(
+    spec: str, *, vocab_size: int, seq_len: int, dtype: str | None = None
+) -> keras.Model:
+    """Turn a model spec into a built ``keras.Model``.
+
+    Args:
+        spec: A built-in size name (``tiny``, ``small``) or ``"package.module:function"``.
+            The function is called with those of ``vocab_size``, ``seq_len`` and ``dtype``
+            that its signature accepts (all three if it takes ``**kwargs``) and must return
+            a ``keras.Model``; a model without variables yet is built by calling it on a
+            ``(1, seq_len)`` int32 batch of zeros.
+        vocab_size: Vocabulary size of the data.
+        seq_len: Tokens per training sequence.
+        dtype: Keras dtype policy name, or ``None`` for the default.
+
+    Returns:
+        The built model.
+
+    Raises:
+        ConfigError: The spec is malformed, names an unknown size, a module that cannot be
+            imported or a missing function, or the function returns something else than a
+            ``keras.Model``.
+    """
+    if ":" not in spec:
+        if spec in SIZES:
+            return causal_lm(spec, vocab_size=vocab_size, seq_len=seq_len, dtype=dtype)
+        if not _DOTTED_NAME.match(spec):
+            raise _malformed(spec)
+        raise ConfigError(
+            f"Unknown model size {spec!r}: choose one of {', '.join(SIZES)}"
+            f"{_did_you_mean(spec)}, or give a 'package.module:function' spec."
+        )
+    module_name, _, attr = spec.partition(":")
+    if not (_DOTTED_NAME.match(module_name) and _DOTTED_NAME.match(attr)):
+        raise _malformed(spec)
+    factory = _load_factory(spec, module_name, attr)
+    model = factory(
+        **_accepted_kwargs(factory, vocab_size=vocab_size, seq_len=seq_len, dtype=dtype)
+    )
+    if not isinstance(model, keras.Model):
+        raise ConfigError(
+            f"Model factory {spec!r} returned {type(model).__module__}.{type(model).__qualname__}, "
+            "not a keras.Model: return the model itself."
+        )
+    if not model.variables:
+        # Subclassed models create their variables on first call.
+        model(np.zeros((1, seq_len), dtype="int32"))
+    return model
+
+
+def layout_rules_of(model: keras.Model) -> LayoutRules:
+    """The model's FSDP layout rules (``model.get_layout_rules()``), or ``[]`` if it has none.
+
+    Args:
+        model: Any Keras model.
+
+    Returns:
+        ``(path regex, partition spec)`` pairs; an empty list means "no opinion".
+    """
+    get_rules = getattr(model, "get_layout_rules", None)
+    if not callable(get_rules):
+        return []
+    return [(str(pattern), tuple(spec)) for pattern, spec in get_rules()]
+
+
+def _load_factory(spec: str, module_name: str, attr: str) -> Callable[..., Any]:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # Only a missing spec module (or a parent package) means "not installed"; a missing
+        # dependency of that module is reported as such.
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise ConfigError(
+                f"Cannot import module {module_name!r} of model spec {spec!r}: "
+                "is it installed / on PYTHONPATH?"
+            ) from None
+        raise ConfigError(
+            f"Importing module {module_name!r} of model spec {spec!r} failed: {err}"
+        ) from err
+    except ImportError as err:
+        raise ConfigError(
+            f"Importing module {module_name!r} of model spec {spec!r} failed: {err}"
+        ) from err
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(
+                f"Module {module_name!r} has no attribute {attr!r} (model spec {spec!r}): "
+                "check the function name after the ':'."
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(
+            f"{spec!r} is a {type(obj).__name__}, not a function returning a keras.Model."
+        )
+    return obj
+
+
+def _accepted_kwargs(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        # No introspectable signature (some C callables): offer everything.
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return kwargs
+    named = {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {key: value for key, value in kwargs.items() if key in named}
+
+
+def _malformed(spec: str) -> ConfigError:
+    return ConfigError(
+        f"Malformed model spec {spec!r}: expected a built-in size ({', '.join(SIZES)}) "
+        "or 'package.module:function'."
+    )
+
+
+def _did_you_mean(value: str) -> str:
+    close = difflib.get_close_matches(value, SIZES, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,144 @@
+"""Moving host batches onto the devices, checked once and ahead of the step.
+
+A batch is a mapping with ``x`` and ``y`` (token ids) and an optional ``mask`` (per-token
+loss weights), each of shape ``(batch, seq_len)``. Every batch must keep the first batch's
+shape, because a new shape would silently recompile the train step.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from kithara_ops.errors import ConfigError
+
+_DTYPES = {"x": np.int32, "y": np.int32, "mask": np.float32}
+
+
+def check_first_batch(batch: Mapping, data_parallel: int, grad_accum_steps: int) -> tuple:
+    """Validate a batch's keys and shape against the mesh; return its ``(batch, seq_len)``."""
+    if not isinstance(batch, Mapping) or "x" not in batch or "y" not in batch:
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ConfigError(
+            f"A batch must be a mapping with 'x' and 'y' (and optional 'mask'); got {got}."
+        )
+    shape = np.shape(batch["x"])
+    if len(shape) != 2:
+        raise ConfigError(f"Batch 'x' must have shape (batch, seq_len); got {shape}.")
+    for key in ("y", "mask"):
+        if key in batch and np.shape(batch[key]) != shape:
+            raise ConfigError(
+                f"Batch '{key}' has shape {np.shape(batch[key])} but 'x' has {shape}."
+            )
+    size = shape[0]
+    if size % data_parallel:
+        raise ConfigError(
+            f"batch size {size} is not divisible by the {data_parallel} data-parallel devices: "
+            f"use a multiple of {data_parallel}."
+        )
+    if size % (data_parallel * grad_accum_steps) and grad_accum_steps > 1:
+        raise ConfigError(
+            f"batch size {size} cannot split into {grad_accum_steps} micro-batches over "
+            f"{data_parallel} devices: use a multiple of {data_parallel * grad_accum_steps}."
+        )
+    return shape
+
+
+def to_host_arrays(batch: Mapping, shape: tuple) -> dict[str, np.ndarray]:
+    """The batch's arrays with the step's dtypes, refusing a shape change."""
+    out = {}
+    for key, dtype in _DTYPES.items():
+        if key not in batch:
+            continue
+        array = np.asarray(batch[key])
+        if array.shape != shape:
+            raise ConfigError(
+                f"Batch '{key}' has shape {array.shape} but earlier batches had {shape}: "
+                "every batch must have the same shape (drop or pad the last one)."
+            )
+        out[key] = array if array.dtype == dtype else array.astype(dtype)
+    return out
+
+
+def prefetch_to_device(
+    stream: DataStream, sharding: jax.sharding.Sharding, shape: tuple, size: int = 2
+) -> Iterator[tuple[dict[str, jax.Array], dict]]:
+    """Yield ``(device batch, stream position after it)`` with ``size`` batches in flight.
+
+    ``jax.device_put`` is asynchronous, so keeping a couple of batches in flight overlaps the
+    host-to-device copy with the running step. The position travels with its batch so a
+    checkpoint records where the *trained* batches end, not the prefetched ones.
+    """
+    queue: collections.deque = collections.deque()
+
+    def enqueue(n: int) -> None:
+        for _ in range(n):
+            try:
+                host = to_host_arrays(next(stream), shape)
+            except StopIteration:
+                return
+            queue.append((jax.device_put(host, sharding), stream.get_state()))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
+
+
+class DataStream:
+    """An endless stream of host batches over ``data``, with a position that can be restored.
+
+    A re-iterable ``data`` (a list, a ``kithara_ops.data.Dataset``) starts a new epoch when a
+    pass ends. The position is the number of batches consumed plus, when the iterator has
+    one, its own ``get_state()``; restoring uses ``set_state`` where available and otherwise
+    re-reads and skips the consumed batches.
+    """
+
+    def __init__(self, data: Iterable[Mapping]):
+        self.data = data
+        self.consumed = 0
+        self.epoch = 0
+        self._iterator = iter(data)
+
+    def __iter__(self) -> DataStream:
+        return self
+
+    def __next__(self) -> Mapping:
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self._iterator is self.data or self.consumed == 0:
+                raise ConfigError(
+                    f"train_data ran out after {self.consumed} batches: pass a re-iterable "
+                    "dataset (a list or kithara_ops.data.load(...)) or fewer steps."
+                ) from None
+            self.epoch += 1
+            self._iterator = iter(self.data)
+            batch = next(self._iterator)
+        self.consumed += 1
+        return batch
+
+    def get_state(self) -> dict:
+        """A small JSON-serialisable position."""
+        inner = getattr(self._iterator, "get_state", None)
+        return {
+            "consumed": self.consumed,
+            "epoch": getattr(self._iterator, "epoch", self.epoch),
+            "iterator": inner() if inner else None,
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Continue from a position taken with ``get_state``."""
+        self._iterator = iter(self.data)
+        self.epoch = state.get("epoch", 0)
+        if state.get("iterator") is not None and hasattr(self._iterator, "set_state"):
+            self._iterator.set_state(state["iterator"])
+            self.consumed = state["consumed"]
+            return
+        self.consumed = 0
+        self.epoch = 0
+        for _ in range(state["consumed"]):
+            next(self)

@@ -1,0 +1,5 @@
+"""Optimizers of both families behind one adapter (see ``adapter.py``)."""
+
+from kithara_ops.optim.adapter import OptimizerAdapter, as_adapter
+
+__all__ = ["OptimizerAdapter", "as_adapter"]

@@ -1,0 +1,76 @@
+"""One interface for Keras and Optax optimizers.
+
+The train step only ever sees an ``OptimizerAdapter``: ``init`` builds the optimizer state
+for a dict of parameters (keyed by Keras variable path) and ``update`` applies one step and
+reports the learning rate it used. Which family the optimizer came from is known here and in
+the two adapter modules only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import keras
+import optax
+
+from kithara_ops.errors import ConfigError
+
+Params = dict[str, jax.Array]
+Shardings = dict[str, jax.sharding.Sharding]
+
+
+class OptimizerAdapter(Protocol):
+    """What the Trainer needs from an optimizer, whatever its family."""
+
+    family: str
+    """``"keras"`` or ``"optax"``."""
+    optimizer: Any
+    """The optimizer object the user passed (never wrapped or modified)."""
+
+    def init(self, params: Params) -> Any:
+        """Return the initial optimizer state (a pytree of arrays) for ``params``."""
+
+    def update(
+        self, grads: Params, opt_state: Any, params: Params, loss: jax.Array
+    ) -> tuple[Params, Any, jax.Array]:
+        """Apply one step: return ``(new_params, new_opt_state, learning_rate_used)``.
+
+        Pure and traceable: called inside the jit-compiled train step.
+        """
+
+    def state_shardings(
+        self, abstract_state: Any, param_shardings: Shardings, replicated: jax.sharding.Sharding
+    ) -> Any:
+        """Shardings for the optimizer state: per-parameter slots follow their parameter."""
+
+
+def as_adapter(optimizer: Any, trainable_variables: list[keras.Variable]) -> OptimizerAdapter:
+    """Wrap a Keras or Optax optimizer in the adapter the train step uses.
+
+    Args:
+      optimizer: a ``keras.optimizers.Optimizer``, an ``optax.GradientTransformation``
+        (with or without extra args) or an ``optax.MultiSteps``.
+      trainable_variables: the model's trainable variables, in the model's order.
+
+    Raises:
+      ConfigError: for any other type, naming it.
+    """
+    from kithara_ops.optim.keras_adapter import KerasAdapter
+    from kithara_ops.optim.optax_adapter import OptaxAdapter
+
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return KerasAdapter(optimizer, trainable_variables)
+    if isinstance(optimizer, optax.MultiSteps):
+        return OptaxAdapter(optimizer.gradient_transformation(), user_object=optimizer)
+    if isinstance(optimizer, optax.GradientTransformation):
+        return OptaxAdapter(optimizer)
+    raise ConfigError(
+        f"optimizer must be a keras.optimizers.Optimizer or an optax.GradientTransformation, "
+        f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}: pass e.g. "
+        "keras.optimizers.AdamW(1e-3) or optax.adamw(1e-3)."
+    )
+
+
+LearningRate = float | Callable[[jax.Array], jax.Array]

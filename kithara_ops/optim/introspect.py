@@ -1,0 +1,134 @@
+"""Read the structure of an Optax transformation from the closures its factories leave.
+
+Optax builds optimizers as closures: ``optax.adamw(...)`` returns a chain whose ``update``
+function closes over the inner transformations, and each of those closes over its
+hyperparameters. Walking those closures recovers the real tree (no wrapping, no change to
+state or numerics). Anything we cannot read is reported as it is, never guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+
+@dataclasses.dataclass
+class TxNode:
+    """One transformation in an Optax tree.
+
+    Attributes:
+      name: the factory that made it (``chain``, ``scale_by_adam``, ``scale``, ...), or
+        ``unknown`` when the update function is not an Optax factory's closure.
+      hyperparams: plain values (numbers, strings, bools, None) it closes over.
+      functions: callables it closes over that are not transformations (schedules, masks).
+      children: inner transformations, in order.
+    """
+
+    name: str
+    hyperparams: dict[str, Any]
+    functions: dict[str, Callable]
+    children: list[TxNode]
+
+
+def closure_values(fn: Callable) -> dict[str, Any]:
+    """A function's free variables and their values (empty for non-closures)."""
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    values = {}
+    for name, cell in zip(code.co_freevars, cells):
+        try:
+            values[name] = cell.cell_contents
+        except ValueError:  # an empty cell: the closure is still being defined
+            continue
+    return values
+
+
+def factory_name(fn: Callable) -> str:
+    """``'scale_by_adam'`` for ``scale_by_adam.<locals>.update_fn``; ``'unknown'`` otherwise."""
+    qualname = getattr(fn, "__qualname__", "")
+    module = getattr(fn, "__module__", "") or ""
+    if "<locals>" not in qualname or not module.startswith("optax"):
+        return "unknown"
+    return qualname.split(".<locals>")[0].split(".")[-1]
+
+
+def _is_update_fn(value: Any) -> bool:
+    """True for the ``update`` function of an Optax factory (what chains close over)."""
+    qualname = getattr(value, "__qualname__", "")
+    return (
+        callable(value)
+        and factory_name(value) != "unknown"
+        and (qualname.endswith("update_fn") or qualname.endswith("<locals>.update"))
+    )
+
+
+def walk(tx: optax.GradientTransformation) -> TxNode:
+    """The tree of transformations inside ``tx``, read from its closures."""
+    return _walk(tx.update, tx.init)
+
+
+def _walk(update: Callable, init: Callable | None = None) -> TxNode:
+    multi_steps = getattr(update, "__self__", None)
+    if isinstance(multi_steps, optax.MultiSteps):
+        every_k = multi_steps._every_k_schedule  # no public accessor; read-only use
+        hyperparams = {"every_k_schedule": every_k} if isinstance(every_k, int) else {}
+        inner = multi_steps.inner_opt
+        return TxNode("MultiSteps", hyperparams, {}, [_walk(inner.update, inner.init)])
+    # with_extra_args_support only adapts a signature: look through it.
+    while factory_name(update) == "with_extra_args_support":
+        inner = closure_values(update)["tx"]
+        update, init = inner.update, inner.init
+    node = TxNode(factory_name(update), {}, {}, [])
+    values = {**(closure_values(init) if init is not None else {}), **closure_values(update)}
+    for key, value in values.items():
+        if isinstance(value, optax.GradientTransformation):
+            node.children.append(_walk(value.update, value.init))
+        elif isinstance(value, tuple | list) and value and all(map(_is_update_fn, value)):
+            node.children.extend(_walk(fn) for fn in value)
+        elif (
+            isinstance(value, tuple | list | dict)
+            and value
+            and all(isinstance(v, optax.GradientTransformation) for v in _values(value))
+        ):
+            node.children.extend(_walk(v.update, v.init) for v in _values(value))
+        elif value is None or isinstance(value, bool | str | numbers.Number):
+            node.hyperparams[key] = value
+        elif isinstance(value, tuple | list) and all(callable(v) for v in value):
+            continue  # a chain's init functions: the update functions carry the structure
+        elif callable(value):
+            node.functions[key] = value
+        elif isinstance(value, dict | tuple | list):
+            node.hyperparams[key] = value
+    return node
+
+
+def _values(container: Any) -> list:
+    return list(container.values()) if isinstance(container, dict) else list(container)
+
+
+def find_learning_rate(node: TxNode) -> float | Callable | None:
+    """The learning rate (a number or a schedule of the step count) that ``node`` applies.
+
+    Optax's ``scale_by_learning_rate(lr)`` becomes ``scale(-lr)`` for a constant and
+    ``scale_by_schedule(lambda count: -lr(count))`` for a schedule; we look for either.
+    Returns ``None`` when the tree holds no learning rate we can recognise.
+    """
+    if node.name == "scale_by_schedule":
+        step_size_fn = node.functions.get("step_size_fn")
+        if step_size_fn is not None and factory_name(step_size_fn) == "scale_by_learning_rate":
+            return closure_values(step_size_fn)["learning_rate"]
+    if node.name == "scale":
+        step_size = node.hyperparams.get("step_size")
+        if isinstance(step_size, numbers.Number) and step_size < 0:
+            return -float(step_size)
+    for child in reversed(node.children):
+        found = find_learning_rate(child)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,93 @@
+"""Keras optimizers, applied statelessly inside the jit-compiled step.
+
+Keras 3 optimizers can run without touching their variables: ``stateless_apply`` takes the
+optimizer variables' values, the gradients and the parameters, and returns new values. The
+optimizer object is only used for its maths (update rule, clipping, weight decay, schedule);
+its state lives in the train state like everything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+
+from kithara_ops.optim.adapter import Params, Shardings
+from kithara_ops.state import variable_keys
+
+
+class KerasAdapter:
+    """Adapter for a ``keras.optimizers.Optimizer``.
+
+    The optimizer state is a dict ``{optimizer variable path: array}``, including the
+    iteration counter and, for a constant learning rate, the learning-rate variable.
+    """
+
+    family = "keras"
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable]):
+        if optimizer.built:
+            # A built optimizer holds slots for some other set of variables; take a fresh one
+            # with the same configuration instead of mutating the user's.
+            optimizer = optimizer.__class__.from_config(optimizer.get_config())
+        self.optimizer = optimizer
+        self._param_paths = variable_keys(variables)
+        self._key_of = {id(v): k for v, k in zip(variables, self._param_paths)}
+        self._slot_owner: dict[int, str] = {}
+        self._record_slot_owners(variables)
+        self._opt_vars = list(optimizer.variables)
+        self._opt_paths = variable_keys(self._opt_vars)
+
+    def _record_slot_owners(self, variables: list[keras.Variable]) -> None:
+        """Build the optimizer, remembering which parameter each slot variable mirrors."""
+        make_slot = self.optimizer.add_variable_from_reference
+
+        def recording(reference_variable, *args, **kwargs):
+            slot = make_slot(reference_variable, *args, **kwargs)
+            self._slot_owner[id(slot)] = self._key_of.get(id(reference_variable), "")
+            return slot
+
+        self.optimizer.add_variable_from_reference = recording
+        try:
+            self.optimizer.build(variables)
+        finally:
+            del self.optimizer.add_variable_from_reference
+
+    def init(self, params: Params) -> dict[str, jax.Array]:
+        """The optimizer variables' initial values (slots zero, iteration 0)."""
+        del params  # Keras slots are created from the variables at build time.
+        return {p: jnp.asarray(v.value) for p, v in zip(self._opt_paths, self._opt_vars)}
+
+    def update(self, grads: Params, opt_state: Any, params: Params, loss: jax.Array):
+        """One ``stateless_apply`` step; the learning rate is read at the pre-step iteration."""
+        del loss
+        opt_values = [opt_state[p] for p in self._opt_paths]
+        with keras.StatelessScope(state_mapping=list(zip(self._opt_vars, opt_values))):
+            learning_rate = jnp.asarray(
+                keras.ops.convert_to_tensor(self.optimizer.learning_rate), jnp.float32
+            )
+        new_params, new_opt = self.optimizer.stateless_apply(
+            opt_values,
+            [grads[p] for p in self._param_paths],
+            [params[p] for p in self._param_paths],
+        )
+        return (
+            dict(zip(self._param_paths, new_params)),
+            dict(zip(self._opt_paths, new_opt)),
+            learning_rate,
+        )
+
+    def state_shardings(self, abstract_state, param_shardings: Shardings, replicated):
+        """Slots take their parameter's sharding; counters and scalars are replicated."""
+        del abstract_state
+        return {
+            p: param_shardings.get(self._slot_owner.get(id(v), ""), replicated)
+            for p, v in zip(self._opt_paths, self._opt_vars)
+        }
+
+    def write_back(self, opt_state: dict[str, jax.Array]) -> None:
+        """Copy trained optimizer state into the Keras optimizer's own variables."""
+        for path, var in zip(self._opt_paths, self._opt_vars):
+            var.assign(opt_state[path])

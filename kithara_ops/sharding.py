@@ -1,0 +1,124 @@
+"""Device mesh and layouts: where every parameter, optimizer slot and batch lives.
+
+The mesh has two named axes, ``data`` and ``fsdp``. Batches are split over both (every
+device sees different examples). Under ``dp`` the ``fsdp`` axis has size 1, so parameters
+are replicated; under ``fsdp`` each large parameter is split along one dimension over
+``fsdp`` and XLA gathers it where a computation needs it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kithara_ops.errors import ConfigError
+
+AXES = ("data", "fsdp")
+BATCH_SPEC = PartitionSpec(AXES)
+
+LayoutRule = tuple[str, PartitionSpec | Sequence[str | None]]
+"""``(regex matched against a variable path, partition spec for that variable)``."""
+
+
+def make_mesh(
+    sharding: str, mesh_shape: tuple[int, int] | None = None, devices: Sequence | None = None
+) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: all devices of all processes).
+
+    Without ``mesh_shape`` every device goes on the axis the strategy names: ``dp`` gives
+    ``(n, 1)``, ``fsdp`` gives ``(1, n)``.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if mesh_shape is None:
+        mesh_shape = (n, 1) if sharding == "dp" else (1, n)
+    if int(np.prod(mesh_shape)) != n:
+        raise ConfigError(
+            f"mesh_shape {tuple(mesh_shape)} needs {int(np.prod(mesh_shape))} devices but "
+            f"{n} are available: choose sizes whose product is {n}."
+        )
+    if sharding == "dp" and mesh_shape[1] != 1:
+        raise ConfigError(
+            f"mesh_shape {tuple(mesh_shape)} has an fsdp axis of {mesh_shape[1]} but sharding "
+            "is 'dp': use --sharding fsdp, or put every device on the data axis."
+        )
+    return Mesh(np.asarray(devices).reshape(mesh_shape), AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Split the leading (batch) dimension over every device of the mesh."""
+    return NamedSharding(mesh, BATCH_SPEC)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def parameter_spec(
+    key: str,
+    shape: tuple[int, ...],
+    rules: Sequence[LayoutRule],
+    fsdp_size: int,
+    min_shard_size: int,
+) -> PartitionSpec:
+    """The partition spec of one parameter.
+
+    The first rule whose regex matches ``key`` wins. Otherwise a parameter of at least
+    ``min_shard_size`` elements is split along its largest dimension divisible by the fsdp
+    axis size, and anything smaller (norm scales, biases) stays replicated.
+    """
+    for pattern, spec in rules:
+        if re.search(pattern, key):
+            spec = PartitionSpec(*spec)
+            if len(spec) > len(shape):
+                raise ConfigError(
+                    f"Layout rule {pattern!r} gives {spec} to {key!r}, which has only "
+                    f"{len(shape)} dimensions {shape}: fix the rule's spec."
+                )
+            return spec
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_shard_size:
+        return PartitionSpec()
+    candidates = [d for d in range(len(shape)) if shape[d] % fsdp_size == 0]
+    if not candidates:
+        return PartitionSpec()
+    dim = max(candidates, key=lambda d: shape[d])
+    return PartitionSpec(*[("fsdp" if d == dim else None) for d in range(len(shape))])
+
+
+def parameter_shardings(
+    mesh: Mesh,
+    shapes: dict[str, tuple[int, ...]],
+    rules: Sequence[LayoutRule] = (),
+    min_shard_size: int = 4096,
+) -> dict[str, NamedSharding]:
+    """``{key: NamedSharding}`` for every parameter, checked against the mesh."""
+    out = {}
+    for key, shape in shapes.items():
+        spec = parameter_spec(key, shape, rules, mesh.shape["fsdp"], min_shard_size)
+        for dim, axes in enumerate(spec):
+            size = _axes_size(mesh, axes)
+            if size > 1 and shape[dim] % size:
+                raise ConfigError(
+                    f"{key!r} has dimension {dim} of size {shape[dim]}, which does not split "
+                    f"over {size} devices ({axes}): change the layout rule or the mesh."
+                )
+        out[key] = NamedSharding(mesh, spec)
+    return out
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways each batch is split (every device gets a distinct slice)."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def _axes_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    if isinstance(axes, str):
+        return mesh.shape[axes]
+    return int(np.prod([mesh.shape[a] for a in axes]))

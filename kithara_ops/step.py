@@ -1,0 +1,155 @@
+"""The pure train and eval steps, built once per run and compiled by the Trainer.
+
+``train_step(state, batch) -> (state, metrics)`` runs the model with ``stateless_call``,
+differentiates the masked token-level cross entropy, and hands the gradients to the
+optimizer adapter. It never branches on the optimizer family and never talks to the host.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import keras
+import optax
+
+from kithara_ops.optim.adapter import OptimizerAdapter
+from kithara_ops.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def masked_cross_entropy(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    r"""Summed token cross entropy and the number of tokens it counts.
+
+    .. math:: \text{sum} = \sum_{b,t} m_{b,t}\,\bigl(-\log \operatorname{softmax}(z_{b,t})_{y_{b,t}}\bigr),
+              \quad \text{count} = \sum_{b,t} m_{b,t}
+
+    The mean loss is ``sum / count``. Returning both lets gradient accumulation and data
+    parallelism weight every token equally, whatever the split.
+    """
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(per_token * mask), jnp.sum(mask)
+
+
+class StepBuilder:
+    """Builds the train and eval steps for one Keras model and one optimizer adapter.
+
+    Args:
+      model: the Keras model; only its ``stateless_call`` is used inside the steps.
+      adapter: the optimizer adapter.
+      param_keys: keys of ``state.params`` in the order of ``model.trainable_variables``.
+      non_trainable_keys: keys of ``state.non_trainable`` in the model's order.
+      grad_accum_steps: micro-batches per step; gradients are summed over them.
+      micro_batch_sharding: sharding of one micro-batch, so each stays split over all devices.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        adapter: OptimizerAdapter,
+        param_keys: list[str],
+        non_trainable_keys: list[str],
+        grad_accum_steps: int = 1,
+        micro_batch_sharding: jax.sharding.Sharding | None = None,
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.param_keys = param_keys
+        self.non_trainable_keys = non_trainable_keys
+        self.grad_accum_steps = grad_accum_steps
+        self.micro_batch_sharding = micro_batch_sharding
+        # Keras draws dropout noise from SeedGenerator states kept as non-trainable variables.
+        # Refreshing them from the state's key each step makes that key the single source of
+        # randomness, which the checkpoint carries.
+        self.seed_keys = [k for k in non_trainable_keys if k.endswith("seed_generator_state")]
+
+    def _forward(self, params, non_trainable, batch, training: bool):
+        logits, new_non_trainable = self.model.stateless_call(
+            [params[k] for k in self.param_keys],
+            [non_trainable[k] for k in self.non_trainable_keys],
+            batch["x"],
+            training=training,
+        )
+        mask = batch.get("mask")
+        if mask is None:
+            mask = jnp.ones(batch["y"].shape, jnp.float32)
+        loss_sum, count = masked_cross_entropy(logits, batch["y"], mask)
+        return loss_sum, (count, dict(zip(self.non_trainable_keys, new_non_trainable)))
+
+    def _gradients(self, params, non_trainable, batch):
+        """Summed loss, token count, summed gradients and updated non-trainables."""
+        grad_fn = jax.value_and_grad(self._forward, has_aux=True)
+        if self.grad_accum_steps == 1:
+            (loss_sum, (count, nt)), grads = grad_fn(params, non_trainable, batch, True)
+            return loss_sum, count, grads, nt
+
+        def micro_step(carry, micro_batch):
+            loss_acc, count_acc, grads_acc, nt = carry
+            if self.micro_batch_sharding is not None:
+                micro_batch = jax.lax.with_sharding_constraint(
+                    micro_batch, self.micro_batch_sharding
+                )
+            (loss_sum, (count, nt)), grads = grad_fn(params, nt, micro_batch, True)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (loss_acc + loss_sum, count_acc + count, grads_acc, nt), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (jnp.float32(0), jnp.float32(0), zeros, non_trainable)
+        (loss_sum, count, grads, nt), _ = jax.lax.scan(
+            micro_step, init, split_micro_batches(batch, self.grad_accum_steps)
+        )
+        return loss_sum, count, grads, nt
+
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        """One optimizer step on one global batch."""
+        rng, step_rng = jax.random.split(state.rng)
+        non_trainable = dict(state.non_trainable)
+        for i, key in enumerate(self.seed_keys):
+            seed = jax.random.bits(jax.random.fold_in(step_rng, i), (2,), jnp.uint32)
+            non_trainable[key] = seed.astype(non_trainable[key].dtype)
+
+        loss_sum, count, grads, non_trainable = self._gradients(state.params, non_trainable, batch)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+        loss = loss_sum / denom
+        params, opt_state, learning_rate = self.adapter.update(
+            grads, state.opt_state, state.params, loss
+        )
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            non_trainable=non_trainable,
+            opt_state=opt_state,
+            rng=rng,
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": learning_rate,
+            "tokens": count,
+        }
+        return new_state, metrics
+
+    def eval_step(
+        self, params: dict, non_trainable: dict, batch: Batch
+    ) -> tuple[jax.Array, jax.Array]:
+        """Summed loss and token count of one eval batch (the model in inference mode)."""
+        loss_sum, (count, _) = self._forward(params, non_trainable, batch, False)
+        return loss_sum, count
+
+
+def split_micro_batches(batch: Batch, n: int) -> Batch:
+    """Reshape ``(B, ...)`` arrays to ``(n, B // n, ...)``, taking rows ``i, i+n, ...``.
+
+    Strided rather than contiguous rows: with the batch split over devices in contiguous
+    blocks, every micro-batch then still has rows on every device.
+    """
+
+    def split(x):
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)

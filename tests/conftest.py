@@ -1,0 +1,52 @@
+"""Shared test set-up: 8 virtual CPU devices and the JAX backend for Keras.
+
+The flags must be set before JAX is first imported, which is why they live here at the top
+of conftest rather than in a fixture.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import keras
+import pytest
+
+from kithara_ops import data, models
+
+SEQ_LEN = 32
+BATCH = 8
+
+
+@pytest.fixture(scope="session")
+def stdlib_documents():
+    """The stdlib corpus, read once per session."""
+    return data.read_documents("stdlib")
+
+
+@pytest.fixture
+def stdlib_data(stdlib_documents):
+    """Training batches of (8, 32) from the stdlib corpus, seed 0."""
+    return data.load(stdlib_documents, seq_len=SEQ_LEN, batch_size=BATCH, seed=0)
+
+
+@pytest.fixture
+def make_model():
+    """A factory for the tiny built-in model with seeded, reproducible weights."""
+
+    def make(seed: int = 0, **kwargs):
+        keras.utils.set_random_seed(seed)
+        return models.causal_lm("tiny", seq_len=SEQ_LEN, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    """The 8 virtual CPU devices; skips if JAX was initialised before the flag was set."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.skip("needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    return devices

@@ -1,0 +1,262 @@
+"""The Trainer: both optimizer families, sharding, accumulation, precision, eval, errors."""
+
+import itertools
+import math
+
+import jax
+import keras
+import numpy as np
+import optax
+import pytest
+from conftest import BATCH, SEQ_LEN
+
+from kithara_ops import Callback, ConfigError, Trainer, data
+
+
+class Recorder(Callback):
+    """Keeps every logged and evaluated metric, by step."""
+
+    def __init__(self):
+        self.logs, self.evals, self.statuses = {}, {}, []
+
+    def on_log(self, step, metrics):
+        self.logs[step] = metrics
+
+    def on_eval(self, step, metrics):
+        self.evals[step] = metrics
+
+    def on_train_end(self, status, result):
+        self.statuses.append(status)
+
+
+def params_of(trainer):
+    return {k: np.asarray(v) for k, v in trainer.state.params.items()}
+
+
+def assert_params_close(a, b, rtol=1e-5, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+def test_keras_adamw_and_optax_chain_both_lower_the_loss(make_model, stdlib_data):
+    keras_schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=25, warmup_target=3e-3, warmup_steps=5
+    )
+    optax_schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 5, 30)
+    runs = {
+        "keras": keras.optimizers.AdamW(keras_schedule, weight_decay=0.01),
+        "optax": optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(optax_schedule, weight_decay=0.01)
+        ),
+    }
+    for family, optimizer in runs.items():
+        recorder = Recorder()
+        result = Trainer(
+            make_model(), optimizer, stdlib_data, steps=30, log_every=1, callbacks=[recorder]
+        ).train()
+        first, last = recorder.logs[1]["loss"], recorder.logs[30]["loss"]
+        assert first > 5.0, family  # ~ln(259) at initialisation
+        assert last < first - 1.5, (family, first, last)
+        assert result.step == 30 and result.loss == pytest.approx(last)
+        assert recorder.statuses == ["FINISHED"]
+        # The learning rate reported is the one the step used: the schedule at step - 1.
+        lrs = [recorder.logs[s]["learning_rate"] for s in (1, 3, 6, 20)]
+        schedule = keras_schedule if family == "keras" else optax_schedule
+        expected = [float(schedule(s - 1)) for s in (1, 3, 6, 20)]
+        np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_keras_sgd_and_optax_sgd_apply_identical_updates(make_model, stdlib_data, momentum):
+    keras_sgd = Trainer(
+        make_model(), keras.optimizers.SGD(0.05, momentum=momentum), stdlib_data, steps=5
+    )
+    keras_sgd.train()
+    optax_sgd = Trainer(
+        make_model(), optax.sgd(0.05, momentum=momentum or None), stdlib_data, steps=5
+    )
+    optax_sgd.train()
+    trained = params_of(keras_sgd)
+    initial = {v.path: np.asarray(v) for v in make_model().trainable_variables}
+    assert any(not np.allclose(trained[k], initial[k]) for k in trained)
+    assert_params_close(trained, params_of(optax_sgd))
+
+
+def test_model_holds_trained_weights_after_train(make_model, stdlib_data):
+    model = make_model()
+    before = [np.array(w) for w in model.get_weights()]
+    trainer = Trainer(model, optax.adam(1e-3), stdlib_data, steps=3)
+    trainer.train()
+    after = model.get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+    for var in model.trainable_variables:
+        np.testing.assert_array_equal(np.asarray(var), np.asarray(trainer.state.params[var.path]))
+
+
+def test_fsdp_on_eight_devices_shards_params_and_state_and_matches_one_device(
+    make_model, stdlib_data, eight_devices
+):
+    steps = 20
+    # A larger eps keeps Adam from amplifying reduction-order noise in near-zero gradients
+    # (g / sqrt(v) ~ +-1 whatever g's size), so what is compared is the sharding alone.
+    optimizer = optax.adamw(1e-3, eps=1e-4)
+    reference = Trainer(
+        make_model(), optimizer, stdlib_data, steps=steps, devices=eight_devices[:1]
+    )
+    reference.train()
+    for sharding in ("dp", "fsdp"):
+        trainer = Trainer(make_model(), optimizer, stdlib_data, steps=steps, sharding=sharding)
+        trainer.train()
+        assert dict(trainer.mesh.shape) == (
+            {"data": 8, "fsdp": 1} if sharding == "dp" else {"data": 1, "fsdp": 8}
+        )
+        adam_state = trainer.state.opt_state[0]
+        for key, param in trainer.state.params.items():
+            big = param.size >= trainer.config.min_shard_size
+            if sharding == "fsdp" and big:
+                assert not param.sharding.is_fully_replicated, key
+                assert adam_state.mu[key].sharding == param.sharding, key
+                assert adam_state.nu[key].sharding == param.sharding, key
+                shard_shape = param.addressable_shards[0].data.shape
+                assert math.prod(shard_shape) == param.size // 8, key
+            else:
+                assert param.sharding.is_fully_replicated, key
+        assert_params_close(params_of(trainer), params_of(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_shards_keras_optimizer_slots_like_their_parameters(
+    make_model, stdlib_data, eight_devices
+):
+    trainer = Trainer(
+        make_model(), keras.optimizers.Adam(1e-3), stdlib_data, steps=2, sharding="fsdp"
+    )
+    trainer.train()
+    kernel = "causal_lm/block_0/mlp/gate/kernel"
+    assert not trainer.state.params[kernel].sharding.is_fully_replicated
+    for slot in ("momentum", "velocity"):
+        key = next(
+            k for k in trainer.state.opt_state if k.endswith(f"block_0_mlp_gate_kernel_{slot}")
+        )
+        assert trainer.state.opt_state[key].sharding == trainer.state.params[kernel].sharding
+    iteration = next(k for k in trainer.state.opt_state if k.endswith("iteration"))
+    assert int(trainer.state.opt_state[iteration]) == 2
+
+
+def test_gradient_accumulation_matches_one_big_batch(make_model, stdlib_data):
+    two = jax.devices()[:2]  # 8 rows = 2 devices x 4 micro-batches of 1 row each
+    whole = Trainer(make_model(), optax.sgd(0.1), stdlib_data, steps=3, devices=two)
+    whole.train()
+    accumulated = Trainer(
+        make_model(), optax.sgd(0.1), stdlib_data, steps=3, grad_accum_steps=4, devices=two
+    )
+    accumulated.train()
+    assert_params_close(params_of(whole), params_of(accumulated), rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_bfloat16_keeps_float32_master_weights(make_model, stdlib_data):
+    model = make_model(dtype="mixed_bfloat16")
+    recorder = Recorder()
+    trainer = Trainer(
+        model,
+        optax.adam(3e-3),
+        stdlib_data,
+        steps=20,
+        log_every=1,
+        callbacks=[recorder],
+        precision="mixed_bfloat16",
+    )
+    trainer.train()
+    assert all(p.dtype == np.float32 for p in trainer.state.params.values())
+    assert all(m.dtype == np.float32 for m in trainer.state.opt_state[0].mu.values())
+    assert recorder.logs[20]["loss"] < recorder.logs[1]["loss"] - 1.0
+
+
+def test_eval_reports_loss_and_perplexity_and_compiles_each_step_once(
+    make_model, stdlib_documents, stdlib_data
+):
+    eval_data = data.load(
+        stdlib_documents[:20], seq_len=SEQ_LEN, batch_size=BATCH, shuffle=False, repeat=False
+    )
+    recorder = Recorder()
+    trainer = Trainer(
+        make_model(),
+        optax.adam(1e-3),
+        stdlib_data,
+        eval_data=eval_data,
+        steps=6,
+        eval_every=2,
+        eval_steps=3,
+        callbacks=[recorder],
+    )
+    result = trainer.train()
+    assert sorted(recorder.evals) == [2, 4, 6]
+    for metrics in recorder.evals.values():
+        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert recorder.evals[6]["eval_loss"] < recorder.evals[2]["eval_loss"]
+    assert result.eval_loss == recorder.evals[6]["eval_loss"]
+    assert trainer._train_step._cache_size() == 1
+    assert trainer._eval_step._cache_size() == 1
+
+
+def test_dropout_randomness_comes_from_the_seed(make_model, stdlib_data):
+    def train(seed):
+        t = Trainer(make_model(dropout=0.2), optax.adam(1e-3), stdlib_data, steps=3, seed=seed)
+        t.train()
+        return params_of(t)
+
+    first, again, other = train(0), train(0), train(1)
+    assert_params_close(first, again, rtol=0, atol=0)
+    assert any(not np.allclose(first[k], other[k]) for k in first)
+
+
+def test_multisteps_and_inject_hyperparams_are_accepted(make_model, stdlib_data):
+    recorder = Recorder()
+    trainer = Trainer(
+        make_model(),
+        optax.MultiSteps(optax.adam(1e-3), every_k_schedule=2),
+        stdlib_data,
+        steps=2,
+        log_every=1,
+    )
+    start = {v.path: np.asarray(v) for v in trainer.model.trainable_variables}
+    trainer.train()
+    assert not np.allclose(
+        params_of(trainer)["causal_lm/lm_head/kernel"], start["causal_lm/lm_head/kernel"]
+    )
+    injected = optax.inject_hyperparams(optax.adamw)(learning_rate=2e-3)
+    Trainer(make_model(), injected, stdlib_data, steps=2, log_every=1, callbacks=[recorder]).train()
+    assert recorder.logs[2]["learning_rate"] == pytest.approx(2e-3)
+
+
+def test_plain_iterables_of_batches_and_epochs(make_model, stdlib_data):
+    batches = list(itertools.islice(iter(stdlib_data), 3))
+    trainer = Trainer(make_model(), optax.adam(1e-3), batches, epochs=2)
+    assert trainer.total_steps() == 6
+    assert trainer.train().step == 6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": 42}, "got builtins.int"),
+        ({"optimizer": "adamw"}, "got builtins.str"),
+        ({"train_data": [{"x": np.zeros((4, SEQ_LEN), np.int32)}] * 2}, "'x' and 'y'"),
+        (
+            {"train_data": [{"x": np.zeros((12, SEQ_LEN)), "y": np.zeros((12, SEQ_LEN))}]},
+            "batch size 12",
+        ),
+        ({"train_data": iter([]), "steps": None}, "steps=N"),
+    ],
+)
+def test_bad_input_raises_a_clear_config_error(make_model, stdlib_data, kwargs, message):
+    args = {"optimizer": optax.adam(1e-3), "train_data": stdlib_data, "steps": 2, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        Trainer(make_model(), args.pop("optimizer"), args.pop("train_data"), **args).train()
+
+
+def test_batch_not_divisible_by_devices_names_the_sizes(make_model, eight_devices):
+    small = data.load("synthetic", seq_len=SEQ_LEN, batch_size=6)
+    with pytest.raises(ConfigError, match=r"batch size 6 is not divisible by the 8"):
+        Trainer(make_model(), optax.adam(1e-3), small, steps=1).train()
+    assert jax.device_count() == 8

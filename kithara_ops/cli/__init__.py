@@ -1,0 +1,9 @@
+"""The ``kithara-ops`` command line (Typer). ``main`` is the console-script entry point.
+
+Each command lives in its own module and registers itself on ``app`` when imported.
+"""
+
+from kithara_ops.cli import train  # noqa: F401  (registers ``train``)
+from kithara_ops.cli.app import app, main
+
+__all__ = ["app", "main"]

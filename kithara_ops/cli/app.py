@@ -1,0 +1,73 @@
+"""The Typer application: global options, error handling and exit codes.
+
+Exit codes: 0 success, 1 training failure, 2 usage error (a bad option or value: one line on
+stderr, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from kithara_ops._backend import require_jax_backend
+
+require_jax_backend()
+
+from kithara_ops.errors import ConfigError  # noqa: E402
+
+app = typer.Typer(
+    name="kithara-ops",
+    help="Comparable, resumable, observable fine-tuning runs for Keras 3 models on JAX.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``message`` as one line on stderr and return the ``Exit`` to raise."""
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ``ConfigError`` into a one-line message and exit code 2, Ctrl-C into 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as err:
+            raise fail(str(err)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted.", 130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from kithara_ops import __version__
+
+        typer.echo(f"kithara-ops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Train Keras 3 models on JAX with Keras or Optax optimizers, tracked in MLflow."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

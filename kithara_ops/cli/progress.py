@@ -1,0 +1,83 @@
+"""Terminal display of a run: a progress bar with loss and tokens/s, and a summary."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kithara_ops.callbacks import Callback, RunInfo, TrainResult
+
+
+class ProgressBar(Callback):
+    """A rich progress bar advanced every step, with metrics refreshed at logging steps."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task = None
+
+    def on_train_start(self, run: RunInfo) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.task = self.progress.add_task(
+            "train", total=run.total_steps, completed=run.start_step, metrics="compiling…"
+        )
+        self.progress.start()
+
+    def on_step(self, step, state) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def on_log(self, step, metrics) -> None:
+        text = f"loss {metrics['loss']:.4f}"
+        if "tokens_per_second" in metrics:
+            text += f"  {metrics['tokens_per_second']:,.0f} tok/s"
+        self.progress.update(self.task, metrics=text)
+
+    def on_eval(self, step, metrics) -> None:
+        self.console.print(
+            f"step {step}: eval_loss {metrics['eval_loss']:.4f}  "
+            f"perplexity {metrics['perplexity']:.2f}"
+        )
+
+    def on_train_end(self, status, result) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def result_dict(result: TrainResult) -> dict:
+    """The result as plain values, for ``--json``."""
+    return {
+        "step": result.step,
+        "loss": result.loss,
+        "eval_loss": result.eval_loss,
+        "seconds": round(result.seconds, 3),
+        "compile_seconds": round(result.compile_seconds, 3),
+        "metrics": result.metrics,
+    }
+
+
+def print_summary(result: TrainResult, as_json: bool, console: Console | None = None) -> None:
+    """Print the run's outcome as a small table, or one JSON object with ``as_json``."""
+    if as_json:
+        print(json.dumps(result_dict(result)))
+        return
+    console = console or Console()
+    table = Table(title="kithara-ops run", show_header=False)
+    table.add_row("steps", str(result.step))
+    table.add_row("final loss", f"{result.loss:.4f}" if result.loss is not None else "-")
+    if result.eval_loss is not None:
+        table.add_row("eval loss", f"{result.eval_loss:.4f}")
+    if "tokens_per_second" in result.metrics:
+        table.add_row("tokens/s", f"{result.metrics['tokens_per_second']:,.0f}")
+    table.add_row("compile", f"{result.compile_seconds:.1f} s")
+    table.add_row("wall time", f"{result.seconds:.1f} s")
+    console.print(table)

@@ -1,0 +1,173 @@
+"""``kithara-ops train``: build a run from options and train it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kithara_ops.cli.app import app, user_errors
+from kithara_ops.config import RunConfig
+from kithara_ops.errors import ConfigError
+
+MODEL = "Model and data"
+OPTIM = "Optimizer"
+LOOP = "Training"
+SHARD = "Sharding"
+OUTPUT = "Output"
+
+DEFAULT_STEPS = 200
+"""Steps of a ``train`` without ``--steps`` or ``--epochs``: a short, visible run."""
+
+
+def _mesh_shape(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        data, fsdp = (int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ConfigError(
+            f"--mesh-shape {text!r} is not two sizes: write DATA,FSDP, e.g. 2,4."
+        ) from None
+    return data, fsdp
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  kithara-ops train\n\n"
+        "  kithara-ops train --optimizer keras.AdamW --learning-rate 3e-4 --steps 500\n\n"
+        "  kithara-ops train --model small --sharding fsdp --batch-size 16"
+    )
+)
+@user_errors
+def train(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Built-in size (tiny, small) or module:function. [default: tiny]",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="stdlib, synthetic, a text file/dir/glob or a .jsonl file. [default: stdlib]",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(help="Evaluation data, same forms as --data.", rich_help_panel=MODEL),
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per sequence. [default: 128]", rich_help_panel=MODEL)
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            help="optax.adamw, keras.AdamW, or a call such as 'optax.adamw(1e-3)'. [default: optax.adamw]",
+            rich_help_panel=OPTIM,
+        ),
+    ] = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="Learning rate for a bare optimizer name. [default: 1e-3]", rich_help_panel=OPTIM
+        ),
+    ] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(help="Weight decay for a bare optimizer name.", rich_help_panel=OPTIM),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Total optimizer steps. [default: {DEFAULT_STEPS} unless --epochs]",
+            rich_help_panel=LOOP,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Passes over the data (instead of --steps).", rich_help_panel=LOOP),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Global batch size. [default: 8]", rich_help_panel=LOOP)
+    ] = None,
+    grad_accum_steps: Annotated[
+        int | None, typer.Option(help="Micro-batches per step. [default: 1]", rich_help_panel=LOOP)
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="float32 or mixed_bfloat16. [default: float32]", rich_help_panel=LOOP),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed for weights, data order and dropout. [default: 0]", rich_help_panel=LOOP
+        ),
+    ] = None,
+    log_every: Annotated[
+        int | None,
+        typer.Option(help="Report metrics every N steps. [default: 10]", rich_help_panel=LOOP),
+    ] = None,
+    eval_every: Annotated[
+        int | None,
+        typer.Option(help="Evaluate every N steps (and at the end).", rich_help_panel=LOOP),
+    ] = None,
+    eval_steps: Annotated[
+        int | None,
+        typer.Option(help="Batches per evaluation. [default: all]", rich_help_panel=LOOP),
+    ] = None,
+    sharding: Annotated[
+        str | None,
+        typer.Option(
+            help="dp (replicate params) or fsdp (shard params). [default: dp]",
+            rich_help_panel=SHARD,
+        ),
+    ] = None,
+    mesh_shape: Annotated[
+        str | None,
+        typer.Option(
+            help="DATA,FSDP device mesh, e.g. 2,4. [default: all devices on one axis]",
+            rich_help_panel=SHARD,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print the result as one JSON object.", rich_help_panel=OUTPUT),
+    ] = False,
+) -> None:
+    """Train a model: the built-in tiny transformer on the stdlib corpus by default."""
+    from kithara_ops.build import build_trainer
+    from kithara_ops.cli.progress import ProgressBar, print_summary
+
+    options = {
+        "model": model,
+        "data": data,
+        "eval_data": eval_data,
+        "seq_len": seq_len,
+        "optimizer": optimizer,
+        "learning_rate": learning_rate,
+        "weight_decay": weight_decay,
+        "steps": steps,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "grad_accum_steps": grad_accum_steps,
+        "precision": precision,
+        "seed": seed,
+        "log_every": log_every,
+        "eval_every": eval_every,
+        "eval_steps": eval_steps,
+        "sharding": sharding,
+        "mesh_shape": _mesh_shape(mesh_shape),
+    }
+    config = RunConfig.from_dict({k: v for k, v in options.items() if v is not None})
+    if config.steps is None and config.epochs is None:
+        config = config.replace(steps=DEFAULT_STEPS)
+    callbacks = [] if (quiet or json_output) else [ProgressBar()]
+    result = build_trainer(config, callbacks=callbacks).train()
+    print_summary(result, as_json=json_output)

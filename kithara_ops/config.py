@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -67,26 +68,24 @@ class RunConfig:
     """``mixed_bfloat16`` computes the built-in model in bfloat16 with float32 master weights."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.mesh_shape, list):
-            self.mesh_shape = tuple(self.mesh_shape)
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
         _check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
+        _check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding", ("dp", "fsdp"))
         _check_choice(self, "precision", ("float32", "mixed_bfloat16"))
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if self.min_shard_size < 0:
-            raise ConfigError(f"min_shard_size must be >= 0, got {self.min_shard_size}.")
+        for name in ("model", "data", "optimizer"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(
+                    f"{name} must be a non-empty string, got {getattr(self, name)!r}."
+                )
+        self.learning_rate = _number(self, "learning_rate", lower=0.0, inclusive=False)
+        if self.weight_decay is not None:
+            self.weight_decay = _number(self, "weight_decay", lower=0.0, inclusive=True)
+        self.mesh_shape = _mesh_shape(self.mesh_shape)
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
                 f"{self.grad_accum_steps}: choose a batch size that is a multiple of it."
-            )
-        if self.mesh_shape is not None and (
-            len(self.mesh_shape) != 2 or any(int(n) < 1 for n in self.mesh_shape)
-        ):
-            raise ConfigError(
-                f"mesh_shape must be two positive sizes (data, fsdp), got {self.mesh_shape}."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,7 +101,7 @@ class RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
+                close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"Unknown config key {key!r}.{hint}")
         return cls(**values)
@@ -119,13 +118,19 @@ class RunConfig:
 def load_config(path: str | Path) -> RunConfig:
     """Read a ``RunConfig`` from a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"Config file {str(path)!r} does not exist: check the path.")
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} is not a file.")
     try:
-        if path.suffix == ".toml":
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {str(path)!r} is not UTF-8 text.") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
             values = tomllib.loads(text)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             values = json.loads(text)
         else:
             values = yaml.safe_load(text) or {}
@@ -137,13 +142,40 @@ def load_config(path: str | Path) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
-def _check_positive(cfg: RunConfig, *names: str, optional: bool = False) -> None:
+def _check_positive(cfg: RunConfig, *names: str, optional: bool = False, minimum: int = 1) -> None:
     for name in names:
         value = getattr(cfg, name)
         if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{name} must be {kind}, got {value!r}.")
+
+
+def _number(cfg: RunConfig, name: str, lower: float, inclusive: bool) -> float:
+    """A finite float above ``lower``; numeric strings count (YAML 1.1 reads ``3e-4`` as one)."""
+    value = getattr(cfg, name)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+    if value < lower or (value == lower and not inclusive):
+        bound = ">=" if inclusive else ">"
+        raise ConfigError(f"{name} must be {bound} {lower:g}, got {value!r}.")
+    return float(value)
+
+
+def _mesh_shape(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, list | tuple) and len(value) == 2
+    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
+    if not ok:
+        raise ConfigError(f"mesh_shape must be two positive integers (data, fsdp), got {value!r}.")
+    return (value[0], value[1])
 
 
 def _check_choice(cfg: RunConfig, name: str, choices: tuple[str, ...]) -> None:

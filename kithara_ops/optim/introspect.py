@@ -116,19 +116,29 @@ def find_learning_rate(node: TxNode) -> float | Callable | None:
     """The learning rate (a number or a schedule of the step count) that ``node`` applies.
 
     Optax's ``scale_by_learning_rate(lr)`` becomes ``scale(-lr)`` for a constant and
-    ``scale_by_schedule(lambda count: -lr(count))`` for a schedule; we look for either.
-    Returns ``None`` when the tree holds no learning rate we can recognise.
+    ``scale_by_schedule(lambda count: -lr(count))`` for a schedule. With ``flip_sign=False``
+    (Adafactor) it is ``scale(lr)`` and a separate ``scale(-1)`` flips the sign later; the
+    ``-1`` is a sign, not a learning rate. Returns ``None`` when nothing is recognised.
     """
+    return _find_learning_rate(node, sign_flipped=False)[0]
+
+
+def _find_learning_rate(node: TxNode, sign_flipped: bool) -> tuple[Any, bool]:
     if node.name == "scale_by_schedule":
         step_size_fn = node.functions.get("step_size_fn")
         if step_size_fn is not None and factory_name(step_size_fn) == "scale_by_learning_rate":
-            return closure_values(step_size_fn)["learning_rate"]
+            return closure_values(step_size_fn)["learning_rate"], sign_flipped
     if node.name == "scale":
         step_size = node.hyperparams.get("step_size")
-        if isinstance(step_size, numbers.Number) and step_size < 0:
-            return -float(step_size)
+        if isinstance(step_size, numbers.Number):
+            if step_size == -1:
+                return None, True
+            if step_size < 0 or (sign_flipped and step_size > 0):
+                return abs(float(step_size)), sign_flipped
+    # Children run first to last; the learning rate is applied after the update direction,
+    # so the search goes from the end, remembering a sign flip met on the way.
     for child in reversed(node.children):
-        found = find_learning_rate(child)
+        found, sign_flipped = _find_learning_rate(child, sign_flipped)
         if found is not None:
-            return found
-    return None
+            return found, sign_flipped
+    return None, sign_flipped

@@ -16,19 +16,28 @@ import ast
 import inspect
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import keras
 import optax
 
 from kithara_ops.errors import ConfigError
 
 _LITERALS = (int, float, complex, str, bool, type(None))
+MAX_SPEC_LENGTH = 4000
+"""Longer specs are refused before parsing (deep nesting can exhaust the parser)."""
 
 
 def _public_callable(namespace: Any, name: str) -> Any | None:
     if name.startswith("_") or not hasattr(namespace, name):
         return None
     value = getattr(namespace, name)
-    return value if callable(value) and not inspect.ismodule(value) else None
+    if not callable(value) or inspect.ismodule(value):
+        return None
+    # Optax re-exports type aliases (optax.Schedule, optax.Params): callable, but types,
+    # not optimizer building blocks.
+    module = getattr(value, "__module__", "") or ""
+    return None if module in ("typing", "collections.abc", "typing_extensions") else value
 
 
 def resolve_name(dotted: str) -> Any | None:
@@ -86,11 +95,17 @@ class _Checker:
 
     def check(self, node: ast.AST, top: bool = False) -> None:
         if isinstance(node, ast.Call):
-            name = self.dotted(node.func)
-            if name is None:
-                self.fail(node.func, "only named optax/keras callables may be called")
-            if resolve_name(name) is None:
-                self.fail(node.func, f"{name!r} is not an allowed optax or keras.optimizers name")
+            if isinstance(node.func, ast.Call):
+                # optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3): a factory's result.
+                self.check(node.func)
+            else:
+                name = self.dotted(node.func)
+                if name is None:
+                    self.fail(node.func, "only named optax/keras callables may be called")
+                if resolve_name(name) is None:
+                    self.fail(
+                        node.func, f"{name!r} is not an allowed optax or keras.optimizers name"
+                    )
             for arg in node.args:
                 if isinstance(arg, ast.Starred):
                     self.fail(arg, "*args is not allowed")
@@ -114,9 +129,11 @@ class _Checker:
                     self.fail(value, "**mapping is not allowed")
                 self.check(key)
                 self.check(value)
-        elif isinstance(node, ast.Attribute | ast.Name) and top:
+        elif isinstance(node, ast.Attribute | ast.Name):
             name = self.dotted(node)
-            if name is None or resolve_name(_expand_bare(name)) is None:
+            if name is None:
+                self.fail(node, "attributes of a call's result are not allowed")
+            if resolve_name(_expand_bare(name) if top else name) is None:
                 self.fail(node, f"{name!r} is not an allowed optax or keras.optimizers name")
         else:
             self.fail(node, f"{type(node).__name__} expressions are not allowed")
@@ -136,12 +153,21 @@ def parse_spec(spec: str) -> ast.expr:
     if not spec or not spec.strip():
         raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
     spec = spec.strip()
+    if len(spec) > MAX_SPEC_LENGTH:
+        raise ConfigError(
+            f"Optimizer spec is {len(spec)} characters long; the limit is {MAX_SPEC_LENGTH}."
+        )
     try:
         tree = ast.parse(spec, mode="eval")
     except SyntaxError as err:
+        where = f", column {err.offset}" if err.offset else ""
         raise ConfigError(
-            f"Optimizer spec {spec!r} is not a valid expression ({err.msg}, column "
-            f"{err.offset}): check brackets and quotes."
+            f"Optimizer spec {spec!r} is not a valid expression ({err.msg}{where}): "
+            "check brackets and quotes."
+        ) from None
+    except (MemoryError, RecursionError, ValueError):
+        raise ConfigError(
+            f"Optimizer spec {spec[:60]!r}... is too deeply nested or malformed to parse."
         ) from None
     _Checker(spec).check(tree.body, top=True)
     return tree.body
@@ -149,21 +175,62 @@ def parse_spec(spec: str) -> ast.expr:
 
 def _build(node: ast.expr, spec: str) -> Any:
     if isinstance(node, ast.Call):
-        name = _Checker(spec).dotted(node.func)
-        fn = resolve_name(name)
+        if isinstance(node.func, ast.Call):
+            fn, name = _build(node.func, spec), ast.get_source_segment(spec, node.func)
+        else:
+            name = _Checker(spec).dotted(node.func)
+            fn = resolve_name(name)
         args = [_build(a, spec) for a in node.args]
         kwargs = {kw.arg: _build(kw.value, spec) for kw in node.keywords}
         try:
             return fn(*args, **kwargs)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{name}(...) in the optimizer spec: {err}") from None
+        except Exception as err:  # the arguments came from the user: any failure is theirs
+            raise ConfigError(f"{name}(...) in the optimizer spec: {_first_line(err)}") from None
+    if isinstance(node, ast.Attribute | ast.Name):
+        return resolve_name(_Checker(spec).dotted(node))
     if isinstance(node, ast.List):
         return [_build(e, spec) for e in node.elts]
     if isinstance(node, ast.Tuple):
         return tuple(_build(e, spec) for e in node.elts)
     if isinstance(node, ast.Dict):
-        return {_build(k, spec): _build(v, spec) for k, v in zip(node.keys, node.values)}
+        items = [(_build(k, spec), _build(v, spec)) for k, v in zip(node.keys, node.values)]
+        try:
+            return dict(items)
+        except TypeError as err:
+            raise ConfigError(f"A dict in the optimizer spec has a bad key: {err}") from None
     return ast.literal_eval(node)  # a checked constant or signed number
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def check_optimizer(optimizer: Any, spec: str) -> Any:
+    """Refuse an optimizer that cannot take one step on a tiny problem.
+
+    Optax factories accept anything and fail only at the first update (``adamw('fast')``);
+    tracing ``init`` and ``update`` on a two-element parameter catches that at parse time,
+    without computing anything (``jax.eval_shape``).
+    """
+    if isinstance(optimizer, optax.MultiSteps):
+        optimizer = optimizer.gradient_transformation()
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise ConfigError(
+            f"Optimizer spec {spec!r} builds a {type(optimizer).__name__}, not an optimizer: "
+            "use an optax transformation or a keras.optimizers class."
+        )
+    params = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    try:
+        state = jax.eval_shape(optimizer.init, params)
+        jax.eval_shape(lambda g, s, p: optimizer.update(g, s, p), params, state, params)
+    except Exception as err:
+        raise ConfigError(
+            f"Optimizer spec {spec!r} cannot update parameters: {_first_line(err)}"
+        ) from None
+    return optimizer
 
 
 def build_optimizer(
@@ -181,18 +248,23 @@ def build_optimizer(
     """
     node = parse_spec(spec)
     if isinstance(node, ast.Call):
-        return _build(node, spec.strip())
+        return check_optimizer(_build(node, spec.strip()), spec.strip())
     name = _expand_bare(_Checker(spec).dotted(node))
     factory = resolve_name(name)
     kwargs: dict[str, Any] = {"learning_rate": learning_rate}
     if weight_decay is not None:
-        if "weight_decay" not in inspect.signature(factory).parameters:
+        try:
+            accepted = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        if "weight_decay" not in accepted:
             raise ConfigError(
                 f"{name} takes no weight_decay, but --weight-decay {weight_decay} was given: "
                 "drop it or use an optimizer with decoupled decay (e.g. adamw)."
             )
         kwargs["weight_decay"] = weight_decay
     try:
-        return factory(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{name} could not be built: {err}") from None
+        optimizer = factory(**kwargs)
+    except Exception as err:
+        raise ConfigError(f"{name} could not be built: {_first_line(err)}") from None
+    return check_optimizer(optimizer, name)

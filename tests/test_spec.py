@@ -1,0 +1,512 @@
+"""Tests for ``kithara_ops.optim.spec``: the optimizer spec parser and builder.
+
+Valid specs are checked against the same optimizer built directly in Python, by behaviour
+(Optax: three updates on fixed gradients) or by type and config (Keras). Hostile and
+malformed specs must raise ``ConfigError`` naming the offending part, before anything runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import os
+import subprocess
+
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+import pytest
+
+from kithara_ops.errors import ConfigError
+from kithara_ops.optim.spec import build_optimizer, parse_spec, resolve_name
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _params() -> dict[str, jnp.ndarray]:
+    return {"w": jnp.arange(6.0).reshape(2, 3) / 7, "b": jnp.ones(3)}
+
+
+def run_optax(tx: optax.GradientTransformation, steps: int = 3) -> dict[str, np.ndarray]:
+    """Params after ``steps`` updates with fixed gradients that change every step."""
+    params = _params()
+    state = tx.init(params)
+    for step in range(steps):
+        grads = {k: v * 0.3 + 0.1 * (step + 1) for k, v in params.items()}
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return {k: np.asarray(v) for k, v in params.items()}
+
+
+def assert_same_optax(built, expected) -> None:
+    assert isinstance(built, optax.GradientTransformation)
+    got, want = run_optax(built), run_optax(expected)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+
+
+def _config_without_name(optimizer: keras.optimizers.Optimizer) -> dict:
+    config = dict(optimizer.get_config())
+    config.pop("name")  # auto-uniquified per instance (adam_w, adam_w_1, ...)
+    return config
+
+
+def assert_same_keras(built, expected) -> None:
+    assert type(built) is type(expected)
+    got, want = _config_without_name(built), _config_without_name(expected)
+    if isinstance(want["learning_rate"], dict):  # a serialized schedule
+        got_schedule = keras.optimizers.schedules.deserialize(got["learning_rate"])
+        want_schedule = keras.optimizers.schedules.deserialize(want["learning_rate"])
+        assert type(got_schedule) is type(want_schedule)
+        assert got_schedule.get_config() == want_schedule.get_config()
+    assert got == want
+
+
+def assert_same(built, expected) -> None:
+    if isinstance(expected, keras.optimizers.Optimizer):
+        assert_same_keras(built, expected)
+    else:
+        assert_same_optax(built, expected)
+
+
+# --------------------------------------------------------------------------- valid specs
+
+VALID = [
+    ("optax.adamw(1e-3)", lambda: optax.adamw(1e-3)),
+    (
+        "optax.adamw(learning_rate=1e-3, weight_decay=0.01, b1=0.8)",
+        lambda: optax.adamw(learning_rate=1e-3, weight_decay=0.01, b1=0.8),
+    ),
+    ("optax.adam(3e-4, eps=1e-6)", lambda: optax.adam(3e-4, eps=1e-6)),
+    (
+        "optax.sgd(0.1, momentum=0.9, nesterov=True)",
+        lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+    ),
+    ("optax.lion(1e-4)", lambda: optax.lion(1e-4)),
+    ("optax.adafactor(1e-3)", lambda: optax.adafactor(1e-3)),
+    (
+        "optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))",
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+    ),
+    (
+        "optax.chain(optax.chain(optax.clip(0.5), optax.scale_by_adam()), optax.scale(-1e-3))",
+        lambda: optax.chain(
+            optax.chain(optax.clip(0.5), optax.scale_by_adam()), optax.scale(-1e-3)
+        ),
+    ),
+    (
+        "optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 5, 100))",
+        lambda: optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 5, 100)),
+    ),
+    (
+        "optax.sgd(optax.exponential_decay(0.1, 10, 0.5))",
+        lambda: optax.sgd(optax.exponential_decay(0.1, 10, 0.5)),
+    ),
+    (
+        "optax.sgd(optax.schedules.linear_schedule(0.1, 0.0, 10), momentum=0.5)",
+        lambda: optax.sgd(optax.schedules.linear_schedule(0.1, 0.0, 10), momentum=0.5),
+    ),
+    ("optax.scale(-0.5)", lambda: optax.scale(-0.5)),
+    ("optax.scale(+0.25)", lambda: optax.scale(0.25)),
+    (
+        "optax.sgd(optax.piecewise_constant_schedule(0.1, {1: 0.5, 2: 0.1}))",
+        lambda: optax.sgd(optax.piecewise_constant_schedule(0.1, {1: 0.5, 2: 0.1})),
+    ),
+    (
+        "optax.named_chain(('clip', optax.clip(0.2)), ('sgd', optax.sgd(0.1)))",
+        lambda: optax.named_chain(("clip", optax.clip(0.2)), ("sgd", optax.sgd(0.1))),
+    ),
+    (
+        "optax.sgd(optax.join_schedules([optax.constant_schedule(0.1), optax.constant_schedule(0.01)], [2]))",
+        lambda: optax.sgd(
+            optax.join_schedules([optax.constant_schedule(0.1), optax.constant_schedule(0.01)], [2])
+        ),
+    ),
+    ("optax.contrib.muon(1e-3)", lambda: optax.contrib.muon(1e-3)),
+    ("optax.nadamw(1e-3)", lambda: optax.nadamw(1e-3)),
+    (
+        "  optax.chain(\n    optax.clip_by_global_norm(1.0),  # clip first\n    optax.adamw(1e-3),\n)  ",
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+    ),
+    (
+        "keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=0.01, global_clipnorm=1.0)",
+        lambda: keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=0.01, global_clipnorm=1.0),
+    ),
+    ("keras.AdamW(1e-3)", lambda: keras.optimizers.AdamW(1e-3)),
+    (
+        "keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)",
+        lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+    ),
+    (
+        "keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, 100))",
+        lambda: keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, 100)),
+    ),
+    (
+        "keras.Adam(keras.schedules.ExponentialDecay(1e-2, 10, 0.9, staircase=True))",
+        lambda: keras.optimizers.Adam(
+            keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.9, staircase=True)
+        ),
+    ),
+    (
+        "keras.optimizers.SGD(keras.optimizers.schedules.PiecewiseConstantDecay([10, 20], [0.1, 0.05, 0.01]))",
+        lambda: keras.optimizers.SGD(
+            keras.optimizers.schedules.PiecewiseConstantDecay([10, 20], [0.1, 0.05, 0.01])
+        ),
+    ),
+    ("keras.Lion(1e-4, clipnorm=1.0)", lambda: keras.optimizers.Lion(1e-4, clipnorm=1.0)),
+]
+
+
+@pytest.mark.parametrize(("spec", "direct"), VALID, ids=[spec for spec, _ in VALID])
+def test_valid_spec_builds_the_same_optimizer(spec, direct):
+    assert_same(build_optimizer(spec), direct())
+
+
+def test_inject_hyperparams_spec():
+    spec = "optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3)"
+    assert_same(build_optimizer(spec), optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3))
+
+
+def test_comparison_tells_different_optimizers_apart():
+    """The behavioural comparison is not vacuous: a different learning rate is caught."""
+    with pytest.raises(AssertionError):
+        assert_same(build_optimizer("optax.adamw(1e-3)"), optax.adamw(2e-3))
+    with pytest.raises(AssertionError):
+        assert_same(build_optimizer("keras.AdamW(1e-3)"), keras.optimizers.AdamW(2e-3))
+
+
+@pytest.mark.parametrize("name", ["optax.adamw", "adamw", "  optax.adamw  "])
+def test_bare_optax_name_uses_learning_rate_and_weight_decay(name):
+    built = build_optimizer(name, learning_rate=3e-3, weight_decay=0.05)
+    assert_same(built, optax.adamw(3e-3, weight_decay=0.05))
+    with pytest.raises(AssertionError):  # the arguments really were applied
+        assert_same(built, optax.adamw(1e-3))
+
+
+def test_bare_optax_name_without_weight_decay_keeps_the_default():
+    assert_same(build_optimizer("optax.adamw", learning_rate=2e-3), optax.adamw(2e-3))
+    assert_same(build_optimizer("sgd", learning_rate=0.1), optax.sgd(0.1))
+
+
+def test_bare_keras_name_uses_learning_rate_and_weight_decay():
+    built = build_optimizer("keras.AdamW", learning_rate=3e-3, weight_decay=0.05)
+    assert isinstance(built, keras.optimizers.AdamW)
+    config = built.get_config()
+    assert config["learning_rate"] == pytest.approx(3e-3)
+    assert config["weight_decay"] == pytest.approx(0.05)
+    assert_same(built, keras.optimizers.AdamW(learning_rate=3e-3, weight_decay=0.05))
+
+
+def test_bare_keras_long_name():
+    built = build_optimizer("keras.optimizers.SGD", learning_rate=0.2)
+    assert_same(built, keras.optimizers.SGD(0.2))
+
+
+def test_bare_name_without_weight_decay_parameter_is_refused():
+    with pytest.raises(ConfigError, match=r"optax\.sgd takes no weight_decay"):
+        build_optimizer("optax.sgd", weight_decay=0.1)
+
+
+def test_bare_name_that_takes_no_learning_rate_is_refused():
+    with pytest.raises(ConfigError, match=r"optax\.chain could not be built.*'learning_rate'"):
+        build_optimizer("optax.chain")
+
+
+def test_parse_spec_returns_the_checked_tree_without_running_it(monkeypatch):
+    calls = []
+    monkeypatch.setattr(optax, "adamw", lambda *a, **k: calls.append((a, k)))
+    node = parse_spec("  optax.adamw(1e-3, weight_decay=0.1)  ")
+    assert isinstance(node, ast.Call)
+    assert ast.unparse(node) == "optax.adamw(0.001, weight_decay=0.1)"
+    assert calls == []
+
+
+# --------------------------------------------------------------------------- hostile specs
+
+# (spec, substrings the message must contain). These are refused by the checker, before
+# any call is made.
+REFUSED = [
+    ("__import__('os').system('x')", ["\"__import__('os').system\"", "only named"]),
+    ("__import__('os')", ["'__import__' is not an allowed"]),
+    ("optax.__dict__", ["'optax.__dict__' is not an allowed"]),
+    ("optax.adamw.__globals__", ["'optax.adamw.__globals__' is not an allowed"]),
+    ("optax.adamw.__globals__['os']", ["Subscript expressions are not allowed"]),
+    ("open('f')", ["'open' is not an allowed"]),
+    ("(lambda: 1)()", ["'lambda: 1'", "only named optax/keras callables"]),
+    ("optax.adamw(learning_rate=lambda step: 1e-3)", ["Lambda expressions are not allowed"]),
+    ("optax.adamw(1e-3)[0]", ["Subscript expressions are not allowed"]),
+    ("optax.adamw(1e-3", ["not a valid expression", "'(' was never closed"]),
+    ("optax.adamw(1e-3))", ["not a valid expression", "unmatched ')'"]),
+    ("optax.adamw(1e-3); 1", ["not a valid expression"]),
+    ("import os", ["not a valid expression"]),
+    ("optax.not_a_thing(1)", ["'optax.not_a_thing' is not an allowed"]),
+    ("numpy.ones(3)", ["'numpy.ones' is not an allowed"]),
+    ("os.system('ls')", ["'os.system' is not an allowed"]),
+    ("getattr(optax, 'adamw')(1e-3)", ["'getattr' is not an allowed"]),
+    ("getattr(optax, 'adamw')", ["'getattr' is not an allowed"]),
+    ("keras.layers.Dense(3)", ["'keras.layers.Dense' is not an allowed"]),
+    ("keras.optimizers.serialize(1)", ["'keras.optimizers.serialize' is not an allowed"]),
+    ("keras.optimizers.get('adam')", ["'keras.optimizers.get' is not an allowed"]),
+    ("keras.optimizers.legacy", ["'keras.optimizers.legacy' is not an allowed"]),
+    ("keras.ops.add(1, 2)", ["'keras.ops.add' is not an allowed"]),
+    ("optax.tree_utils.tree_zeros_like(1)", ["'optax.tree_utils.tree_zeros_like' is not"]),
+    ("optax._src.alias.adamw(1e-3)", ["'optax._src.alias.adamw' is not an allowed"]),
+    ("[x for x in ()]", ["ListComp expressions are not allowed"]),
+    ("f'{1}'", ["JoinedStr expressions are not allowed"]),
+    ("optax.adamw(*[1e-3])", ["'*[1e-3]'", "*args is not allowed"]),
+    ("optax.adamw(**{'learning_rate': 1e-3})", ["**kwargs is not allowed"]),
+    ("optax.piecewise_constant_schedule(0.1, {**{}})", ["**mapping is not allowed"]),
+    ("optax.adamw(1e-3 * 2)", ["'1e-3 * 2'", "BinOp expressions are not allowed"]),
+    ("(x := 1)", ["NamedExpr expressions are not allowed"]),
+    ("optax.adamw(1e-3 if True else 2e-3)", ["IfExp expressions are not allowed"]),
+    ("optax.adamw(not 1)", ["UnaryOp expressions are not allowed"]),
+    ("optax.scale(-True)", ["'-True'", "a sign may only precede a number"]),
+    ("optax.scale(--1)", ["a sign may only precede a number"]),
+    ("optax.adamw(b'x')", ["only numbers, strings, booleans and None are literals"]),
+    ("optax.adamw(...)", ["only numbers, strings, booleans and None are literals"]),
+    ("optax.adamw({1, 2})", ["Set expressions are not allowed"]),
+    ("optax.adamw(optax)", ["'optax' is not an allowed"]),
+    ("optax.adamw(open('x'))", ["column 13", "'open' is not an allowed"]),
+    ("optax.adamw(1e-3).init", ["'optax.adamw(1e-3).init'"]),
+    ("optax.adamw(1e-3)\x00", ["not a valid expression", "null bytes"]),
+    ("optax.scale(" * 300 + "1" + ")" * 300, ["not a valid expression", "too many nested"]),
+    ("", ["Optimizer spec is empty"]),
+    ("  \n\t ", ["Optimizer spec is empty"]),
+]
+
+
+@pytest.fixture
+def recorders(monkeypatch):
+    """Replace what a hostile spec would reach for with recorders; yield the call log."""
+    calls: list[tuple[str, tuple]] = []
+
+    def recorder(label, real=None):
+        def record(*args, **kwargs):
+            calls.append((label, args))
+            return real(*args, **kwargs) if real is not None else None
+
+        return record
+
+    # JAX loads parts of itself (reading files) on its first trace; do that before `open`
+    # is replaced, so the recorders only see what a spec itself would reach for.
+    build_optimizer("optax.adam(1e-3)")
+    real_import = builtins.__import__
+
+    def record_import(name, *args, **kwargs):
+        if name in ("os", "subprocess", "sys"):
+            calls.append(("__import__", (name,)))
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", recorder("open"))
+    monkeypatch.setattr(builtins, "__import__", record_import)
+    monkeypatch.setattr(builtins, "eval", recorder("eval"))
+    monkeypatch.setattr(builtins, "exec", recorder("exec"))
+    monkeypatch.setattr(os, "system", recorder("os.system"))
+    monkeypatch.setattr(subprocess, "Popen", recorder("subprocess.Popen"))
+    monkeypatch.setattr(optax, "adamw", recorder("optax.adamw", optax.adamw))
+    monkeypatch.setattr(optax, "chain", recorder("optax.chain", optax.chain))
+    monkeypatch.setattr(optax, "scale", recorder("optax.scale", optax.scale))
+
+    class RecordingAdamW(keras.optimizers.AdamW):
+        def __init__(self, *args, **kwargs):
+            calls.append(("keras.AdamW", args))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(keras.optimizers, "AdamW", RecordingAdamW)
+    return calls
+
+
+@pytest.mark.parametrize(("spec", "fragments"), REFUSED, ids=[repr(s)[:60] for s, _ in REFUSED])
+def test_hostile_spec_is_refused_and_nothing_runs(spec, fragments, recorders):
+    with pytest.raises(ConfigError) as info:
+        build_optimizer(spec)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert recorders == []
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "optax.adamw(open('x'))",
+        "optax.adamw(1e-3, weight_decay=os.system('x'))",
+        "optax.chain(optax.adamw(1e-3), __import__('os'))",
+        "optax.chain(optax.scale(1.0), optax.adamw(1e-3), [x for x in ()])",
+        "keras.AdamW(open('x'))",
+        "keras.optimizers.AdamW(1e-3, weight_decay=eval('1'))",
+    ],
+)
+def test_whole_tree_is_checked_before_any_call(spec, recorders):
+    """A refused part anywhere in the spec stops every call, including allowed outer ones."""
+    with pytest.raises(ConfigError, match="Optimizer spec refused"):
+        build_optimizer(spec)
+    assert recorders == []
+
+
+def test_recorders_do_see_calls_of_valid_specs(recorders):
+    """Control for the tests above: the recorders are the objects the builder calls."""
+    build_optimizer("optax.chain(optax.scale(1.0), optax.adamw(1e-3))")
+    build_optimizer("keras.AdamW(1e-3)")
+    assert ("optax.adamw", (1e-3,)) in recorders
+    assert ("optax.scale", (1.0,)) in recorders
+    assert ("keras.AdamW", (1e-3,)) in recorders
+    assert [label for label, _ in recorders].count("optax.chain") == 1
+
+
+# (spec, substrings): allowed names whose constructor rejects the arguments.
+REJECTED_ARGUMENTS = [
+    ("optax.adamw(learning_rate=1e-3, bogus=1)", ["optax.adamw(...)", "'bogus'"]),
+    ("optax.adamw(lr=1e-3)", ["optax.adamw(...)", "'lr'"]),
+    ("optax.adamw(1e-3,\n  wieght_decay=0.1)", ["'wieght_decay'"]),
+    ("optax.adamw(1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3)", ["positional"]),
+    ("optax.lookahead(1)", ["optax.lookahead(...)", "sync_period"]),
+    ("keras.AdamW(learning_rate='x')", ["keras.AdamW(...)", "learning_rate=x"]),
+    ("keras.optimizers.Adam(1e-3, dtype='x')", ["keras.optimizers.Adam(...)", "'dtype'"]),
+    ("keras.optimizers.Adam(clipnorm=1.0, global_clipnorm=1.0)", ["global_clipnorm"]),
+    (
+        "optax.warmup_cosine_decay_schedule(0.0, 1e-3, 5, 5)",
+        ["optax.warmup_cosine_decay_schedule(...)", "decay_steps"],
+    ),
+    (
+        "keras.optimizers.schedules.PiecewiseConstantDecay([1], [1])",
+        ["keras.optimizers.schedules.PiecewiseConstantDecay(...)", "boundaries"],
+    ),
+    ("optax.chain(optax.adamw(1e-3, bogus=1))", ["optax.adamw(...)", "'bogus'"]),
+    ("keras.optimizers.schedules.CosineDecay", ["could not be built", "'learning_rate'"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragments"), REJECTED_ARGUMENTS, ids=[s[:60] for s, _ in REJECTED_ARGUMENTS]
+)
+def test_rejected_arguments_raise_config_error(spec, fragments):
+    with pytest.raises(ConfigError) as info:
+        build_optimizer(spec)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_string_learning_rate_for_optax_is_refused():
+    with pytest.raises(ConfigError, match=r"learning_rate|fast"):
+        build_optimizer("optax.adamw('fast')")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "optax.chain(1)",
+        "optax.chain(optax.adamw(1e-3), 'x')",
+        "optax.MultiSteps(1, 2)",
+        "optax.multi_transform(1, 2)",
+        "keras.optimizers.LossScaleOptimizer(1)",
+    ],
+)
+def test_attribute_error_from_constructor_is_a_config_error(spec):
+    with pytest.raises(ConfigError):
+        build_optimizer(spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "optax.piecewise_constant_schedule(0.1, {[1]: 0.5})",
+        "optax.piecewise_constant_schedule(0.1, {{}: 0.5})",
+    ],
+)
+def test_unhashable_dict_key_is_a_config_error(spec):
+    with pytest.raises(ConfigError):
+        build_optimizer(spec)
+
+
+def test_deeply_nested_signs_are_a_config_error():
+    with pytest.raises(ConfigError):
+        build_optimizer("optax.scale(" + "-" * 10_000 + "1)")
+
+
+def test_attribute_of_a_call_message_does_not_say_none():
+    with pytest.raises(ConfigError) as info:
+        build_optimizer("optax.adamw(1e-3).init")
+    assert "None is not" not in str(info.value)
+
+
+def test_bare_typing_alias_with_weight_decay_is_a_config_error():
+    with pytest.raises(ConfigError):
+        build_optimizer("optax.Schedule", weight_decay=0.1)
+
+
+# --------------------------------------------------------------------------- resolve_name
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("optax.adamw", lambda: optax.adamw),
+        ("optax.chain", lambda: optax.chain),
+        ("optax.schedules.cosine_decay_schedule", lambda: optax.schedules.cosine_decay_schedule),
+        ("optax.contrib.muon", lambda: optax.contrib.muon),
+        ("keras.optimizers.AdamW", lambda: keras.optimizers.AdamW),
+        ("keras.AdamW", lambda: keras.optimizers.AdamW),
+        ("keras.optimizers.LossScaleOptimizer", lambda: keras.optimizers.LossScaleOptimizer),
+        (
+            "keras.optimizers.schedules.CosineDecay",
+            lambda: keras.optimizers.schedules.CosineDecay,
+        ),
+        ("keras.schedules.CosineDecay", lambda: keras.optimizers.schedules.CosineDecay),
+    ],
+)
+def test_resolve_name_allowed(name, expected):
+    assert resolve_name(name) is expected()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        ".",
+        "optax",
+        "keras",
+        "optax.",
+        "adamw",  # bare names are expanded by build_optimizer, not by resolve_name
+        "optax.not_a_thing",
+        "optax.__dict__",
+        "optax._src",
+        "optax._src.alias.adamw",
+        "optax.adamw.__globals__",
+        "optax.adamw.__call__",
+        "optax.tree_utils",
+        "optax.tree_utils.tree_zeros_like",
+        "optax.schedules",
+        "keras.optimizers",
+        "keras.optimizers.schedules",
+        "keras.optimizers.legacy",
+        "keras.optimizers.serialize",
+        "keras.optimizers.get",
+        "keras.optimizers.schedules.serialize",
+        "keras.optimizers.Adam.from_config",
+        "keras.optimizers.Adam.__init__",
+        "keras.layers.Dense",
+        "keras.Model",
+        "keras.ops.add",
+        "os.system",
+        "numpy.ones",
+        "open",
+        "__import__",
+        "builtins.open",
+    ],
+)
+def test_resolve_name_refused(name):
+    assert resolve_name(name) is None
+
+
+def test_resolve_name_looks_names_up_at_call_time(monkeypatch):
+    def fake_adamw(*args, **kwargs):
+        return None
+
+    monkeypatch.setattr(optax, "adamw", fake_adamw)
+    assert resolve_name("optax.adamw") is fake_adamw
+    monkeypatch.setattr(keras.optimizers, "AdamW", fake_adamw)
+    assert resolve_name("keras.AdamW") is None  # a Keras name must be an optimizer class

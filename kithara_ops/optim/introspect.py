@@ -13,6 +13,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
 import optax
 
 
@@ -77,9 +79,15 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
     multi_steps = getattr(update, "__self__", None)
     if isinstance(multi_steps, optax.MultiSteps):
         every_k = multi_steps._every_k_schedule  # no public accessor; read-only use
-        hyperparams = {"every_k_schedule": every_k} if isinstance(every_k, int) else {}
+        # MultiSteps wraps an int k as ``lambda step: k``; the int is that lambda's closure.
+        constant = closure_values(every_k).get("every_k_schedule", every_k)
+        hyperparams, functions = {}, {}
+        if isinstance(constant, int) and not isinstance(constant, bool):
+            hyperparams["every_k_schedule"] = constant
+        elif callable(every_k):
+            functions["every_k_schedule"] = every_k
         inner = multi_steps.inner_opt
-        return TxNode("MultiSteps", hyperparams, {}, [_walk(inner.update, inner.init)])
+        return TxNode("MultiSteps", hyperparams, functions, [_walk(inner.update, inner.init)])
     # with_extra_args_support only adapts a signature: look through it.
     while factory_name(update) == "with_extra_args_support":
         inner = closure_values(update)["tx"]
@@ -97,7 +105,7 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
             and all(isinstance(v, optax.GradientTransformation) for v in _values(value))
         ):
             node.children.extend(_walk(v.update, v.init) for v in _values(value))
-        elif value is None or isinstance(value, bool | str | numbers.Number):
+        elif _is_plain(value):
             node.hyperparams[key] = value
         elif isinstance(value, tuple | list) and all(callable(v) for v in value):
             continue  # a chain's init functions: the update functions carry the structure
@@ -106,6 +114,20 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
         elif isinstance(value, dict | tuple | list):
             node.hyperparams[key] = value
     return node
+
+
+def _is_plain(value: Any) -> bool:
+    """True for a hyperparameter value: None, a bool, str, number, dtype or 0-d array."""
+    return (
+        value is None
+        or isinstance(value, bool | str | numbers.Number | np.dtype)
+        or _is_scalar(value)
+    )
+
+
+def _is_scalar(value: Any) -> bool:
+    """True for a 0-d NumPy or JAX array (a hyperparameter passed as an array)."""
+    return isinstance(value, np.ndarray | jax.Array) and value.ndim == 0
 
 
 def _values(container: Any) -> list:
@@ -130,6 +152,8 @@ def _find_learning_rate(node: TxNode, sign_flipped: bool) -> tuple[Any, bool]:
             return closure_values(step_size_fn)["learning_rate"], sign_flipped
     if node.name == "scale":
         step_size = node.hyperparams.get("step_size")
+        if _is_scalar(step_size):
+            step_size = step_size.item()
         if isinstance(step_size, numbers.Number):
             if step_size == -1:
                 return None, True

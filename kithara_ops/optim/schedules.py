@@ -1,0 +1,160 @@
+"""Describing learning-rate schedules (Optax functions, Keras schedule configs) as data.
+
+An Optax schedule is a closure; its factory's name and closed-over values say what it is
+(``warmup_cosine_decay_schedule`` is a ``join_schedules`` of a linear warm-up and a cosine
+decay, and is recognised as such). A Keras schedule is described from its config.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from kithara_ops.optim.introspect import closure_values, factory_name
+
+_LINEAR = ("init_value", "end_value", "transition_steps", "transition_begin")
+
+
+_OPTAX_SCHEDULES = {  # factory -> (kind, closure parameters in the factory's order)
+    "cosine_decay_schedule": ("cosine_decay", ("init_value", "decay_steps", "alpha", "exponent")),
+    "exponential_decay": ("exponential_decay", ("init_value", "transition_steps", "decay_rate",
+                          "transition_begin", "staircase", "end_value")),
+    "constant_schedule": ("constant", ("value",)),
+    "piecewise_constant_schedule": ("piecewise_constant", ("init_value", "boundaries_and_scales")),
+}  # fmt: skip
+
+
+def describe_optax_schedule(fn: Any) -> dict[str, Any]:
+    """``{"kind": ..., <params>}`` for an Optax schedule, read from its closure."""
+    kind, values = factory_name(fn), closure_values(fn)
+    if kind == "join_schedules" and (warmup := _warmup_schedule(values)) is not None:
+        return warmup
+    if kind == "polynomial_schedule":
+        power_1 = values.get("power") == 1
+        kind, keys = ("linear", _LINEAR) if power_1 else ("polynomial", (*_LINEAR, "power"))
+    elif kind in _OPTAX_SCHEDULES:
+        kind, keys = _OPTAX_SCHEDULES[kind]
+    else:  # read what the closure holds; nested Optax schedules are described in turn
+        kind = kind if kind != "unknown" else getattr(fn, "__qualname__", type(fn).__qualname__)
+        keys, values = tuple(values), {k: _nested(v) for k, v in values.items()}
+    return {"kind": kind, **{k: json_safe(values[k]) for k in keys if k in values}}
+
+
+def _nested(value: Any) -> Any:
+    """Schedules inside a schedule's closure (``join_schedules``), described in turn."""
+    if callable(value) and factory_name(value) != "unknown":
+        return describe_optax_schedule(value)
+    if isinstance(value, list | tuple) and value and all(map(callable, value)):
+        return [_nested(v) for v in value]
+    return value
+
+
+def _warmup_schedule(values: dict[str, Any]) -> dict[str, Any] | None:
+    """``warmup_cosine`` / ``warmup_exponential_decay`` from their ``join_schedules`` form."""
+    boundaries, parts = list(values.get("boundaries") or []), list(values.get("schedules") or [])
+    if len(parts) != 2 or len(boundaries) != 1 or factory_name(parts[0]) != "polynomial_schedule":
+        return None
+    warm, main = closure_values(parts[0]), closure_values(parts[1])
+    if (warm.get("power"), warm.get("transition_begin")) != (1, 0):
+        return None
+    head = {"init": warm.get("init_value"), "peak": warm.get("end_value"), "warmup_steps": boundaries[0]}  # fmt: skip
+    if factory_name(parts[1]) == "cosine_decay_schedule":
+        # Optax gives the cosine part decay_steps - warmup_steps and alpha = end / peak.
+        end = float(f"{float(main['alpha']) * float(head['peak']):.12g}")
+        tail = {"decay_steps": main["decay_steps"] + boundaries[0], "end": end}
+        if main.get("exponent") != 1.0:
+            tail["exponent"] = main.get("exponent")
+        return json_safe({"kind": "warmup_cosine", **head, **tail})
+    if factory_name(parts[1]) == "exponential_decay":
+        keys = ("transition_steps", "decay_rate", "transition_begin", "staircase")
+        tail = {**{k: main.get(k) for k in keys}, "end": main.get("end_value")}
+        return json_safe({"kind": "warmup_exponential_decay", **head, **tail})
+    return None
+
+
+def describe_keras_schedule(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"kind": "cosine_decay", <config>}`` for a serialised Keras schedule."""
+    kind = re.sub(r"(?<!^)(?=[A-Z])", "_", str(config.get("class_name", "schedule"))).lower()
+    params = {k: v for k, v in (config.get("config") or {}).items() if k != "name"}
+    return {"kind": kind, **json_safe(params)}
+
+
+def schedule_text(schedule: Any) -> str:
+    """``kind(k=v, ...)`` for a structured schedule (or an Optax schedule function)."""
+    schedule = schedule if isinstance(schedule, dict) else describe_optax_schedule(schedule)
+    return call_text(schedule["kind"], {k: v for k, v in schedule.items() if k != "kind"})
+
+
+def describe_learning_rate(lr: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(number or schedule text, structured schedule or None) of a learning rate."""
+    if isinstance(lr, dict) and "class_name" in lr:
+        schedule = describe_keras_schedule(lr)
+    elif callable(lr):
+        schedule = describe_optax_schedule(getattr(lr, "schedule_fn", lr))
+    else:
+        return json_safe(lr), None
+    return schedule_text(schedule), schedule
+
+
+def call_text(name: str, args: dict[str, Any]) -> str:
+    return f"{name}({', '.join(f'{k}={value_text(v)}' for k, v in args.items())})"
+
+
+def value_text(value: Any) -> str:
+    """Readable text: floats as short as exact (``1e-08``, ``0.001``), schedules as calls."""
+    if isinstance(value, dict) and "kind" in value:
+        return schedule_text(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{value_text(k)}: {value_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
+    if isinstance(value, float):
+        short = format(value, ".6g")
+        return repr(value) if float(short) == value else short
+    return str(value)
+
+
+def short_number(value: Any) -> str:
+    """Compact number for labels: ``1e-3``, ``3e-4``, ``0.01``, ``2.5e-5``."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return str(value)
+    if value == 0 or 1e-2 <= abs(value) < 1e4:
+        return format(value, ".3g")
+    mantissa, exponent = format(value, ".2e").split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def callable_name(fn: Any) -> str:
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_name(fn.func)})"
+    if factory_name(fn) != "unknown":
+        return factory_name(fn)
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: NumPy/JAX scalars to numbers, dtypes to text, callables to names."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic | np.ndarray | jax.Array):
+        array = np.asarray(value)
+        if array.ndim == 0:
+            return array.item()
+        return array.tolist() if array.size <= 64 else f"array({array.shape}, {array.dtype})"
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        return str(np.dtype(value))
+    if isinstance(getattr(value, "dtype", None), np.dtype) and not hasattr(value, "shape"):
+        return str(value.dtype)  # jnp.float32 and friends
+    if isinstance(value, dict):
+        plain = (str, int, float, bool, type(None))
+        return {k if isinstance(k, plain) else str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    return callable_name(value) if callable(value) else str(value)

@@ -5,6 +5,7 @@ Public API:
   RunConfig, load_config: the one configuration object of a run.
   Callback, RunInfo: the interface the Trainer reports through.
   ConfigError: raised for bad user input (the CLI exits with code 2 on it).
+  describe_optimizer: what a Keras or Optax optimizer is, as a JSON-safe dict.
 """
 
 from kithara_ops._backend import require_jax_backend
@@ -14,6 +15,7 @@ require_jax_backend()
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult  # noqa: E402
 from kithara_ops.config import RunConfig, load_config  # noqa: E402
 from kithara_ops.errors import ConfigError  # noqa: E402
+from kithara_ops.optim.describe import describe_optimizer  # noqa: E402
 from kithara_ops.trainer import Trainer  # noqa: E402
 
 __version__ = "0.1.0"
@@ -26,5 +28,6 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "__version__",
+    "describe_optimizer",
     "load_config",
 ]

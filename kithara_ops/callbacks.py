@@ -53,6 +53,7 @@ class TrainResult:
       seconds: wall time of ``train()``.
       compile_seconds: time to compile and run the first step.
       metrics: the last logged metrics, by name.
+      run_id: the MLflow run id, when the run was tracked.
     """
 
     step: int
@@ -61,6 +62,7 @@ class TrainResult:
     seconds: float
     compile_seconds: float = 0.0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    run_id: str | None = None
 
 
 class Callback:

@@ -66,6 +66,18 @@ class RunConfig:
     """Split each batch into this many micro-batches and sum their gradients."""
     precision: Precision = "float32"
     """``mixed_bfloat16`` computes the built-in model in bfloat16 with float32 master weights."""
+    tracking: bool = True
+    """Log the run to MLflow."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; ``None``: ``MLFLOW_TRACKING_URI``, else MLflow's local sqlite store."""
+    experiment: str | None = None
+    """MLflow experiment; ``None``: ``MLFLOW_EXPERIMENT_NAME``, else ``kithara-ops``."""
+    run_name: str | None = None
+    """MLflow run name; ``None``: the optimizer's short label (e.g. ``optax:clip+adamw lr=1e-3``)."""
+    system_metrics: bool = True
+    """Log MLflow system metrics (CPU, memory) alongside training metrics."""
+    log_model: bool = False
+    """Log the trained model with MLflow's Keras flavour at the end of the run."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")

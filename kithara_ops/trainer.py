@@ -21,6 +21,7 @@ from kithara_ops.config import RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.models import layout_rules_of
 from kithara_ops.optim import as_adapter
+from kithara_ops.optim.describe import describe_optimizer
 from kithara_ops.sharding import (
     LayoutRule,
     batch_sharding,
@@ -31,6 +32,7 @@ from kithara_ops.sharding import (
 )
 from kithara_ops.state import TrainState, variable_keys
 from kithara_ops.step import StepBuilder
+from kithara_ops.tracking import MlflowTracker
 
 
 class Trainer:
@@ -43,7 +45,8 @@ class Trainer:
         e.g. ``kithara_ops.data.load(...)``; re-iterated at the end of each pass.
       eval_data: optional re-iterable of eval batches.
       config: a ``RunConfig``; keyword ``options`` override its fields.
-      callbacks: extra ``Callback`` objects, called in order after the built-in ones.
+      callbacks: extra ``Callback`` objects, called in order after the built-in ones (the
+        MLflow tracker, unless ``tracking=False``).
       layout_rules: ``[(regex, spec), ...]`` placing parameters under ``fsdp``; defaults to
         ``model.get_layout_rules()`` when the model has it, else a size-based rule.
       devices: devices for the mesh (default: all).
@@ -73,8 +76,15 @@ class Trainer:
             raise ConfigError(
                 f"model {model.name!r} has no variables yet: build it (call it on a batch) first."
             )
+        self.adapter = as_adapter(optimizer, model.trainable_variables)
         if config is None:
-            described = {"model": model.name, "data": type(train_data).__name__}
+            # Objects, not specs: recorded as <description>, which no builder will take for
+            # a spec, so a rebuild from this config asks for the objects instead.
+            described = {
+                "model": f"<{model.name}>",
+                "data": f"<{type(train_data).__name__}>",
+                "optimizer": f"<{describe_optimizer(optimizer)['label']}>",
+            }
             config = RunConfig.from_dict({**described, **options})
         elif options:
             config = config.replace(**options)
@@ -82,8 +92,8 @@ class Trainer:
         self.model = model
         self.train_data = train_data
         self.eval_data = eval_data
-        self.callbacks = CallbackList(callbacks)
-        self.adapter = as_adapter(optimizer, model.trainable_variables)
+        self.tracker = MlflowTracker(config) if config.tracking else None
+        self.callbacks = CallbackList([c for c in (self.tracker,) if c] + list(callbacks))
         self.mesh = make_mesh(config.sharding, config.mesh_shape, devices)
         self.layout_rules = list(
             layout_rules if layout_rules is not None else layout_rules_of(model)
@@ -230,6 +240,8 @@ class Trainer:
             raise
         finally:
             self.callbacks.on_train_end(status, result)
+            if result is not None and self.tracker is not None:
+                result.run_id = self.tracker.run_id
 
     def _host_metrics(self, metrics, steps: int, since: float, tokens_per_step: int) -> dict:
         """Fetch one step's metrics (the only host sync of a logging interval) and add speed."""

@@ -5,16 +5,24 @@ of conftest rather than in a fixture.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Runs the tests make go to a store of their own, never to a server the shell points at.
+os.environ["MLFLOW_TRACKING_URI"] = (
+    f"sqlite:///{tempfile.mkdtemp(prefix='kithara-tests-')}/mlflow.db"
+)
+os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
 
 import jax
 import keras
 import pytest
 
 from kithara_ops import data, models
+
+pytest_plugins = ["mlflow_server"]
 
 SEQ_LEN = 32
 BATCH = 8

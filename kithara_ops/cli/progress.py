@@ -62,6 +62,7 @@ def result_dict(result: TrainResult) -> dict:
         "seconds": round(result.seconds, 3),
         "compile_seconds": round(result.compile_seconds, 3),
         "metrics": result.metrics,
+        "run_id": result.run_id,
     }
 
 
@@ -80,4 +81,6 @@ def print_summary(result: TrainResult, as_json: bool, console: Console | None = 
         table.add_row("tokens/s", f"{result.metrics['tokens_per_second']:,.0f}")
     table.add_row("compile", f"{result.compile_seconds:.1f} s")
     table.add_row("wall time", f"{result.seconds:.1f} s")
+    if result.run_id:
+        table.add_row("MLflow run", result.run_id)
     console.print(table)

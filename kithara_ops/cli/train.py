@@ -14,6 +14,7 @@ MODEL = "Model and data"
 OPTIM = "Optimizer"
 LOOP = "Training"
 SHARD = "Sharding"
+TRACK = "Tracking (MLflow)"
 OUTPUT = "Output"
 
 DEFAULT_STEPS = 200
@@ -45,14 +46,14 @@ def train(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Built-in size (tiny, small) or module:function. [default: tiny]",
+            help="Built-in size (tiny, small) or module:function. (default: tiny)",
             rich_help_panel=MODEL,
         ),
     ] = None,
     data: Annotated[
         str | None,
         typer.Option(
-            help="stdlib, synthetic, a text file/dir/glob or a .jsonl file. [default: stdlib]",
+            help="stdlib, synthetic, a text file/dir/glob or a .jsonl file. (default: stdlib)",
             rich_help_panel=MODEL,
         ),
     ] = None,
@@ -61,19 +62,19 @@ def train(
         typer.Option(help="Evaluation data, same forms as --data.", rich_help_panel=MODEL),
     ] = None,
     seq_len: Annotated[
-        int | None, typer.Option(help="Tokens per sequence. [default: 128]", rich_help_panel=MODEL)
+        int | None, typer.Option(help="Tokens per sequence. (default: 128)", rich_help_panel=MODEL)
     ] = None,
     optimizer: Annotated[
         str | None,
         typer.Option(
-            help="optax.adamw, keras.AdamW, or a call such as 'optax.adamw(1e-3)'. [default: optax.adamw]",
+            help="optax.adamw, keras.AdamW, or a call such as 'optax.adamw(1e-3)'. (default: optax.adamw)",
             rich_help_panel=OPTIM,
         ),
     ] = None,
     learning_rate: Annotated[
         float | None,
         typer.Option(
-            help="Learning rate for a bare optimizer name. [default: 1e-3]", rich_help_panel=OPTIM
+            help="Learning rate for a bare optimizer name. (default: 1e-3)", rich_help_panel=OPTIM
         ),
     ] = None,
     weight_decay: Annotated[
@@ -83,7 +84,7 @@ def train(
     steps: Annotated[
         int | None,
         typer.Option(
-            help=f"Total optimizer steps. [default: {DEFAULT_STEPS} unless --epochs]",
+            help=f"Total optimizer steps. (default: {DEFAULT_STEPS} unless --epochs)",
             rich_help_panel=LOOP,
         ),
     ] = None,
@@ -92,24 +93,24 @@ def train(
         typer.Option(help="Passes over the data (instead of --steps).", rich_help_panel=LOOP),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Global batch size. [default: 8]", rich_help_panel=LOOP)
+        int | None, typer.Option(help="Global batch size. (default: 8)", rich_help_panel=LOOP)
     ] = None,
     grad_accum_steps: Annotated[
-        int | None, typer.Option(help="Micro-batches per step. [default: 1]", rich_help_panel=LOOP)
+        int | None, typer.Option(help="Micro-batches per step. (default: 1)", rich_help_panel=LOOP)
     ] = None,
     precision: Annotated[
         str | None,
-        typer.Option(help="float32 or mixed_bfloat16. [default: float32]", rich_help_panel=LOOP),
+        typer.Option(help="float32 or mixed_bfloat16. (default: float32)", rich_help_panel=LOOP),
     ] = None,
     seed: Annotated[
         int | None,
         typer.Option(
-            help="Seed for weights, data order and dropout. [default: 0]", rich_help_panel=LOOP
+            help="Seed for weights, data order and dropout. (default: 0)", rich_help_panel=LOOP
         ),
     ] = None,
     log_every: Annotated[
         int | None,
-        typer.Option(help="Report metrics every N steps. [default: 10]", rich_help_panel=LOOP),
+        typer.Option(help="Report metrics every N steps. (default: 10)", rich_help_panel=LOOP),
     ] = None,
     eval_every: Annotated[
         int | None,
@@ -117,22 +118,66 @@ def train(
     ] = None,
     eval_steps: Annotated[
         int | None,
-        typer.Option(help="Batches per evaluation. [default: all]", rich_help_panel=LOOP),
+        typer.Option(help="Batches per evaluation. (default: all)", rich_help_panel=LOOP),
     ] = None,
     sharding: Annotated[
         str | None,
         typer.Option(
-            help="dp (replicate params) or fsdp (shard params). [default: dp]",
+            help="dp (replicate params) or fsdp (shard params). (default: dp)",
             rich_help_panel=SHARD,
         ),
     ] = None,
     mesh_shape: Annotated[
         str | None,
         typer.Option(
-            help="DATA,FSDP device mesh, e.g. 2,4. [default: all devices on one axis]",
+            help="DATA,FSDP device mesh, e.g. 2,4. (default: all devices on one axis)",
             rich_help_panel=SHARD,
         ),
     ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_TRACKING_URI",
+            help="MLflow tracking URI. (default: sqlite:///mlflow.db in the current directory)",
+            rich_help_panel=TRACK,
+        ),
+    ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_EXPERIMENT_NAME",
+            help="MLflow experiment. (default: kithara-ops)",
+            rich_help_panel=TRACK,
+        ),
+    ] = None,
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow run name. (default: the optimizer's label)", rich_help_panel=TRACK
+        ),
+    ] = None,
+    tracking: Annotated[
+        bool,
+        typer.Option(
+            "--tracking/--no-tracking", help="Log the run to MLflow.", rich_help_panel=TRACK
+        ),
+    ] = True,
+    system_metrics: Annotated[
+        bool,
+        typer.Option(
+            "--system-metrics/--no-system-metrics",
+            help="Log CPU and memory use as MLflow system metrics.",
+            rich_help_panel=TRACK,
+        ),
+    ] = True,
+    log_model: Annotated[
+        bool,
+        typer.Option(
+            "--log-model",
+            help="Log the trained model (MLflow Keras flavour).",
+            rich_help_panel=TRACK,
+        ),
+    ] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)
     ] = False,
@@ -164,6 +209,12 @@ def train(
         "eval_steps": eval_steps,
         "sharding": sharding,
         "mesh_shape": _mesh_shape(mesh_shape),
+        "tracking_uri": tracking_uri,
+        "experiment": experiment,
+        "run_name": run_name,
+        "tracking": tracking,
+        "system_metrics": system_metrics,
+        "log_model": log_model,
     }
     config = RunConfig.from_dict({k: v for k, v in options.items() if v is not None})
     if config.steps is None and config.epochs is None:

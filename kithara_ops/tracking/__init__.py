@@ -1,0 +1,9 @@
+"""MLflow tracking: the run each training becomes, and comparing runs.
+
+``MlflowTracker`` is a ``Callback``; the Trainer adds it when ``config.tracking`` is on.
+"""
+
+from kithara_ops.tracking.tracker import MlflowTracker, resolve_experiment
+from kithara_ops.tracking.writer import Delivery, RunWriter, replay_spool
+
+__all__ = ["Delivery", "MlflowTracker", "RunWriter", "replay_spool", "resolve_experiment"]

@@ -1,0 +1,68 @@
+"""What a run logs as MLflow params and tags, as plain strings within MLflow's limits.
+
+The keys are the same for every run, whatever the optimizer family, so that the MLflow runs
+table lines runs up column by column.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from kithara_ops.callbacks import RunInfo
+
+MAX_PARAM_LENGTH = 6000
+"""MLflow's limit on a param value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``)."""
+MAX_TAG_LENGTH = 8000
+"""MLflow's limit on a tag value."""
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Tags of experiments kithara-ops creates: the MLflow UI then treats runs as model training."""
+
+
+def shorten(value: Any, limit: int) -> str:
+    """``str(value)``, cut to ``limit`` characters with a trailing ``...`` when longer."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_params(run: RunInfo) -> dict[str, str]:
+    """The run's configuration as params, plus what the Trainer resolved (mesh, size).
+
+    Tracking settings are left out: where a run is logged is not part of what it is.
+    """
+    skip = {"tracking", "tracking_uri", "experiment", "run_name", "system_metrics", "log_model"}
+    values = {k: v for k, v in run.config.to_dict().items() if k not in skip}
+    values["mesh_shape"] = ",".join(f"{axis}={size}" for axis, size in run.mesh_shape.items())
+    values["num_params"] = run.num_params
+    values["total_steps"] = run.total_steps
+    return {key: shorten(value, MAX_PARAM_LENGTH) for key, value in values.items()}
+
+
+def run_params(run: RunInfo, optimizer_params: dict[str, str]) -> dict[str, str]:
+    """All params of a run: the optimizer's (``optimizer.*``) and the config's.
+
+    ``optimizer.spec`` is the spec the optimizer was built from, when it was built from one:
+    pasted into ``--optimizer`` it repeats the run.
+    """
+    params = {k: shorten(v, MAX_PARAM_LENGTH) for k, v in optimizer_params.items()}
+    params.update(config_params(run))
+    spec = run.config.optimizer
+    params.pop("optimizer", None)
+    if not spec.startswith("<"):
+        params["optimizer.spec"] = shorten(spec, MAX_PARAM_LENGTH)
+    return params
+
+
+def run_tags(run: RunInfo, description: dict[str, Any], version: str) -> dict[str, str]:
+    """Tags for filtering and for telling runs apart in the UI's tables and legends."""
+    tags = {
+        "kithara_ops.version": version,
+        "optimizer.family": description["family"],
+        "optimizer.label": description["label"],
+        "optimizer.name": description["name"],
+        "jax.backend": jax.default_backend(),
+        "jax.device_count": str(jax.device_count()),
+        "jax.process_count": str(jax.process_count()),
+    }
+    return {k: shorten(v, MAX_TAG_LENGTH) for k, v in tags.items()}

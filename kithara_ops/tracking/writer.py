@@ -1,0 +1,279 @@
+"""Writing one MLflow run from a background thread, so training never waits on tracking.
+
+Everything a run logs (creating the run, params, tags, artifacts, metrics, the final status)
+is queued in order and written by one thread. Consecutive metric points are sent together
+with ``log_batch``. When the tracking server is slow or down, the thread keeps the queue,
+warns once, and retries with backoff; points are delivered when the server returns. What
+is still queued when the run must end is written to a spool file (JSON lines) that
+``replay_spool`` sends later, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from kithara_ops.tracking.params import EXPERIMENT_TAGS
+
+log = logging.getLogger("kithara_ops.tracking")
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+
+
+@dataclasses.dataclass
+class Delivery:
+    """How a run's logging ended.
+
+    Attributes:
+      run_id: the MLflow run id (``None`` if the run could never be created).
+      delivered_points: metric points written.
+      pending_points: metric points not written when the run ended.
+      spool: the file holding what was not written, if anything.
+    """
+
+    run_id: str | None
+    delivered_points: int
+    pending_points: int
+    spool: Path | None
+
+
+class RunWriter:
+    """Creates (or reattaches to) one MLflow run and writes to it in the background.
+
+    Args:
+      tracking_uri: where to log; ``None`` lets MLflow resolve it (``MLFLOW_TRACKING_URI``,
+        else its local sqlite default).
+      experiment: experiment name; created with ``EXPERIMENT_TAGS`` if it does not exist.
+      run_name: display name of a new run.
+      run_id: an existing run to continue instead of creating one.
+      spool_dir: where undelivered operations are written at the end.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        spool_dir: Path | None = None,
+        retry_max_wait: float = 10.0,
+    ):
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = self.client.tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id = run_id
+        self.spool_dir = Path(spool_dir) if spool_dir else Path.cwd() / "mlflow-spool"
+        self.retry_max_wait = retry_max_wait
+        self.delivered_points = 0
+        self.on_run_ready: list = []
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closing_deadline: float | None = None
+        self._abandoned = False
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side
+    def log_params(self, params: dict[str, str]) -> None:
+        """Queue params (sent in batches of 100)."""
+        items = list(params.items())
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._put("params", dict(items[i : i + MAX_PARAMS_PER_BATCH]))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Queue tags."""
+        self._put("tags", dict(tags))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Queue a text artifact."""
+        self._put("text", {"text": text, "artifact_file": artifact_file})
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        """Queue a directory of artifacts (read when sent: keep it until ``finish``)."""
+        self._put("artifacts", {"local_dir": str(local_dir), "artifact_path": artifact_path})
+
+    def log_metrics(self, step: int, metrics: dict[str, float], timestamp_ms: int) -> None:
+        """Queue one step's metric points; returns at once."""
+        points = [(k, float(v), timestamp_ms, int(step)) for k, v in metrics.items()]
+        self._put("metrics", points)
+
+    def finish(self, status: str, timeout: float = 60.0) -> Delivery:
+        """Queue the end of the run, wait up to ``timeout`` s for delivery, spool the rest."""
+        self._put("end", {"status": status})
+        with self._cond:
+            self._closing_deadline = time.monotonic() + timeout
+            self._cond.notify_all()
+        self._thread.join(timeout + 5.0)
+        with self._cond:
+            # A request may still be in flight in a stuck thread; it may yet arrive, so the
+            # spool can repeat its points, but it can never lose them.
+            self._abandoned = True
+            pending = list(self._queue)
+            self._queue.clear()
+        points = sum(len(p) for kind, p in pending if kind == "metrics")
+        spool = self._spool(pending) if pending else None
+        if spool is not None:
+            log.warning(
+                "MLflow at %s could not be reached: %d metric points and %d other records were "
+                "not delivered and are saved in %s (send them later with "
+                "kithara_ops.tracking.replay_spool).",
+                self.tracking_uri,
+                points,
+                len(pending) - sum(k == "metrics" for k, _ in pending),
+                spool,
+            )
+        return Delivery(self.run_id, self.delivered_points, points, spool)
+
+    def _put(self, kind: str, payload: Any) -> None:
+        with self._cond:
+            self._queue.append((kind, payload))
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        backoff = 0.25
+        while True:
+            with self._cond:
+                while not self._queue and self._closing_deadline is None:
+                    self._cond.wait()
+                if not self._queue or self._past_deadline():
+                    return
+                kind, payload = self._queue[0]
+                taken = 1
+                if kind == "metrics":
+                    payload, taken = self._peek_metrics()
+            try:
+                if self.run_id is None:
+                    self._start_run()
+                self._write(kind, payload)
+            except Exception as err:  # the server is down, slow or refusing: keep and retry
+                self._warn_once(err)
+                with self._cond:
+                    if self._past_deadline():
+                        return
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, self.retry_max_wait)
+                continue
+            backoff = 0.25
+            with self._cond:
+                if self._abandoned:
+                    return  # finish() has spooled the queue; it is no longer ours
+                for _ in range(taken):  # written: only now may they leave the queue
+                    self._queue.popleft()
+            if kind == "metrics":
+                self.delivered_points += len(payload)
+            if self._warned:
+                log.warning("MLflow at %s is reachable again; logging resumed.", self.tracking_uri)
+                self._warned = False
+            if kind == "end":
+                return
+
+    def _past_deadline(self) -> bool:
+        return self._closing_deadline is not None and time.monotonic() > self._closing_deadline
+
+    def _peek_metrics(self) -> tuple[list, int]:
+        """The leading metric ops' points, up to one ``log_batch`` worth, and their count."""
+        points, taken = [], 0
+        for kind, op_points in self._queue:
+            if kind != "metrics" or (
+                points and len(points) + len(op_points) > MAX_METRICS_PER_BATCH
+            ):
+                break
+            points.extend(op_points)
+            taken += 1
+        return points, taken
+
+    def _start_run(self) -> None:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            experiment_id = self.client.create_experiment(self.experiment, tags=EXPERIMENT_TAGS)
+        else:
+            experiment_id = experiment.experiment_id
+        run = self.client.create_run(experiment_id, run_name=self.run_name)
+        self.run_id = run.info.run_id
+        for callback in self.on_run_ready:
+            callback(self.run_id)
+
+    def _write(self, kind: str, payload: Any) -> None:
+        client, run_id = self.client, self.run_id
+        if kind == "metrics":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in payload]
+            client.log_batch(run_id, metrics=metrics, synchronous=True)
+        elif kind == "params":
+            params = [Param(k, v) for k, v in payload.items()]
+            client.log_batch(run_id, params=params, synchronous=True)
+        elif kind == "tags":
+            client.log_batch(
+                run_id, tags=[RunTag(k, v) for k, v in payload.items()], synchronous=True
+            )
+        elif kind == "text":
+            client.log_text(run_id, payload["text"], payload["artifact_file"])
+        elif kind == "artifacts":
+            client.log_artifacts(run_id, payload["local_dir"], payload["artifact_path"])
+        elif kind == "end":
+            client.set_terminated(run_id, payload["status"])
+
+    def _warn_once(self, err: Exception) -> None:
+        if not self._warned:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning(
+                "MLflow at %s is not responding (%s); training goes on and metrics are kept "
+                "until it comes back.",
+                self.tracking_uri,
+                first[:200],
+            )
+            self._warned = True
+
+    def _spool(self, pending: list) -> Path:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spool_dir / f"{self.run_id or 'unstarted'}-{int(time.time())}.jsonl"
+        with path.open("w") as f:
+            header = {
+                "tracking_uri": self.tracking_uri,
+                "experiment": self.experiment,
+                "run_name": self.run_name,
+                "run_id": self.run_id,
+            }
+            f.write(json.dumps({"kind": "run", "payload": header}) + "\n")
+            for kind, payload in pending:
+                f.write(json.dumps({"kind": kind, "payload": payload}) + "\n")
+        return path
+
+
+def replay_spool(
+    path: str | Path, tracking_uri: str | None = None, timeout: float = 120.0
+) -> Delivery:
+    """Send a spool file's records to MLflow, in order, into the run they belong to.
+
+    Args:
+      path: a spool file written when a run ended with MLflow unreachable.
+      tracking_uri: override the URI recorded in the file.
+    """
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    header = lines[0]["payload"]
+    writer = RunWriter(
+        tracking_uri or header["tracking_uri"],
+        header["experiment"],
+        run_name=header["run_name"],
+        run_id=header["run_id"],
+        spool_dir=Path(path).parent,
+    )
+    status = "FINISHED"
+    for record in lines[1:]:
+        if record["kind"] == "end":
+            status = record["payload"]["status"]
+            continue
+        writer._put(record["kind"], record["payload"])
+    return writer.finish(status, timeout)

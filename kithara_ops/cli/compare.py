@@ -1,0 +1,138 @@
+"""``kithara-ops compare``: a table (and optionally a chart) of an experiment's runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kithara_ops.cli.app import app, user_errors
+from kithara_ops.errors import ConfigError
+
+SOURCE = "Runs"
+OUTPUT = "Output"
+
+
+def _artifact_name(metric: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", metric) + ".png"
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  kithara-ops compare\n\n"
+        "  kithara-ops compare --metric eval_loss --output charts/eval_loss.png\n\n"
+        "  kithara-ops compare --tracking-uri http://127.0.0.1:5000 --experiment sweep --json\n\n"
+        "  kithara-ops compare --parent 3f2a... --log-artifact"
+    )
+)
+@user_errors
+def compare(
+    experiment: Annotated[
+        str,
+        typer.Option(
+            envvar="MLFLOW_EXPERIMENT_NAME",
+            help="MLflow experiment whose runs to compare.",
+            rich_help_panel=SOURCE,
+        ),
+    ] = "kithara-ops",
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_TRACKING_URI",
+            help="Tracking server or store, e.g. http://127.0.0.1:5000. Unset: MLflow's default.",
+            rich_help_panel=SOURCE,
+        ),
+    ] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RUN_ID",
+            help="Only the child runs of this parent run.",
+            rich_help_panel=SOURCE,
+        ),
+    ] = None,
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="Metric to compare: loss, eval_loss, perplexity, tokens_per_second, ...",
+            rich_help_panel=SOURCE,
+        ),
+    ] = "loss",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE.png",
+            help="Also write a line chart of the metric by step, one line per run.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
+    log_artifact: Annotated[
+        bool,
+        typer.Option(
+            "--log-artifact",
+            help="Log the chart to the --parent run as charts/<metric>.png.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = False,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the runs as one JSON list (without histories) instead of a table.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = False,
+) -> None:
+    """Compare the runs of an experiment on one metric, best first."""
+    from kithara_ops.tracking.compare import compare_runs, format_table, plot_runs
+
+    if log_artifact and parent is None:
+        raise ConfigError("--log-artifact needs --parent RUN_ID: the run to log the chart to.")
+    if output is not None and output.suffix.lower() != ".png":
+        raise ConfigError(f"--output {str(output)!r} is not a .png file.")
+    summaries = compare_runs(
+        experiment, tracking_uri=tracking_uri, metric=metric, parent_run_id=parent
+    )
+    plotted = any(summary.history for summary in summaries)
+    if (output is not None or log_artifact) and not plotted:
+        which = "no child run of the --parent" if parent else "no run"
+        raise ConfigError(
+            f"{which} in experiment {experiment!r} logged {metric!r}: nothing to plot."
+        )
+    if summaries and not plotted:
+        typer.echo(f"Warning: no run in experiment {experiment!r} logged {metric!r}.", err=True)
+
+    if json_output:
+        typer.echo(json.dumps([summary.to_dict() for summary in summaries]))
+    elif not summaries:
+        typer.echo(f"No runs to compare in experiment {experiment!r}.")
+    else:
+        from rich.console import Console
+
+        console = Console()
+        table = format_table(summaries, metric)
+        if not console.is_terminal:  # piped: keep each row on one line, however wide
+            wide = console.options.update_width(10_000)
+            console.width = max(console.width, console.measure(table, options=wide).maximum)
+        console.print(table)
+
+    chart = plot_runs(summaries, metric, output) if output is not None else None
+    if chart is not None:
+        typer.echo(f"Chart: {chart}", err=json_output)
+    if log_artifact:
+        from mlflow.tracking import MlflowClient
+
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / _artifact_name(metric)
+            if chart is not None:
+                shutil.copyfile(chart, png)
+            else:
+                plot_runs(summaries, metric, png)
+            MlflowClient(tracking_uri).log_artifact(parent, str(png), artifact_path="charts")
+        typer.echo(f"Logged charts/{png.name} to run {parent}.", err=json_output)

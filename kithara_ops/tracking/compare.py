@@ -1,0 +1,270 @@
+"""Compare the runs of one MLflow experiment: a summary per run, a table and a chart.
+
+Each training run logs its optimizer as tags and params and its metrics by global step. This
+module reads them back with an explicit ``MlflowClient`` (never MLflow's fluent global run
+state) and turns them into :class:`RunSummary` objects, a ``rich`` table and a PNG line chart
+with one line per run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kithara_ops.errors import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+    from rich.table import Table
+
+PARENT_TAG = "mlflow.parentRunId"
+LABEL_TAG = "optimizer.label"
+HIGHER_IS_BETTER = frozenset({"tokens_per_second"})
+"""Metrics whose best value is the maximum; for every other metric it is the minimum."""
+
+_PAGE = 1000
+_MAX_NAMES = 5
+
+
+@dataclass
+class RunSummary:
+    """One run's optimizer and how it did on the compared metric.
+
+    Attributes:
+        run_id: The MLflow run ID.
+        run_name: The MLflow run name.
+        label: The ``optimizer.label`` tag, or the run name when the tag is missing.
+        status: The MLflow run status, e.g. ``FINISHED`` or ``RUNNING``.
+        optimizer: The ``optimizer.name`` param, e.g. ``adamw``.
+        learning_rate: The ``optimizer.learning_rate`` param (a number or a schedule's text).
+        steps: The last step at which the metric was logged.
+        final: The metric's last value.
+        best: The metric's minimum (maximum for metrics in ``HIGHER_IS_BETTER``), NaN ignored.
+        tokens_per_second: The last logged ``tokens_per_second``.
+        history: ``(step, value)`` pairs sorted by step; when a step was logged more than
+            once (a resumed run), the value logged last is kept.
+    """
+
+    run_id: str
+    run_name: str
+    label: str
+    status: str
+    optimizer: str | None = None
+    learning_rate: str | None = None
+    steps: int | None = None
+    final: float | None = None
+    best: float | None = None
+    tokens_per_second: float | None = None
+    history: list[tuple[int, float]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the summary without its history, with non-finite numbers as ``None``."""
+        data = asdict(self)
+        del data["history"]
+        for key, value in data.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                data[key] = None
+        return data
+
+
+def compare_runs(
+    experiment: str,
+    *,
+    tracking_uri: str | None = None,
+    metric: str = "loss",
+    parent_run_id: str | None = None,
+) -> list[RunSummary]:
+    """Summarise the runs of an experiment on one metric, best first.
+
+    Parent runs (runs that another run names in its ``mlflow.parentRunId`` tag) are left
+    out. Runs that never logged ``metric`` are kept, with ``None`` for its values, last.
+
+    Args:
+        experiment: The experiment's name.
+        tracking_uri: The tracking server or store; ``None`` resolves it as MLflow does
+            (``MLFLOW_TRACKING_URI``, then MLflow's default).
+        metric: The metric to compare, e.g. ``loss``, ``eval_loss`` or ``tokens_per_second``.
+        parent_run_id: Only include the children of this run.
+
+    Returns:
+        One summary per run, sorted by the final value: ascending, or descending for a
+        metric in ``HIGHER_IS_BETTER``; runs without the metric last.
+
+    Raises:
+        ConfigError: The experiment does not exist, or ``parent_run_id`` is not a run of it.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = _experiment_id(client, experiment, tracking_uri)
+    runs = _all_runs(client, experiment_id)
+    parents = {run.data.tags[PARENT_TAG] for run in runs if PARENT_TAG in run.data.tags}
+    if parent_run_id is not None:
+        _check_parent(client, parent_run_id, experiment_id, experiment)
+        runs = [run for run in runs if run.data.tags.get(PARENT_TAG) == parent_run_id]
+    summaries = [_summary(client, run, metric) for run in runs if run.info.run_id not in parents]
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
+
+    def order(summary: RunSummary) -> tuple[bool, float]:
+        missing = summary.final is None or math.isnan(summary.final)
+        return missing, 0.0 if missing else sign * summary.final
+
+    return sorted(summaries, key=order)
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str | None) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "active":
+        return found.experiment_id
+    if found is not None:
+        raise ConfigError(f"experiment {name!r} is deleted; restore it or pick another.")
+    import mlflow
+
+    names = [
+        existing.name
+        for existing in client.search_experiments(
+            max_results=_MAX_NAMES, order_by=["last_update_time DESC"]
+        )
+    ]
+    where = tracking_uri or mlflow.get_tracking_uri()
+    listed = ", ".join(repr(n) for n in names) if names else "none"
+    raise ConfigError(f"experiment {name!r} not found at {where} (existing: {listed}).")
+
+
+def _check_parent(client: MlflowClient, run_id: str, experiment_id: str, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        parent = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"parent run {run_id!r} not found.") from None
+    if parent.info.experiment_id != experiment_id:
+        raise ConfigError(f"parent run {run_id!r} is not in experiment {name!r}.")
+
+
+def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=_PAGE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _summary(client: MlflowClient, run: Run, metric: str) -> RunSummary:
+    tags, params, latest = run.data.tags, run.data.params, run.data.metrics
+    name = run.info.run_name or run.info.run_id
+    summary = RunSummary(
+        run_id=run.info.run_id,
+        run_name=name,
+        label=tags.get(LABEL_TAG) or name,
+        status=run.info.status,
+        optimizer=params.get("optimizer.name"),
+        learning_rate=params.get("optimizer.learning_rate"),
+        tokens_per_second=latest.get("tokens_per_second"),
+    )
+    if metric not in latest:
+        return summary
+    by_step: dict[int, tuple[int, float]] = {}
+    for point in client.get_metric_history(run.info.run_id, metric):
+        kept = by_step.get(point.step)
+        if kept is None or point.timestamp >= kept[0]:
+            by_step[point.step] = (point.timestamp, point.value)
+    summary.history = [(step, by_step[step][1]) for step in sorted(by_step)]
+    if summary.history:
+        summary.steps, summary.final = summary.history[-1]
+        values = [value for _, value in summary.history if not math.isnan(value)]
+        pick = max if metric in HIGHER_IS_BETTER else min
+        summary.best = pick(values) if values else math.nan
+    return summary
+
+
+def _figure(summaries: Sequence[RunSummary], metric: str) -> Figure:
+    """Build the chart (one line per run that logged ``metric``) without pyplot's state."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 5), layout="constrained")
+    axes = figure.add_subplot()
+    for summary in summaries:
+        if summary.history:
+            steps, values = zip(*summary.history)
+            axes.plot(steps, values, label=summary.label, linewidth=1.5)
+    better = "higher" if metric in HIGHER_IS_BETTER else "lower"
+    axes.set_title(f"{metric} by step ({better} is better)")
+    axes.set_xlabel("step")
+    axes.set_ylabel(metric)
+    axes.grid(True, alpha=0.3)
+    if axes.get_lines():
+        axes.legend(fontsize="small")
+    return figure
+
+
+def plot_runs(summaries: Sequence[RunSummary], metric: str, output: str | Path) -> Path:
+    """Write a PNG line chart of ``metric`` against step, one line per run.
+
+    Args:
+        summaries: The runs, as returned by :func:`compare_runs`.
+        metric: The metric the summaries hold, used for the title and the y axis.
+        output: The PNG file to write; missing parent folders are created.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = _figure(summaries, metric)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, format="png", dpi=120)
+    return path
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def format_table(summaries: Sequence[RunSummary], metric: str) -> Table:
+    """Return a ``rich`` table with one row per run, in the order given.
+
+    Args:
+        summaries: The runs, as returned by :func:`compare_runs`.
+        metric: The compared metric, named in the column headers.
+
+    Returns:
+        The table, ready for ``rich.console.Console.print``.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    better = "higher" if metric in HIGHER_IS_BETTER else "lower"
+    table = Table(title=Text(f"{metric} ({better} is better)"), title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("Run", no_wrap=True, style="bold")
+    table.add_column("Optimizer")
+    table.add_column("LR")
+    table.add_column("Status")
+    table.add_column("Steps", justify="right")
+    table.add_column(Text(f"Final {metric}"), justify="right")
+    table.add_column(Text(f"Best {metric}"), justify="right")
+    table.add_column("Tokens/s", justify="right")
+    for rank, summary in enumerate(summaries, start=1):
+        table.add_row(
+            str(rank),
+            Text(summary.label),
+            Text(summary.optimizer or "-"),
+            Text(summary.learning_rate or "-"),
+            summary.status,
+            "-" if summary.steps is None else str(summary.steps),
+            _number(summary.final),
+            _number(summary.best),
+            "-" if summary.tokens_per_second is None else f"{summary.tokens_per_second:,.0f}",
+        )
+    return table

@@ -6,15 +6,19 @@ Public API:
   Callback, RunInfo: the interface the Trainer reports through.
   ConfigError: raised for bad user input (the CLI exits with code 2 on it).
   describe_optimizer: what a Keras or Optax optimizer is, as a JSON-safe dict.
+  resume: continue a checkpointed run, rebuilding it from its saved config.
+  TrainingStopped: raised after a clean stop on SIGTERM or Ctrl-C (the state was saved).
 """
 
 from kithara_ops._backend import require_jax_backend
 
 require_jax_backend()
 
+from kithara_ops.build import resume  # noqa: E402
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult  # noqa: E402
 from kithara_ops.config import RunConfig, load_config  # noqa: E402
 from kithara_ops.errors import ConfigError  # noqa: E402
+from kithara_ops.interrupt import TrainingStopped  # noqa: E402
 from kithara_ops.optim.describe import describe_optimizer  # noqa: E402
 from kithara_ops.trainer import Trainer  # noqa: E402
 
@@ -27,7 +31,9 @@ __all__ = [
     "RunInfo",
     "TrainResult",
     "Trainer",
+    "TrainingStopped",
     "__version__",
     "describe_optimizer",
     "load_config",
+    "resume",
 ]

@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import keras
 
 from kithara_ops import data, models
-from kithara_ops.callbacks import Callback
+from kithara_ops.callbacks import Callback, TrainResult
 from kithara_ops.config import RunConfig
+from kithara_ops.errors import ConfigError
 from kithara_ops.optim.spec import build_optimizer
 from kithara_ops.trainer import Trainer
 
 
-def build_trainer(config: RunConfig, callbacks: Sequence[Callback] = ()) -> Trainer:
+def build_trainer(
+    config: RunConfig, callbacks: Sequence[Callback] = (), optimizer: Any = None
+) -> Trainer:
     """Everything a config names, built and handed to a ``Trainer``.
 
     Data is read before the model is built so a bad path fails in a second, not after
     compilation. ``keras.utils.set_random_seed(config.seed)`` makes the initial weights a
     function of the seed alone.
+
+    Args:
+      config: the run's config; ``model``, ``data`` and ``optimizer`` must be specs.
+      callbacks: extra callbacks.
+      optimizer: an optimizer object to use instead of building ``config.optimizer``.
     """
-    optimizer = build_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
+    for field in ("model", "data") + (("optimizer",) if optimizer is None else ()):
+        value = getattr(config, field)
+        if value.startswith("<"):
+            raise ConfigError(
+                f"This run's {field} was a Python object ({value}), which a config cannot "
+                f"rebuild: pass the {field} yourself (Trainer(...).train(resume=True))."
+            )
+    if optimizer is None:
+        optimizer = build_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
     tokenizer = data.ByteTokenizer()
     train_data = data.load(
         config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
@@ -44,3 +62,51 @@ def build_trainer(config: RunConfig, callbacks: Sequence[Callback] = ()) -> Trai
     return Trainer(
         model, optimizer, train_data, eval_data=eval_data, config=config, callbacks=callbacks
     )
+
+
+def resume(
+    checkpoint_dir: str | Path,
+    steps: int | None = None,
+    optimizer: Any = None,
+    *,
+    reset_optimizer: bool = False,
+    callbacks: Sequence[Callback] = (),
+    **overrides: Any,
+) -> TrainResult:
+    """Continue a run from its checkpoint directory, rebuilding model, data and optimizer.
+
+    The run's config comes from the newest checkpoint, so this works for runs started from
+    the CLI or from a config; the state (weights, optimizer state, step, data position, RNG)
+    comes from the checkpoint, and logging continues in the same MLflow run.
+
+    Args:
+      checkpoint_dir: the run's checkpoint directory.
+      steps: the run's new total step count (``None``: the saved config's).
+      optimizer: an optimizer to continue with instead of the saved spec's; its state still
+        comes from the checkpoint (same kind), is migrated (Keras <-> Optax Adam/AdamW/SGD),
+        or is refused unless ``reset_optimizer``.
+      reset_optimizer: keep weights and step, start a fresh optimizer state.
+      callbacks: extra callbacks.
+      **overrides: other ``RunConfig`` fields to change (e.g. ``save_every``, ``log_every``).
+    """
+    from kithara_ops.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(checkpoint_dir)
+    saved = checkpointer.steps()
+    if not saved:
+        raise ConfigError(
+            f"No checkpoint in {str(checkpoint_dir)!r}: check the directory (it must hold "
+            "numbered step folders)."
+        )
+    meta = checkpointer.read_meta(saved[-1])
+    checkpointer.close()
+    changes = {**overrides, "checkpoint_dir": str(Path(checkpoint_dir))}
+    if steps is not None:
+        changes.update(steps=steps, epochs=None)
+    if optimizer is not None:
+        from kithara_ops.optim.describe import describe_optimizer
+
+        changes["optimizer"] = f"<{describe_optimizer(optimizer)['label']}>"
+    config = RunConfig.from_dict({**meta["config"], **changes})
+    trainer = build_trainer(config, callbacks=callbacks, optimizer=optimizer)
+    return trainer.train(resume=True, reset_optimizer=reset_optimizer)

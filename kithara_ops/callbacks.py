@@ -7,7 +7,7 @@ they care about. The Trainer calls them; they never drive the Trainer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ class RunInfo:
       mesh_shape: ``{"data": n, "fsdp": m}``.
       start_step: the step training starts from (0, or the restored step).
       total_steps: the step training stops at.
+      progress: returns the run's position as JSON-safe values (epoch, data position, last
+        metrics, MLflow run), for checkpoints.
     """
 
     config: RunConfig
@@ -40,6 +42,7 @@ class RunInfo:
     mesh_shape: dict[str, int]
     start_step: int
     total_steps: int
+    progress: Callable[[], dict] = dict
 
 
 @dataclasses.dataclass

@@ -66,6 +66,14 @@ class RunConfig:
     """Split each batch into this many micro-batches and sum their gradients."""
     precision: Precision = "float32"
     """``mixed_bfloat16`` computes the built-in model in bfloat16 with float32 master weights."""
+    checkpoint_dir: str | None = None
+    """Directory for Orbax checkpoints; ``None``: no checkpoints."""
+    save_every: int | None = None
+    """Save a checkpoint every this many steps (and always at the end)."""
+    keep: int = 3
+    """How many checkpoints to keep."""
+    keep_best: bool = False
+    """Keep the ``keep`` checkpoints with the lowest ``eval_loss`` rather than the newest."""
     tracking: bool = True
     """Log the run to MLflow."""
     tracking_uri: str | None = None
@@ -82,6 +90,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
         _check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
+        _check_positive(self, "save_every", optional=True)
+        _check_positive(self, "keep")
         _check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding", ("dp", "fsdp"))
         _check_choice(self, "precision", ("float32", "mixed_bfloat16"))

@@ -6,6 +6,7 @@ Everything else (tracking, checkpoints, progress) is a callback.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,11 +18,14 @@ import numpy as np
 
 from kithara_ops import feed
 from kithara_ops.callbacks import Callback, CallbackList, RunInfo, TrainResult
+from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import RunConfig
 from kithara_ops.errors import ConfigError
+from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
+from kithara_ops.restore import restore_latest
 from kithara_ops.sharding import (
     LayoutRule,
     batch_sharding,
@@ -33,6 +37,8 @@ from kithara_ops.sharding import (
 from kithara_ops.state import TrainState, variable_keys
 from kithara_ops.step import StepBuilder
 from kithara_ops.tracking import MlflowTracker
+
+log = logging.getLogger("kithara_ops")
 
 
 class Trainer:
@@ -77,13 +83,14 @@ class Trainer:
                 f"model {model.name!r} has no variables yet: build it (call it on a batch) first."
             )
         self.adapter = as_adapter(optimizer, model.trainable_variables)
+        self.description = describe_optimizer(self.adapter.optimizer)
         if config is None:
             # Objects, not specs: recorded as <description>, which no builder will take for
             # a spec, so a rebuild from this config asks for the objects instead.
             described = {
                 "model": f"<{model.name}>",
                 "data": f"<{type(train_data).__name__}>",
-                "optimizer": f"<{describe_optimizer(optimizer)['label']}>",
+                "optimizer": f"<{self.description['label']}>",
             }
             config = RunConfig.from_dict({**described, **options})
         elif options:
@@ -93,7 +100,17 @@ class Trainer:
         self.train_data = train_data
         self.eval_data = eval_data
         self.tracker = MlflowTracker(config) if config.tracking else None
-        self.callbacks = CallbackList([c for c in (self.tracker,) if c] + list(callbacks))
+        self.checkpointer = (
+            Checkpointer(config.checkpoint_dir, config.save_every, config.keep, config.keep_best)
+            if config.checkpoint_dir
+            else None
+        )
+        # The checkpointer comes after the tracker so a save records the run id it created.
+        builtin = [c for c in (self.tracker, self.checkpointer) if c is not None]
+        self.callbacks = CallbackList(builtin + list(callbacks))
+        self.data_state: dict = {}
+        self._last_metrics: dict = {}
+        self._last_eval: float | None = None
         self.mesh = make_mesh(config.sharding, config.mesh_shape, devices)
         self.layout_rules = list(
             layout_rules if layout_rules is not None else layout_rules_of(model)
@@ -170,6 +187,44 @@ class Trainer:
             rng=put(jax.random.PRNGKey(self.config.seed), self.state_shardings.rng),
         )
 
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings, without any arrays (for restoring)."""
+        params = {
+            k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=self.param_shardings[k])
+            for k, v in zip(self.param_keys, self.model.trainable_variables)
+        }
+        repl = self.state_shardings.step
+        non_trainable = {
+            k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=repl)
+            for k, v in zip(self.non_trainable_keys, self.model.non_trainable_variables)
+        }
+        opt = jax.eval_shape(self.adapter.init, params)
+        opt = jax.tree.map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+            opt,
+            self.state_shardings.opt_state,
+        )
+        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        return TrainState(
+            step=jax.ShapeDtypeStruct((), np.int32, sharding=repl),
+            params=params,
+            non_trainable=non_trainable,
+            opt_state=opt,
+            rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl),
+        )
+
+    def init_optimizer_state(self, params: dict) -> Any:
+        """A fresh optimizer state for ``params``, placed like the parameters."""
+        return self._init_opt(params)
+
+    def variable_key_groups(self) -> dict[str, list[str]]:
+        """The state's variable keys by group, in the model's (and optimizer's) order."""
+        groups = {"params": self.param_keys, "non_trainable": self.non_trainable_keys}
+        state_keys = getattr(self.adapter, "state_keys", None)
+        if state_keys is not None:
+            groups["opt"] = state_keys
+        return groups
+
     def total_steps(self) -> int:
         """The step the run stops at, from ``steps``, or ``epochs`` x batches per pass."""
         if self.config.steps is not None:
@@ -182,66 +237,124 @@ class Trainer:
         return (self.config.epochs or 1) * length
 
     # ------------------------------------------------------------------------------ loop
-    def train(self) -> TrainResult:
+    def train(self, resume: bool | int = False, reset_optimizer: bool = False) -> TrainResult:
         """Train to ``total_steps()`` and return a ``TrainResult``.
 
         On return the Keras model's variables hold the trained values (and a Keras
         optimizer's variables its trained state).
+
+        Args:
+          resume: ``True`` continues from the newest readable checkpoint in
+            ``checkpoint_dir`` (or starts at step 0 if there is none yet); a step number
+            continues from that checkpoint. ``steps`` stays the run's total.
+          reset_optimizer: with ``resume``, keep the weights, step and data position but start
+            a fresh optimizer state (for a deliberate change of optimizer).
+
+        Raises:
+          TrainingStopped: after a clean stop on SIGTERM or Ctrl-C; the state was saved.
         """
         started = time.perf_counter()
-        state = self.initial_state()
         total = self.total_steps()
         stream = feed.DataStream(self.train_data)
-        first = next(stream)
         shape = feed.check_first_batch(
-            first, data_parallel_size(self.mesh), self.config.grad_accum_steps
+            next(stream), data_parallel_size(self.mesh), self.config.grad_accum_steps
         )
-        stream.set_state({"consumed": 0, "epoch": 0, "iterator": None})
+        state, position = self._starting_point(resume, reset_optimizer)
+        stream.set_state(position)
+        step = int(state.step)
+        if step >= total:
+            raise ConfigError(
+                f"The run is already at step {step} and steps is {total}: steps counts the "
+                f"run's total, so ask for more than {step}."
+            )
         batches = feed.prefetch_to_device(stream, self.batch_sharding, shape)
         tokens_per_step = shape[0] * shape[1]
-        self.callbacks.on_train_start(self._run_info(int(state.step), total))
+        self.callbacks.on_train_start(self._run_info(step, total))
 
-        status, result = "FAILED", None
-        try:
-            step, last, eval_loss = int(state.step), {}, None
-            compile_seconds, mark, mark_step = 0.0, time.perf_counter(), step
-            while step < total:
-                batch, self.data_state = next(batches)
-                state, metrics = self._train_step(state, batch)
-                step += 1
-                if step == mark_step + 1 and compile_seconds == 0.0:
-                    # Timing the first step tells compilation apart from steady-state speed.
-                    jax.block_until_ready(metrics)
-                    compile_seconds = time.perf_counter() - mark
-                    mark, mark_step = time.perf_counter(), step
-                self.callbacks.on_step(step, state)
-                if step % self.config.log_every == 0 or step == total:
-                    last = self._host_metrics(metrics, step - mark_step, mark, tokens_per_step)
-                    mark, mark_step = time.perf_counter(), step
-                    self.callbacks.on_log(step, last)
-                if self.config.eval_every and step % self.config.eval_every == 0 and step < total:
+        status, result, eval_loss = "FAILED", None, self._last_eval
+        with StopRequests() as stop:
+            try:
+                compile_seconds, mark, mark_step = 0.0, time.perf_counter(), step
+                while step < total:
+                    batch, self.data_state = next(batches)
+                    state, metrics = self._train_step(state, batch)
+                    step += 1
+                    if step == mark_step + 1 and compile_seconds == 0.0:
+                        # Timing the first step tells compilation apart from steady speed.
+                        jax.block_until_ready(metrics)
+                        compile_seconds = time.perf_counter() - mark
+                        mark, mark_step = time.perf_counter(), step
+                    if step % self.config.log_every == 0 or step == total or stop.signum:
+                        self._last_metrics = self._host_metrics(
+                            metrics, step - mark_step, mark, tokens_per_step
+                        )
+                        mark, mark_step = time.perf_counter(), step
+                        self.callbacks.on_log(step, self._last_metrics)
+                    every = self.config.eval_every
+                    if every and step % every == 0 and step < total and not stop.signum:
+                        eval_loss = self._evaluate(state, step)
+                    self.callbacks.on_step(step, state)
+                    if stop.signum is not None:
+                        self._write_back(state)
+                        raise TrainingStopped(stop.signum, step)
+                if self.eval_data is not None:
                     eval_loss = self._evaluate(state, step)
-            if self.eval_data is not None:
-                eval_loss = self._evaluate(state, step)
-            self._write_back(state)
-            self.state = state
-            result = TrainResult(
-                step=step,
-                loss=last.get("loss"),
-                eval_loss=eval_loss,
-                seconds=time.perf_counter() - started,
-                compile_seconds=compile_seconds,
-                metrics=last,
+                self._write_back(state)
+                self.state = state
+                result = TrainResult(
+                    step=step,
+                    loss=self._last_metrics.get("loss"),
+                    eval_loss=eval_loss,
+                    seconds=time.perf_counter() - started,
+                    compile_seconds=compile_seconds,
+                    metrics=self._last_metrics,
+                )
+                status = "FINISHED"
+                return result
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:
+                self.callbacks.on_train_end(status, result)
+                if result is not None and self.tracker is not None:
+                    result.run_id = self.tracker.run_id
+
+    def _starting_point(self, resume: bool | int, reset_optimizer: bool) -> tuple[TrainState, dict]:
+        """A fresh state, or the checkpoint's, and the data position that goes with it."""
+        fresh_position = {"consumed": 0, "epoch": 0, "iterator": None}
+        if resume is False or resume is None:
+            return self.initial_state(), fresh_position
+        if self.checkpointer is None:
+            raise ConfigError("resume needs a checkpoint directory: pass checkpoint_dir=DIR.")
+        if resume is True and not self.checkpointer.steps():
+            log.info("No checkpoint in %s yet: starting at step 0.", self.checkpointer.directory)
+            return self.initial_state(), fresh_position
+        restored = restore_latest(self, self.checkpointer, resume, reset_optimizer)
+        if self.tracker is not None:
+            self.tracker.continue_run(
+                restored.meta.get("mlflow") or {}, restored.step, restored.optimizer_change
             )
-            status = "FINISHED"
-            return result
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            self.callbacks.on_train_end(status, result)
-            if result is not None and self.tracker is not None:
-                result.run_id = self.tracker.run_id
+        self._last_eval = restored.meta.get("eval_loss")
+        self._last_metrics = {"loss": restored.meta["loss"]} if restored.meta.get("loss") else {}
+        return restored.state, restored.meta.get("data", fresh_position)
+
+    def progress(self) -> dict:
+        """Where the run is, as JSON-safe values: what a checkpoint records beside the state."""
+        tracker = self.tracker
+        return {
+            "epoch": self.data_state.get("epoch", 0),
+            "data": self.data_state,
+            "loss": self._last_metrics.get("loss"),
+            "eval_loss": self._last_eval,
+            "config": self.config.to_dict(),
+            "optimizer": self.description,
+            "keys": self.variable_key_groups(),
+            "mlflow": {
+                "run_id": tracker.run_id if tracker else None,
+                "tracking_uri": tracker.writer.tracking_uri if tracker and tracker.writer else None,
+                "experiment": tracker.experiment if tracker else None,
+            },
+        }
 
     def _host_metrics(self, metrics, steps: int, since: float, tokens_per_step: int) -> dict:
         """Fetch one step's metrics (the only host sync of a logging interval) and add speed."""
@@ -267,6 +380,7 @@ class Trainer:
             raise ConfigError("eval_data yielded no batches: check the eval source and batch size.")
         eval_loss = float(loss_sum) / max(float(count), 1.0)
         metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 80.0))}
+        self._last_eval = eval_loss
         self.callbacks.on_eval(step, metrics)
         return eval_loss
 
@@ -290,4 +404,5 @@ class Trainer:
             mesh_shape=dict(self.mesh.shape),
             start_step=start_step,
             total_steps=total,
+            progress=self.progress,
         )

@@ -15,6 +15,7 @@ OPTIM = "Optimizer"
 LOOP = "Training"
 SHARD = "Sharding"
 TRACK = "Tracking (MLflow)"
+CKPT = "Checkpoints (Orbax)"
 OUTPUT = "Output"
 
 DEFAULT_STEPS = 200
@@ -134,6 +135,42 @@ def train(
             rich_help_panel=SHARD,
         ),
     ] = None,
+    checkpoint_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Save Orbax checkpoints (with the optimizer state) here.", rich_help_panel=CKPT
+        ),
+    ] = None,
+    save_every: Annotated[
+        int | None, typer.Option(help="Save every N steps (and at the end).", rich_help_panel=CKPT)
+    ] = None,
+    keep: Annotated[
+        int | None, typer.Option(help="Checkpoints to keep. (default: 3)", rich_help_panel=CKPT)
+    ] = None,
+    keep_best: Annotated[
+        bool,
+        typer.Option(
+            "--keep-best",
+            help="Keep the lowest eval_loss ones instead of the newest.",
+            rich_help_panel=CKPT,
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from the newest checkpoint in --checkpoint-dir, if any.",
+            rich_help_panel=CKPT,
+        ),
+    ] = False,
+    reset_optimizer: Annotated[
+        bool,
+        typer.Option(
+            "--reset-optimizer",
+            help="With --resume: keep weights and step, start a fresh optimizer state.",
+            rich_help_panel=CKPT,
+        ),
+    ] = False,
     tracking_uri: Annotated[
         str | None,
         typer.Option(
@@ -215,10 +252,17 @@ def train(
         "tracking": tracking,
         "system_metrics": system_metrics,
         "log_model": log_model,
+        "checkpoint_dir": checkpoint_dir,
+        "save_every": save_every,
+        "keep": keep,
+        "keep_best": keep_best or None,
     }
     config = RunConfig.from_dict({k: v for k, v in options.items() if v is not None})
     if config.steps is None and config.epochs is None:
         config = config.replace(steps=DEFAULT_STEPS)
+    if (resume or reset_optimizer) and config.checkpoint_dir is None:
+        raise ConfigError("--resume needs --checkpoint-dir DIR: the directory to resume from.")
     callbacks = [] if (quiet or json_output) else [ProgressBar()]
-    result = build_trainer(config, callbacks=callbacks).train()
+    trainer = build_trainer(config, callbacks=callbacks)
+    result = trainer.train(resume=resume, reset_optimizer=reset_optimizer)
     print_summary(result, as_json=json_output)

@@ -38,7 +38,12 @@ class KerasAdapter:
         self._slot_owner: dict[int, str] = {}
         self._record_slot_owners(variables)
         self._opt_vars = list(optimizer.variables)
-        self._opt_paths = variable_keys(self._opt_vars)
+        # Keras numbers optimizer names per session (adam_w, adam_w_1...): keys leave the
+        # name out, so a rebuilt optimizer's state has the same keys as the saved one.
+        prefix = f"{optimizer.name}/"
+        self._opt_paths = [
+            k[len(prefix) :] if k.startswith(prefix) else k for k in variable_keys(self._opt_vars)
+        ]
 
     def _record_slot_owners(self, variables: list[keras.Variable]) -> None:
         """Build the optimizer, remembering which parameter each slot variable mirrors."""
@@ -86,6 +91,11 @@ class KerasAdapter:
             p: param_shardings.get(self._slot_owner.get(id(v), ""), replicated)
             for p, v in zip(self._opt_paths, self._opt_vars)
         }
+
+    @property
+    def state_keys(self) -> list[str]:
+        """Keys of the optimizer state dict, in the optimizer's variable order."""
+        return list(self._opt_paths)
 
     def write_back(self, opt_state: dict[str, jax.Array]) -> None:
         """Copy trained optimizer state into the Keras optimizer's own variables."""

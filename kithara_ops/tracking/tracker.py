@@ -47,6 +47,19 @@ class MlflowTracker(Callback):
         self.description: dict | None = None
         self._model = None
         self._monitor = None
+        self.experiment = resolve_experiment(config)
+        self._continued: tuple[dict, int, str | None] | None = None
+
+    def continue_run(self, saved: dict, from_step: int, optimizer_change: str | None) -> None:
+        """Log into the run a checkpoint recorded instead of starting a new one.
+
+        Args:
+          saved: the checkpoint's ``mlflow`` record (``run_id``, ``tracking_uri``, ``experiment``).
+          from_step: the checkpoint's step; steps the run already holds are not logged again.
+          optimizer_change: ``"reset"`` or ``"migrated"`` when the optimizer was changed.
+        """
+        if saved.get("run_id"):
+            self._continued = (saved, from_step, optimizer_change)
 
     @property
     def run_id(self) -> str | None:
@@ -60,9 +73,12 @@ class MlflowTracker(Callback):
 
         self.description = describe_optimizer(run.optimizer)
         self._model = run.model
+        if self._continued is not None:
+            self._continue(*self._continued)
+            return
         self.writer = RunWriter(
             self.config.tracking_uri,
-            resolve_experiment(self.config),
+            self.experiment,
             run_name=self.config.run_name or self.description["label"],
         )
         if self.config.system_metrics:
@@ -71,6 +87,27 @@ class MlflowTracker(Callback):
         self.writer.log_params(run_params(run, optimizer_params(self.description)))
         self.writer.log_text(json.dumps(self.description, indent=2), "optimizer/optimizer.json")
         self.writer.log_text(self.config.dump_yaml(), "config/run.yaml")
+
+    def _continue(self, saved: dict, from_step: int, optimizer_change: str | None) -> None:
+        """Reattach to the saved run: no params (MLflow refuses changes), a tag per resume."""
+        self.experiment = saved.get("experiment") or self.experiment
+        self.writer = RunWriter(
+            self.config.tracking_uri or saved.get("tracking_uri"),
+            self.experiment,
+            run_id=saved["run_id"],
+        )
+        if self.config.system_metrics:
+            self._start_system_metrics(saved["run_id"], resume=True)
+        tags = {"kithara_ops.resumed_from_step": str(from_step)}
+        if optimizer_change is not None:
+            # The optimizer params keep the first optimizer; the change is told here.
+            tags[f"kithara_ops.optimizer_{optimizer_change}_at_step"] = str(from_step)
+            tags["optimizer.label"] = self.description["label"]
+            self.writer.log_text(
+                json.dumps(self.description, indent=2),
+                f"optimizer/optimizer-from-step-{from_step}.json",
+            )
+        self.writer.set_tags(tags)
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         self._log(step, metrics)
@@ -105,14 +142,17 @@ class MlflowTracker(Callback):
             return
         self.writer.log_artifacts(str(path), "model")
 
-    def _start_system_metrics(self, run_id: str) -> None:
+    def _start_system_metrics(self, run_id: str, resume: bool = False) -> None:
         try:
             from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             interval = MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10
             self._monitor = SystemMetricsMonitor(
-                run_id, sampling_interval=interval, tracking_uri=self.writer.tracking_uri
+                run_id,
+                sampling_interval=interval,
+                resume_logging=resume,
+                tracking_uri=self.writer.tracking_uri,
             )
             self._monitor.start()
         except Exception as err:

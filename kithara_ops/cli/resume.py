@@ -1,0 +1,54 @@
+"""``kithara-ops resume``: continue a checkpointed run where it stopped."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kithara_ops.cli.app import app, user_errors
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  kithara-ops resume runs/tiny\n\n"
+        "  kithara-ops resume runs/tiny --steps 2000\n\n"
+        "  kithara-ops resume runs/tiny --optimizer 'optax.adamw(3e-4)' --reset-optimizer"
+    )
+)
+@user_errors
+def resume(
+    checkpoint_dir: Annotated[str, typer.Argument(help="The run's checkpoint directory.")],
+    steps: Annotated[
+        int | None, typer.Option(help="The run's new total step count (not extra steps).")
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="Continue with this optimizer spec instead of the saved one.")
+    ] = None,
+    reset_optimizer: Annotated[
+        bool,
+        typer.Option(
+            "--reset-optimizer", help="Keep weights and step, start a fresh optimizer state."
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON object.")
+    ] = False,
+) -> None:
+    """Continue a run from its newest checkpoint, in the same MLflow run.
+
+    Weights, optimizer state, step, data position and RNG come from the checkpoint; the
+    model, data and optimizer are rebuilt from the run's saved config.
+    """
+    from kithara_ops.build import resume as resume_run
+    from kithara_ops.cli.progress import ProgressBar, print_summary
+    from kithara_ops.optim.spec import build_optimizer
+
+    built = build_optimizer(optimizer) if optimizer else None
+    callbacks = [] if (quiet or json_output) else [ProgressBar()]
+    result = resume_run(
+        checkpoint_dir, steps, built, reset_optimizer=reset_optimizer, callbacks=callbacks
+    )
+    print_summary(result, as_json=json_output)

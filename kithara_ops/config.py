@@ -80,6 +80,8 @@ class RunConfig:
     """MLflow tracking URI; ``None``: ``MLFLOW_TRACKING_URI``, else MLflow's local sqlite store."""
     experiment: str | None = None
     """MLflow experiment; ``None``: ``MLFLOW_EXPERIMENT_NAME``, else ``kithara-ops``."""
+    parent_run_id: str | None = None
+    """MLflow run to log this run under, as a child (``kithara-ops sweep`` sets it)."""
     run_name: str | None = None
     """MLflow run name; ``None``: the optimizer's short label (e.g. ``optax:clip+adamw lr=1e-3``)."""
     system_metrics: bool = True
@@ -95,6 +97,8 @@ class RunConfig:
         _check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding", ("dp", "fsdp"))
         _check_choice(self, "precision", ("float32", "mixed_bfloat16"))
+        if self.optimizer == "":
+            raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
         for name in ("model", "data", "optimizer"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(

@@ -189,28 +189,11 @@ class Trainer:
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings, without any arrays (for restoring)."""
-        params = {
-            k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=self.param_shardings[k])
-            for k, v in zip(self.param_keys, self.model.trainable_variables)
-        }
-        repl = self.state_shardings.step
-        non_trainable = {
-            k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=repl)
-            for k, v in zip(self.non_trainable_keys, self.model.non_trainable_variables)
-        }
-        opt = jax.eval_shape(self.adapter.init, params)
-        opt = jax.tree.map(
+        shapes = jax.eval_shape(self.initial_state)  # traced: nothing is computed or placed
+        return jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-            opt,
-            self.state_shardings.opt_state,
-        )
-        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-        return TrainState(
-            step=jax.ShapeDtypeStruct((), np.int32, sharding=repl),
-            params=params,
-            non_trainable=non_trainable,
-            opt_state=opt,
-            rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl),
+            shapes,
+            self.state_shardings,
         )
 
     def init_optimizer_state(self, params: dict) -> Any:

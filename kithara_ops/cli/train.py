@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kithara_ops.cli.app import app, user_errors
-from kithara_ops.config import RunConfig
+from kithara_ops.config import RunConfig, load_config
 from kithara_ops.errors import ConfigError
 
+CONFIG = "Config"
 MODEL = "Model and data"
 OPTIM = "Optimizer"
 LOOP = "Training"
@@ -34,16 +36,47 @@ def _mesh_shape(text: str | None) -> tuple[int, int] | None:
     return data, fsdp
 
 
+def resolve_config(config_file: Path | None, options: dict) -> RunConfig:
+    """The run's config: the file's values (if any), then the options given, then defaults.
+
+    Only options given on the command line (not ``None``) override the file, so a file plus
+    a single flag changes that one setting.
+    """
+    base = load_config(config_file) if config_file is not None else RunConfig()
+    config = base.replace(**{k: v for k, v in options.items() if v is not None})
+    if config.steps is None and config.epochs is None:
+        config = config.replace(steps=DEFAULT_STEPS)
+    return config
+
+
 @app.command(
     epilog=(
         "Examples:\n\n"
         "  kithara-ops train\n\n"
+        "  kithara-ops train --config run.yaml --steps 500\n\n"
         "  kithara-ops train --optimizer keras.AdamW --learning-rate 3e-4 --steps 500\n\n"
         "  kithara-ops train --model small --sharding fsdp --batch-size 16"
     )
 )
 @user_errors
 def train(
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A YAML or TOML file of train options (e.g. a run's config/run.yaml); options given here override it.",
+            rich_help_panel=CONFIG,
+        ),
+    ] = None,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config",
+            help="Print the resolved config as YAML and exit.",
+            rich_help_panel=CONFIG,
+        ),
+    ] = False,
+    parent_run_id: Annotated[str | None, typer.Option(hidden=True)] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -148,13 +181,13 @@ def train(
         int | None, typer.Option(help="Checkpoints to keep. (default: 3)", rich_help_panel=CKPT)
     ] = None,
     keep_best: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--keep-best",
+            "--keep-best/--keep-newest",
             help="Keep the lowest eval_loss ones instead of the newest.",
             rich_help_panel=CKPT,
         ),
-    ] = False,
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -174,16 +207,14 @@ def train(
     tracking_uri: Annotated[
         str | None,
         typer.Option(
-            envvar="MLFLOW_TRACKING_URI",
-            help="MLflow tracking URI. (default: sqlite:///mlflow.db in the current directory)",
+            help="MLflow tracking URI. (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current directory)",
             rich_help_panel=TRACK,
         ),
     ] = None,
     experiment: Annotated[
         str | None,
         typer.Option(
-            envvar="MLFLOW_EXPERIMENT_NAME",
-            help="MLflow experiment. (default: kithara-ops)",
+            help="MLflow experiment. (default: $MLFLOW_EXPERIMENT_NAME, else kithara-ops)",
             rich_help_panel=TRACK,
         ),
     ] = None,
@@ -194,27 +225,27 @@ def train(
         ),
     ] = None,
     tracking: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--tracking/--no-tracking", help="Log the run to MLflow.", rich_help_panel=TRACK
         ),
-    ] = True,
+    ] = None,
     system_metrics: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--system-metrics/--no-system-metrics",
             help="Log CPU and memory use as MLflow system metrics.",
             rich_help_panel=TRACK,
         ),
-    ] = True,
+    ] = None,
     log_model: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--log-model",
+            "--log-model/--no-log-model",
             help="Log the trained model (MLflow Keras flavour).",
             rich_help_panel=TRACK,
         ),
-    ] = False,
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)
     ] = False,
@@ -255,11 +286,13 @@ def train(
         "checkpoint_dir": checkpoint_dir,
         "save_every": save_every,
         "keep": keep,
-        "keep_best": keep_best or None,
+        "keep_best": keep_best,
     }
-    config = RunConfig.from_dict({k: v for k, v in options.items() if v is not None})
-    if config.steps is None and config.epochs is None:
-        config = config.replace(steps=DEFAULT_STEPS)
+    options["parent_run_id"] = parent_run_id
+    config = resolve_config(config_file, options)
+    if print_config:
+        typer.echo(config.dump_yaml(), nl=False)
+        return
     if (resume or reset_optimizer) and config.checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir DIR: the directory to resume from.")
     callbacks = [] if (quiet or json_output) else [ProgressBar()]

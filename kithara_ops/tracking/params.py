@@ -31,7 +31,8 @@ def config_params(run: RunInfo) -> dict[str, str]:
 
     Tracking settings are left out: where a run is logged is not part of what it is.
     """
-    skip = {"tracking", "tracking_uri", "experiment", "run_name", "system_metrics", "log_model"}
+    skip = {"tracking", "tracking_uri", "experiment", "run_name", "system_metrics", "log_model",
+            "parent_run_id"}  # fmt: skip
     values = {k: v for k, v in run.config.to_dict().items() if k not in skip}
     values["mesh_shape"] = ",".join(f"{axis}={size}" for axis, size in run.mesh_shape.items())
     values["num_params"] = run.num_params

@@ -80,6 +80,7 @@ class MlflowTracker(Callback):
             self.config.tracking_uri,
             self.experiment,
             run_name=self.config.run_name or self.description["label"],
+            parent_run_id=self.config.parent_run_id,
         )
         if self.config.system_metrics:
             self.writer.on_run_ready.append(self._start_system_metrics)

@@ -56,6 +56,7 @@ class RunWriter:
       experiment: experiment name; created with ``EXPERIMENT_TAGS`` if it does not exist.
       run_name: display name of a new run.
       run_id: an existing run to continue instead of creating one.
+      parent_run_id: make a new run the child of this one (MLflow's nested runs).
       spool_dir: where undelivered operations are written at the end.
     """
 
@@ -66,21 +67,27 @@ class RunWriter:
         run_name: str | None = None,
         run_id: str | None = None,
         spool_dir: Path | None = None,
+        parent_run_id: str | None = None,
         retry_max_wait: float = 10.0,
+        flush_interval: float = 1.0,
     ):
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = self.client.tracking_uri
         self.experiment = experiment
         self.run_name = run_name
         self.run_id = run_id
+        self.parent_run_id = parent_run_id
         self.spool_dir = Path(spool_dir) if spool_dir else Path.cwd() / "mlflow-spool"
         self.retry_max_wait = retry_max_wait
+        self.flush_interval = flush_interval
         self.delivered_points = 0
         self.on_run_ready: list = []
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closing_deadline: float | None = None
         self._abandoned = False
+        self._attached = run_id is None  # an existing run is checked before the first write
+        self._logged_through: dict[str, int] = {}
         self._warned = False
         self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self._thread.start()
@@ -148,6 +155,7 @@ class RunWriter:
             with self._cond:
                 while not self._queue and self._closing_deadline is None:
                     self._cond.wait()
+                self._gather_metrics()
                 if not self._queue or self._past_deadline():
                     return
                 kind, payload = self._queue[0]
@@ -157,6 +165,8 @@ class RunWriter:
             try:
                 if self.run_id is None:
                     self._start_run()
+                elif not self._attached:
+                    self._attach()
                 self._write(kind, payload)
             except Exception as err:  # the server is down, slow or refusing: keep and retry
                 self._warn_once(err)
@@ -180,6 +190,17 @@ class RunWriter:
             if kind == "end":
                 return
 
+    def _gather_metrics(self) -> None:
+        """Let metric points gather for up to ``flush_interval`` s, so one request carries many
+        steps (a request per step costs a busy server, and the machine, more than the data)."""
+        if not self._queue or self._queue[0][0] != "metrics":
+            return
+        deadline = time.monotonic() + self.flush_interval
+        while self._closing_deadline is None and (remaining := deadline - time.monotonic()) > 0:
+            if sum(len(p) for k, p in self._queue if k == "metrics") >= MAX_METRICS_PER_BATCH:
+                return
+            self._cond.wait(remaining)
+
     def _past_deadline(self) -> bool:
         return self._closing_deadline is not None and time.monotonic() > self._closing_deadline
 
@@ -201,16 +222,35 @@ class RunWriter:
             experiment_id = self.client.create_experiment(self.experiment, tags=EXPERIMENT_TAGS)
         else:
             experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=self.run_name)
+        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         for callback in self.on_run_ready:
             callback(self.run_id)
 
+    def _attach(self) -> None:
+        """Continue an existing run: RUNNING again, and note the steps each metric holds."""
+        run = self.client.get_run(self.run_id)
+        for key in run.data.metrics:
+            if not key.startswith("system/"):
+                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+                self._logged_through[key] = max(steps, default=-1)
+        if run.info.status != "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        self._attached = True
+
     def _write(self, kind: str, payload: Any) -> None:
         client, run_id = self.client, self.run_id
         if kind == "metrics":
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in payload]
-            client.log_batch(run_id, metrics=metrics, synchronous=True)
+            # Steps the run already holds (logged before a crash, then trained again after a
+            # resume) keep their first values: a history has one point per step.
+            metrics = [
+                Metric(k, v, ts, step)
+                for k, v, ts, step in payload
+                if step > self._logged_through.get(k, -1)
+            ]
+            if metrics:
+                client.log_batch(run_id, metrics=metrics, synchronous=True)
         elif kind == "params":
             params = [Param(k, v) for k, v in payload.items()]
             client.log_batch(run_id, params=params, synchronous=True)

@@ -1,0 +1,141 @@
+"""``kithara-ops sweep``: one run per optimizer, same everything else, under a parent run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from kithara_ops.cli.app import app, user_errors
+from kithara_ops.errors import ConfigError
+
+
+def _train_options(args: list[str]) -> dict:
+    """Parse pass-through options with ``train``'s own parser (so they mean the same)."""
+    import click
+
+    command = typer.main.get_command(app).commands["train"]
+    try:
+        context = command.make_context("train", list(args), resilient_parsing=False)
+    except click.UsageError as err:
+        raise ConfigError(f"{err.format_message()} (in the options passed to train)") from None
+    return context.params
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=(
+        "Any train option may follow and applies to every run.\n\n"
+        "Example:\n\n"
+        "  kithara-ops sweep --optimizer 'optax.adamw(1e-3)' --optimizer 'keras.AdamW(1e-3)'"
+        " --optimizer 'optax.lion(1e-4)' --steps 200 --experiment cmp --parallel 2"
+    ),
+)
+@user_errors
+def sweep(
+    ctx: typer.Context,
+    optimizers: Annotated[
+        list[str],
+        typer.Option("--optimizer", help="An optimizer spec; repeat for each run."),
+    ],
+    parallel: Annotated[
+        int, typer.Option(help="Runs trained at once, each in its own process.")
+    ] = 1,
+    metric: Annotated[str, typer.Option(help="Metric of the summary table.")] = "loss",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Train one run per optimizer on the same model, data order and seed, as child runs
+    of one MLflow parent run, then print how they compare."""
+    from mlflow import MlflowClient
+
+    from kithara_ops.cli.train import _mesh_shape, resolve_config
+    from kithara_ops.optim.spec import build_optimizer
+    from kithara_ops.tracking.compare import compare_runs, format_table
+    from kithara_ops.tracking.params import EXPERIMENT_TAGS, shorten
+    from kithara_ops.tracking.tracker import resolve_experiment
+
+    if len(optimizers) < 2:
+        raise ConfigError("sweep needs at least two --optimizer specs to compare.")
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, got {parallel}.")
+    params = _train_options(ctx.args)
+    for forbidden in ("optimizer", "resume", "checkpoint_dir", "parent_run_id", "print_config"):
+        if params.get(forbidden):
+            raise ConfigError(f"--{forbidden.replace('_', '-')} cannot be used with sweep.")
+    options = {
+        k: v
+        for k, v in params.items()
+        if k
+        not in ("config_file", "print_config", "quiet", "json_output", "resume", "reset_optimizer")
+    }
+    options["mesh_shape"] = _mesh_shape(options.get("mesh_shape"))
+    config = resolve_config(
+        params.get("config_file"), {k: options[k] for k in options if k in _config_fields()}
+    )
+    if not config.tracking:
+        raise ConfigError("sweep compares runs in MLflow: drop --no-tracking.")
+    for spec in optimizers:
+        build_optimizer(spec, config.learning_rate, config.weight_decay)  # refuse bad specs first
+
+    client = MlflowClient(config.tracking_uri)
+    experiment_name = resolve_experiment(config)
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(experiment_name, tags=EXPERIMENT_TAGS)
+    )
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"sweep of {len(optimizers)} optimizers",
+        tags={"kithara_ops.sweep": "true"},
+    )
+    parent_id = parent.info.run_id
+    shared = {k: shorten(v, 6000) for k, v in config.to_dict().items() if k != "optimizer"}
+    for i, spec in enumerate(optimizers):
+        shared[f"sweep.optimizer.{i}"] = shorten(spec, 6000)
+    from mlflow.entities import Param
+
+    items = list(shared.items())
+    for i in range(0, len(items), 100):
+        client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in items[i : i + 100]])
+
+    def child(spec: str) -> int:
+        command = [sys.executable, "-m", "kithara_ops.cli", "train", *ctx.args,
+                   "--optimizer", spec, "--parent-run-id", parent_id, "--quiet", "--json",
+                   "--experiment", experiment_name]  # fmt: skip
+        if config.tracking_uri:
+            command += ["--tracking-uri", config.tracking_uri]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            typer.echo(f"run with {spec!r} failed (exit {done.returncode}): {tail[0]}", err=True)
+        return done.returncode
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        codes = list(pool.map(child, optimizers))
+    failed = sum(code != 0 for code in codes)
+    client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    summaries = compare_runs(
+        experiment_name, tracking_uri=config.tracking_uri, metric=metric, parent_run_id=parent_id
+    )
+    if json_output:
+        print(json.dumps({"parent_run_id": parent_id, "runs": [s.to_dict() for s in summaries]}))
+    else:
+        Console().print(format_table(summaries, metric))
+        typer.echo(f"parent run: {parent_id}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _config_fields() -> set[str]:
+    import dataclasses
+
+    from kithara_ops.config import RunConfig
+
+    return {f.name for f in dataclasses.fields(RunConfig)}

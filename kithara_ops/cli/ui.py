@@ -1,0 +1,260 @@
+"""``kithara-ops ui``: the MLflow UI on an experiment's chart comparison of its runs.
+
+For a local store (``sqlite://``, ``file://`` or a folder) it runs ``mlflow server`` on
+127.0.0.1 until Ctrl-C or SIGTERM, then stops the server's whole process group. For a
+tracking server (``http(s)://``) it only prints that server's URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import unquote, urlparse
+
+import typer
+
+from kithara_ops.cli.app import app, fail, user_errors
+from kithara_ops.errors import ConfigError
+
+SOURCE = "Runs"
+SERVER = "Server"
+LISTED_EXPERIMENTS = 5
+"""How many existing experiments an unknown-experiment error names."""
+HOST = "127.0.0.1"
+
+
+def chart_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page comparing an experiment's runs as charts."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART"
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The file or folder a local store URI names; ``None`` when ``uri`` is not local.
+
+    ``sqlite:///rel.db`` and ``sqlite:////abs.db`` name files; ``file:///abs`` and plain paths
+    name folders (MLflow's file store).
+    """
+    parsed = urlparse(uri)
+    if uri.split(":")[0] in ("databricks", "databricks-uc", "uc"):
+        return None
+    if parsed.scheme == "sqlite":
+        path = unquote(parsed.path)
+        return Path(path[1:]) if path.startswith("/") else Path(path)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "":
+        return Path(uri)
+    return None
+
+
+def _check_port(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            raise ConfigError(
+                f"Port {port} on {HOST} is in use: choose another --port or leave it out."
+            ) from None
+
+
+@contextlib.contextmanager
+def _quick_http_failures() -> Iterator[None]:
+    """A tracking server that does not answer fails the lookup in seconds, not minutes."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+    saved = {key: os.environ.get(key) for key in quick}
+    os.environ.update({k: v for k, v in quick.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def _experiment_id(uri: str, name: str) -> str:
+    """The id of the live experiment ``name`` in ``uri``; ``ConfigError`` if there is none."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        with _quick_http_failures():
+            experiment = client.get_experiment_by_name(name)
+            others = []
+            if experiment is None or experiment.lifecycle_stage != "active":
+                found = client.search_experiments(max_results=LISTED_EXPERIMENTS + 1)
+                others = [e.name for e in found if e.name != name]
+    except MlflowException as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"Cannot read experiments from {uri}: {first}") from None
+    if experiment is not None and experiment.lifecycle_stage == "active":
+        return str(experiment.experiment_id)
+    state = "is deleted" if experiment is not None else "does not exist"
+    listed = ", ".join(repr(n) for n in others[:LISTED_EXPERIMENTS])
+    more = ", ..." if len(others) > LISTED_EXPERIMENTS else ""
+    hint = f"existing: {listed}{more}" if others else "it holds no other experiment"
+    raise ConfigError(f"Experiment {name!r} {state} in {uri} ({hint}): pass --experiment NAME.")
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM: stop the server and exit 0."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop_group(server: Any, grace: float = 5.0) -> None:
+    """Stop the server, then make sure nothing of its process group outlives it."""
+    process = server.process
+    if process is None:
+        return
+    server.stop()
+    deadline = time.monotonic() + grace
+    while True:  # the leader is gone; workers may take a moment longer
+        try:
+            os.killpg(process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
+def _serve(uri: str, port: int | None, experiment_id: str) -> None:
+    """Run ``mlflow server`` on ``uri`` until a signal; print its chart URL once it answers."""
+    from kithara_ops.tracking.server import LocalServer
+
+    with tempfile.TemporaryDirectory(prefix="kithara-ui-") as tmp:
+        log_path = Path(tmp) / "server.log"
+        server = LocalServer(backend_store_uri=uri, port=port, log_path=log_path)
+        with _stop_on_signals():
+            try:
+                try:
+                    server.start()
+                except RuntimeError as err:
+                    detail = _last_line(log_path)
+                    raise fail(f"{err}{' Last log line: ' + detail if detail else ''}", 1) from None
+                typer.echo(f"MLflow UI: {chart_url(server.uri, experiment_id)}")
+                sys.stdout.flush()
+                typer.echo(f"Serving {uri} on {server.uri}; Ctrl-C to stop.", err=True)
+                while server.process.poll() is None:
+                    time.sleep(0.5)
+                detail = _last_line(log_path)
+                raise fail(
+                    f"mlflow server exited with code {server.process.returncode}."
+                    + (f" Last log line: {detail}" if detail else ""),
+                    1,
+                )
+            except _Stop:
+                pass
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal waits for the stop
+                    signal.signal(sig, signal.SIG_IGN)
+                _stop_group(server)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  kithara-ops ui\n\n"
+        "  kithara-ops ui --experiment sweep --port 5000\n\n"
+        "  kithara-ops ui --tracking-uri sqlite:///runs/mlflow.db --print-url\n\n"
+        "  kithara-ops ui --tracking-uri http://127.0.0.1:5000 --experiment sweep"
+    )
+)
+@user_errors
+def ui(
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_EXPERIMENT_NAME",
+            help="MLflow experiment to open. (default: kithara-ops)",
+            rich_help_panel=SOURCE,
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_TRACKING_URI",
+            help="Store or server: sqlite:///mlflow.db, a folder, or http://host:port. "
+            "(default: MLflow's, sqlite:///mlflow.db in the current directory)",
+            rich_help_panel=SOURCE,
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Port of the local server on 127.0.0.1. (default: a free port)",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    print_url: Annotated[
+        bool,
+        typer.Option(
+            "--print-url",
+            help="Print the chart URL and exit without starting a server.",
+            rich_help_panel=SERVER,
+        ),
+    ] = False,
+) -> None:
+    """Open the MLflow UI on an experiment's runs, compared as charts."""
+    import mlflow
+
+    from kithara_ops.tracking.server import free_port
+    from kithara_ops.tracking.tracker import DEFAULT_EXPERIMENT
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    name = experiment or DEFAULT_EXPERIMENT
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        typer.echo(f"MLflow UI: {chart_url(uri, _experiment_id(uri, name))}")
+        return
+    store = _local_store_path(uri)
+    if store is None:
+        raise ConfigError(
+            f"Tracking URI {uri!r} is neither a local store (sqlite://, file:// or a folder) "
+            "nor an http(s) server: start `mlflow server` for it and pass its URL."
+        )
+    if not store.exists():
+        raise ConfigError(
+            f"No MLflow store at {str(store)!r} (tracking URI {uri!r}): train a run first "
+            "or pass --tracking-uri."
+        )
+    experiment_id = _experiment_id(uri, name)
+    if print_url:
+        base = f"http://{HOST}:{port or free_port(HOST)}"
+        typer.echo(f"MLflow UI: {chart_url(base, experiment_id)}")
+        return
+    if port is not None:
+        _check_port(port)
+    _serve(uri, port, experiment_id)

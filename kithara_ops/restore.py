@@ -43,6 +43,20 @@ class Restored:
     optimizer_change: str | None = None
 
 
+class UnreadableCheckpoint(Exception):
+    """A checkpoint's files could not be read (damaged, missing or incomplete)."""
+
+
+def _read(fn, *args):
+    """Call a checkpoint-reading function, reporting any failure as ``UnreadableCheckpoint``."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        raise UnreadableCheckpoint(
+            str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        ) from err
+
+
 def rename_keys(tree: Any, mapping: dict[str, str]) -> Any:
     """Rename dict keys found in ``mapping`` at any depth of a pytree."""
     if isinstance(tree, TrainState):
@@ -85,11 +99,11 @@ def restore(
     trainer: Trainer, checkpointer: Checkpointer, step: int, reset_optimizer: bool = False
 ) -> Restored:
     """Restore checkpoint ``step`` into ``trainer``'s model, optimizer and mesh."""
-    meta = checkpointer.read_meta(step)
+    meta = _read(checkpointer.read_meta, step)
     to_saved = key_mapping(trainer, meta)
     to_current = {v: k for k, v in to_saved.items()}
     abstract = rename_keys(trainer.abstract_state(), to_saved)
-    saved_sig = checkpointer.state_signature(step)
+    saved_sig = _read(checkpointer.state_signature, step)
     model_part = {k: v for k, v in saved_sig.items() if not k.startswith("opt_state")}
     wanted = signature(abstract)
     if model_part != {k: v for k, v in wanted.items() if not k.startswith("opt_state")}:
@@ -102,19 +116,24 @@ def restore(
             f"{different[0][0]}): resume with the model the run was started with."
         )
     if _subtree(saved_sig, "opt_state") == _subtree(wanted, "opt_state"):
-        state = rename_keys(checkpointer.restore_state(step, abstract), to_current)
+        state = rename_keys(_read(checkpointer.restore_state, step, abstract), to_current)
         return Restored(state, meta, step)
 
     # The optimizer state differs: read it as saved, then migrate it or start afresh.
-    saved_opt = _abstract_from_metadata(checkpointer, step, trainer)
+    saved_opt = _read(_abstract_from_metadata, checkpointer, step, trainer)
     partial = dataclasses.replace(abstract, opt_state=saved_opt)
-    state = rename_keys(checkpointer.restore_state(step, partial), to_current)
+    state = rename_keys(_read(checkpointer.restore_state, step, partial), to_current)
     saved_optimizer = meta.get("optimizer", {})
-    migrated = (
-        None
-        if reset_optimizer
-        else migrate_state(saved_optimizer, state.opt_state, trainer.adapter, state.params, meta)
-    )
+    migrated = None
+    if not reset_optimizer:
+        migrated = migrate_state(
+            saved_optimizer,
+            state.opt_state,
+            trainer.adapter,
+            state.params,
+            meta,
+            trainer.param_keys,
+        )
     if migrated is not None:
         opt_state = jax.device_put(migrated, trainer.state_shardings.opt_state)
         return Restored(dataclasses.replace(state, opt_state=opt_state), meta, step, "migrated")
@@ -157,20 +176,37 @@ def restore_latest(
                 f"No checkpoint at step {resume} in {str(checkpointer.directory)!r}; saved steps: "
                 f"{', '.join(map(str, steps)) or 'none'}."
             )
-        return restore(trainer, checkpointer, int(resume), reset_optimizer)
+        try:
+            restored = restore(trainer, checkpointer, int(resume), reset_optimizer)
+        except UnreadableCheckpoint as err:
+            raise ConfigError(f"Checkpoint step {resume} cannot be read: {err}") from None
+        return _drop_later(checkpointer, restored)
     for step in reversed(steps):
         try:
-            return restore(trainer, checkpointer, step, reset_optimizer)
-        except ConfigError:
-            raise  # a mismatch is the same at every step: say it, do not fall back
-        except Exception as err:
-            reason = (
-                str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            )
+            return _drop_later(checkpointer, restore(trainer, checkpointer, step, reset_optimizer))
+        except UnreadableCheckpoint as err:
+            # Only unreadable files fall back; a mismatch or a bug is the same at every step.
             log.warning(
                 "Checkpoint step %d in %s cannot be read (%s); using the one before it.",
-                step, checkpointer.directory, reason,
+                step, checkpointer.directory, err,
             )  # fmt: skip
     raise ConfigError(
         f"No readable checkpoint in {str(checkpointer.directory)!r}: every saved step is damaged."
     )
+
+
+def _drop_later(checkpointer: Checkpointer, restored: Restored) -> Restored:
+    """Delete checkpoints after the restored step: training will write those steps again.
+
+    They are damaged ones passed over, or a branch the user chose to leave (resume=STEP);
+    Orbax would otherwise refuse to save any step at or below the newest one.
+    """
+    later = [s for s in checkpointer.steps() if s > restored.step]
+    if later:
+        log.warning(
+            "Continuing from step %d replaces the later checkpoints %s in %s.",
+            restored.step, ", ".join(map(str, later)), checkpointer.directory,
+        )  # fmt: skip
+        for step in later:
+            checkpointer.manager.delete(step)
+    return restored

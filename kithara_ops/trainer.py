@@ -242,6 +242,9 @@ class Trainer:
         shape = feed.check_first_batch(
             next(stream), data_parallel_size(self.mesh), self.config.grad_accum_steps
         )
+        if self.config.data.startswith("<"):
+            # Data given as an object: the config records the batch shape it really has.
+            self.config = self.config.replace(batch_size=shape[0], seq_len=shape[1])
         state, position = self._starting_point(resume, reset_optimizer)
         stream.set_state(position)
         step = int(state.step)
@@ -273,15 +276,16 @@ class Trainer:
                         )
                         mark, mark_step = time.perf_counter(), step
                         self.callbacks.on_log(step, self._last_metrics)
+                    # Evaluate before the step is reported, so a checkpoint of this step
+                    # records this step's eval loss.
                     every = self.config.eval_every
-                    if every and step % every == 0 and step < total and not stop.signum:
+                    due = step == total or (every and step % every == 0)
+                    if self.eval_data is not None and due and not stop.signum:
                         eval_loss = self._evaluate(state, step)
                     self.callbacks.on_step(step, state)
                     if stop.signum is not None:
                         self._write_back(state)
                         raise TrainingStopped(stop.signum, step)
-                if self.eval_data is not None:
-                    eval_loss = self._evaluate(state, step)
                 self._write_back(state)
                 self.state = state
                 result = TrainResult(

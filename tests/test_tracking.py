@@ -324,3 +324,12 @@ def test_long_values_are_shortened_never_refused(make_model):
     params = run_params(info, {"optimizer.chain": "c" * 9000})
     assert all(len(v) <= 6000 for v in params.values())
     assert params["data"].endswith("...")
+
+
+def test_credentials_in_the_tracking_uri_are_never_logged():
+    from kithara_ops.tracking.params import without_credentials
+
+    assert without_credentials("https://bob:s3cret@mlflow.example.com:5000/api") == (
+        "https://mlflow.example.com:5000/api"
+    )
+    assert without_credentials("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"

@@ -30,7 +30,12 @@ _SAME_ALGORITHM = {("adam", "adam"), ("adamw", "adamw"), ("sgd", "sgd")}
 
 
 def migrate_state(
-    saved: dict[str, Any], saved_state: Any, adapter: Any, params: dict, meta: dict
+    saved: dict[str, Any],
+    saved_state: Any,
+    adapter: Any,
+    params: dict,
+    meta: dict,
+    keys: list[str],
 ) -> Any | None:
     """The current optimizer's state, built from a saved state of the other family.
 
@@ -39,7 +44,8 @@ def migrate_state(
       saved_state: its state as restored (Keras: ``{key: array}``; Optax: nested dicts/lists).
       adapter: the current optimizer adapter.
       params: the restored parameters, ``{key: array}``.
-      meta: the checkpoint metadata (for the saved variable keys).
+      meta: the checkpoint metadata (for the saved variable keys, in model order).
+      keys: the current parameter keys in model order (``params`` itself is key-sorted).
 
     Returns:
       The new state, or ``None`` when no translation applies (different algorithms, the same
@@ -55,7 +61,6 @@ def migrate_state(
         hyper = description.get("hyperparams", {})
         if hyper.get("amsgrad") or hyper.get("nesterov"):
             return None
-    keys = list(params)
     saved_keys = meta.get("keys", {}).get("params", keys)
     fresh = adapter.init(params)
     if current["family"] == "optax":

@@ -6,6 +6,7 @@ table lines runs up column by column.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 import jax
@@ -18,6 +19,15 @@ MAX_TAG_LENGTH = 8000
 """MLflow's limit on a tag value."""
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 """Tags of experiments kithara-ops creates: the MLflow UI then treats runs as model training."""
+
+
+def without_credentials(uri: str | None) -> str | None:
+    """``uri`` with any ``user:password@`` removed (credentials are never logged)."""
+    if not uri or "@" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def shorten(value: Any, limit: int) -> str:

@@ -15,7 +15,7 @@ import jax
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult
 from kithara_ops.config import RunConfig
 from kithara_ops.optim.describe import describe_optimizer, optimizer_params
-from kithara_ops.tracking.params import run_params, run_tags
+from kithara_ops.tracking.params import run_params, run_tags, without_credentials
 from kithara_ops.tracking.writer import Delivery, RunWriter
 
 log = logging.getLogger("kithara_ops.tracking")
@@ -71,6 +71,7 @@ class MlflowTracker(Callback):
             return
         from kithara_ops import __version__
 
+        self.config = run.config  # the Trainer's resolved config (batch shape filled in)
         self.description = describe_optimizer(run.optimizer)
         self._model = run.model
         if self._continued is not None:
@@ -87,7 +88,8 @@ class MlflowTracker(Callback):
         self.writer.set_tags(run_tags(run, self.description, __version__))
         self.writer.log_params(run_params(run, optimizer_params(self.description)))
         self.writer.log_text(json.dumps(self.description, indent=2), "optimizer/optimizer.json")
-        self.writer.log_text(self.config.dump_yaml(), "config/run.yaml")
+        logged = self.config.replace(tracking_uri=without_credentials(self.config.tracking_uri))
+        self.writer.log_text(logged.dump_yaml(), "config/run.yaml")
 
     def _continue(self, saved: dict, from_step: int, optimizer_change: str | None) -> None:
         """Reattach to the saved run: no params (MLflow refuses changes), a tag per resume."""

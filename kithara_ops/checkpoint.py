@@ -16,6 +16,7 @@ the previous save is written.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import logging
 from pathlib import Path
@@ -30,8 +31,9 @@ from kithara_ops.state import TrainState
 log = logging.getLogger("kithara_ops.checkpoint")
 
 
+@functools.cache
 def versions() -> dict[str, str]:
-    """Versions of the libraries a checkpoint depends on."""
+    """Versions of the libraries a checkpoint depends on (read once per process)."""
     out = {}
     for name in ("kithara-ops", "jax", "keras", "optax", "orbax-checkpoint"):
         try:

@@ -28,6 +28,9 @@ class OptimizerAdapter(Protocol):
     """``"keras"`` or ``"optax"``."""
     optimizer: Any
     """The optimizer object the user passed (never wrapped or modified)."""
+    init_on_host: bool
+    """``True`` if ``init`` reads existing values (placed as they are) rather than computing
+    the state (then compiled, so it is created on the devices already sharded)."""
 
     def init(self, params: Params) -> Any:
         """Return the initial optimizer state (a pytree of arrays) for ``params``."""

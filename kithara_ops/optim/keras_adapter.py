@@ -26,6 +26,8 @@ class KerasAdapter:
     """
 
     family = "keras"
+    init_on_host = True
+    """``init`` returns the optimizer variables' current values rather than computing them."""
 
     def __init__(self, optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable]):
         if optimizer.built:

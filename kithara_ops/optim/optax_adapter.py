@@ -22,6 +22,7 @@ class OptaxAdapter:
     """
 
     family = "optax"
+    init_on_host = False
 
     def __init__(self, tx: optax.GradientTransformation, user_object: Any = None):
         self.optimizer = user_object if user_object is not None else tx

@@ -1,0 +1,62 @@
+"""Smoke test of ``python -m benchmarks``: every suite runs at small sizes and reports.
+
+Only that the suites run, print their ratio tables and save JSON with sane ratios; timings
+are not checked.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = ["tracking", "step_time", "checkpointing", "resume", "memory"]
+TABLE_HEADER = "variant"
+
+
+def ratios(tree):
+    """Every ``ratio`` value in a nested JSON summary."""
+    if isinstance(tree, dict):
+        if "ratio" in tree:
+            yield tree["ratio"]
+        for value in tree.values():
+            yield from ratios(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from ratios(value)
+
+
+@pytest.mark.slow
+def test_every_suite_runs_quick_and_saves_ratios(tmp_path):
+    output = tmp_path / "results"
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    # From a scratch directory, so anything a suite wrote next to it would stay in tmp_path.
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *SUITES, "--quick", "--repeats", "1",
+         "--output", str(output)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    headers = [line for line in done.stdout.splitlines() if line.startswith(TABLE_HEADER)]
+    assert len(headers) >= len(SUITES), done.stdout
+    assert all(line.split()[-1] == "ratio" for line in headers)
+    for suite in SUITES:
+        path = output / f"{suite}.json"
+        assert f"saved {path}" in done.stdout
+        payload = json.loads(path.read_text())
+        found = list(ratios(payload["summary"]))
+        assert found, f"{suite}: no ratios in {payload['summary']}"
+        assert all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in found), found
+    # Not a timing: every Trainer run compiled its train step exactly once.
+    step_time = json.loads((output / "step_time.json").read_text())["summary"]
+    for case in step_time.values():
+        assert case["compilations"], case
+        assert all(n == 1 for counts in case["compilations"].values() for n in counts)

@@ -8,9 +8,9 @@ from typing import Any
 
 import keras
 
-from kithara_ops import data, models
+from kithara_ops import data, distributed, models
 from kithara_ops.callbacks import Callback, TrainResult
-from kithara_ops.config import RunConfig
+from kithara_ops.config import LAUNCH_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.optim.spec import build_optimizer
 from kithara_ops.trainer import Trainer
@@ -21,6 +21,8 @@ def build_trainer(
 ) -> Trainer:
     """Everything a config names, built and handed to a ``Trainer``.
 
+    A multi-process run (``coordinator``, ``num_processes``, ``process_id``, or a cluster
+    ``distributed.auto_detect`` recognises) joins its peers first, before any JAX work.
     Data is read before the model is built so a bad path fails in a second, not after
     compilation. ``keras.utils.set_random_seed(config.seed)`` makes the initial weights a
     function of the seed alone.
@@ -30,6 +32,8 @@ def build_trainer(
       callbacks: extra callbacks.
       optimizer: an optimizer object to use instead of building ``config.optimizer``.
     """
+    # First: a multi-process run must join its peers before JAX computes anything.
+    distributed.initialize(config.coordinator, config.num_processes, config.process_id)
     for field in ("model", "data") + (("optimizer",) if optimizer is None else ()):
         value = getattr(config, field)
         if value.startswith("<"):
@@ -87,10 +91,15 @@ def resume(
         or is refused unless ``reset_optimizer``.
       reset_optimizer: keep weights and step, start a fresh optimizer state.
       callbacks: extra callbacks.
-      **overrides: other ``RunConfig`` fields to change (e.g. ``save_every``, ``log_every``).
+      **overrides: other ``RunConfig`` fields to change (e.g. ``save_every``, ``log_every``,
+        or ``coordinator``, ``num_processes`` and ``process_id`` to resume in several
+        processes).
     """
     from kithara_ops.checkpoint import Checkpointer
 
+    # Before the checkpoint is read: a multi-process resume joins its peers first.
+    launch = {name: overrides.get(name) for name in LAUNCH_FIELDS}
+    distributed.initialize(**launch)
     checkpointer = Checkpointer(checkpoint_dir)
     saved = checkpointer.steps()
     if not saved:

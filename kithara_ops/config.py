@@ -18,10 +18,14 @@ from typing import Any, Literal
 
 import yaml
 
+from kithara_ops.distributed import check_options
 from kithara_ops.errors import ConfigError
 
 Sharding = Literal["dp", "fsdp"]
 Precision = Literal["float32", "mixed_bfloat16"]
+
+LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
+"""The fields that connect the processes of a multi-process run (see ``distributed``)."""
 
 
 @dataclasses.dataclass
@@ -88,6 +92,12 @@ class RunConfig:
     """Log MLflow system metrics (CPU, memory) alongside training metrics."""
     log_model: bool = False
     """Log the trained model with MLflow's Keras flavour at the end of the run."""
+    coordinator: str | None = None
+    """Multi-process runs: process 0's ``HOST:PORT``; ``None``: one process (or auto-detected)."""
+    num_processes: int | None = None
+    """Multi-process runs: how many processes take part (with ``coordinator``)."""
+    process_id: int | None = None
+    """Multi-process runs: this process's rank, from 0 (with ``coordinator``)."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
@@ -108,6 +118,7 @@ class RunConfig:
         if self.weight_decay is not None:
             self.weight_decay = _number(self, "weight_decay", lower=0.0, inclusive=True)
         self.mesh_shape = _mesh_shape(self.mesh_shape)
+        check_options(self.coordinator, self.num_processes, self.process_id)
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
@@ -135,6 +146,15 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (validated like a new config)."""
         return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    def without_launch(self) -> RunConfig:
+        """A copy without the multi-process fields (``LAUNCH_FIELDS``).
+
+        They say how one launch of the run joined its processes (an address, a rank), not
+        what the run is: checkpoints and the logged ``config/run.yaml`` leave them out, so
+        a run can be resumed or repeated with any number of processes.
+        """
+        return self.replace(**dict.fromkeys(LAUNCH_FIELDS))
 
     def dump_yaml(self) -> str:
         """The config as a YAML document that ``load_config`` reads back."""

@@ -63,12 +63,42 @@ def to_host_arrays(batch: Mapping, shape: tuple) -> dict[str, np.ndarray]:
     return out
 
 
+def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple) -> list[slice]:
+    """The row slices of a ``global_shape`` batch that this process's devices hold, in order.
+
+    Overlapping slices (devices holding the same rows) are listed once.
+    """
+    starts = {}
+    for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        rows = index[0] if index else slice(None)
+        start, stop, _ = rows.indices(global_shape[0])
+        starts[start] = max(stop, starts.get(start, start))
+    return [slice(start, starts[start]) for start in sorted(starts)]
+
+
+def to_device(host: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+    """Place a global host batch on ``sharding``'s devices.
+
+    With one process this is ``jax.device_put``. With several, every process holds the same
+    global batch and hands JAX only the rows its own devices hold, so each example is copied
+    once, onto the device that uses it.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(dict(host), sharding)
+    out = {}
+    for key, array in host.items():
+        rows = process_rows(sharding, array.shape)
+        local = np.concatenate([array[r] for r in rows]) if len(rows) > 1 else array[rows[0]]
+        out[key] = jax.make_array_from_process_local_data(sharding, local, array.shape)
+    return out
+
+
 def prefetch_to_device(
     stream: DataStream, sharding: jax.sharding.Sharding, shape: tuple, size: int = 2
 ) -> Iterator[tuple[dict[str, jax.Array], dict]]:
     """Yield ``(device batch, stream position after it)`` with ``size`` batches in flight.
 
-    ``jax.device_put`` is asynchronous, so keeping a couple of batches in flight overlaps the
+    Placing a batch (``to_device``) is asynchronous, so keeping a couple of batches in flight overlaps the
     host-to-device copy with the running step. The position travels with its batch so a
     checkpoint records where the *trained* batches end, not the prefetched ones.
     """
@@ -80,7 +110,7 @@ def prefetch_to_device(
                 host = to_host_arrays(next(stream), shape)
             except StopIteration:
                 return
-            queue.append((jax.device_put(host, sharding), stream.get_state()))
+            queue.append((to_device(host, sharding), stream.get_state()))
 
     enqueue(size)
     while queue:

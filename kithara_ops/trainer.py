@@ -16,7 +16,7 @@ import jax
 import keras
 import numpy as np
 
-from kithara_ops import feed
+from kithara_ops import distributed, feed
 from kithara_ops.callbacks import Callback, CallbackList, RunInfo, TrainResult
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import RunConfig
@@ -95,6 +95,8 @@ class Trainer:
             config = RunConfig.from_dict({**described, **options})
         elif options:
             config = config.replace(**options)
+        if config.coordinator is not None:  # build_trainer does it before building the model
+            distributed.initialize(config.coordinator, config.num_processes, config.process_id)
         self.config = config
         self.model = model
         self.train_data = train_data
@@ -151,7 +153,15 @@ class Trainer:
             config.grad_accum_steps,
             micro_batch_sharding=micro if config.grad_accum_steps > 1 else None,
         )
-        self._init_opt = jax.jit(self.adapter.init, out_shardings=opt_shardings)
+        if getattr(self.adapter, "init_on_host", False):
+            # Initial values read from the optimizer's own variables: under jit they would
+            # become constants of the executable and stay on the device as long as it does.
+            def init_opt(params):
+                return jax.device_put(self.adapter.init(params), opt_shardings, may_alias=False)
+
+            self._init_opt = init_opt
+        else:  # Optax state is built on the devices, already sharded
+            self._init_opt = jax.jit(self.adapter.init, out_shardings=opt_shardings)
         self._train_step = jax.jit(
             builder.train_step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -270,7 +280,8 @@ class Trainer:
                         jax.block_until_ready(metrics)
                         compile_seconds = time.perf_counter() - mark
                         mark, mark_step = time.perf_counter(), step
-                    if step % self.config.log_every == 0 or step == total or stop.signum:
+                    stopping = self._stop_signal(stop, step, total)
+                    if step % self.config.log_every == 0 or step == total or stopping:
                         self._last_metrics = self._host_metrics(
                             metrics, step - mark_step, mark, tokens_per_step
                         )
@@ -280,12 +291,12 @@ class Trainer:
                     # records this step's eval loss.
                     every = self.config.eval_every
                     due = step == total or (every and step % every == 0)
-                    if self.eval_data is not None and due and not stop.signum:
+                    if self.eval_data is not None and due and not stopping:
                         eval_loss = self._evaluate(state, step)
                     self.callbacks.on_step(step, state)
-                    if stop.signum is not None:
+                    if stopping:
                         self._write_back(state)
-                        raise TrainingStopped(stop.signum, step)
+                        raise TrainingStopped(stopping, step)
                 self._write_back(state)
                 self.state = state
                 result = TrainResult(
@@ -333,7 +344,7 @@ class Trainer:
             "data": self.data_state,
             "loss": self._last_metrics.get("loss"),
             "eval_loss": self._last_eval,
-            "config": self.config.to_dict(),
+            "config": self.config.without_launch().to_dict(),
             "optimizer": self.description,
             "keys": self.variable_key_groups(),
             "mlflow": {
@@ -342,6 +353,12 @@ class Trainer:
                 "experiment": tracker.experiment if tracker else None,
             },
         }
+
+    def _stop_signal(self, stop: StopRequests, step: int, total: int) -> int | None:
+        """The signal to stop on after this step; several processes agree at logging steps."""
+        if jax.process_count() > 1 and step % self.config.log_every and step != total:
+            return None
+        return distributed.agreed_signal(stop.signum)
 
     def _host_metrics(self, metrics, steps: int, since: float, tokens_per_step: int) -> dict:
         """Fetch one step's metrics (the only host sync of a logging interval) and add speed."""
@@ -360,7 +377,7 @@ class Trainer:
                 break
             if shape is None:
                 shape = feed.check_first_batch(batch, data_parallel_size(self.mesh), 1)
-            device_batch = jax.device_put(feed.to_host_arrays(batch, shape), self.batch_sharding)
+            device_batch = feed.to_device(feed.to_host_arrays(batch, shape), self.batch_sharding)
             s, c = self._eval_step(state.params, state.non_trainable, device_batch)
             loss_sum, count = loss_sum + s, count + c
         if shape is None:
@@ -373,13 +390,15 @@ class Trainer:
 
     def _write_back(self, state: TrainState) -> None:
         """Give the trained values back to the Keras objects the user holds."""
+        # In a multi-process run, full copies are gathered first (all processes take part).
+        params, non_trainable = distributed.process_local((state.params, state.non_trainable))
         for key, var in zip(self.param_keys, self.model.trainable_variables):
-            var.assign(state.params[key])
+            var.assign(params[key])
         for key, var in zip(self.non_trainable_keys, self.model.non_trainable_variables):
-            var.assign(state.non_trainable[key])
+            var.assign(non_trainable[key])
         write_back = getattr(self.adapter, "write_back", None)
         if write_back is not None:
-            write_back(state.opt_state)
+            write_back(distributed.process_local(state.opt_state))
 
     def _run_info(self, start_step: int, total: int) -> RunInfo:
         return RunInfo(

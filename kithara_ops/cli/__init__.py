@@ -3,7 +3,7 @@
 Each command lives in its own module and registers itself on ``app`` when imported.
 """
 
-from kithara_ops.cli import checkpoints, compare, describe, resume, sweep, train, ui  # noqa: F401
+from kithara_ops.cli import checkpoints, compare, describe, launch, resume, sweep, train, ui  # noqa: F401
 from kithara_ops.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from kithara_ops.cli.app import app, user_errors
+from kithara_ops.cli.train import DIST
 
 
 @app.command(
@@ -36,6 +37,18 @@ def resume(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the result as one JSON object.")
     ] = False,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(help="Process 0's HOST:PORT, for a multi-process run.", rich_help_panel=DIST),
+    ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(help="How many processes take part in the run.", rich_help_panel=DIST),
+    ] = None,
+    process_id: Annotated[
+        int | None,
+        typer.Option(help="This process's rank: 0 to num-processes - 1.", rich_help_panel=DIST),
+    ] = None,
 ) -> None:
     """Continue a run from its newest checkpoint, in the same MLflow run.
 
@@ -49,6 +62,13 @@ def resume(
     built = build_optimizer(optimizer) if optimizer else None
     callbacks = [] if (quiet or json_output) else [ProgressBar()]
     result = resume_run(
-        checkpoint_dir, steps, built, reset_optimizer=reset_optimizer, callbacks=callbacks
+        checkpoint_dir,
+        steps,
+        built,
+        reset_optimizer=reset_optimizer,
+        callbacks=callbacks,
+        coordinator=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
     )
     print_summary(result, as_json=json_output)

@@ -64,7 +64,8 @@ def sweep(
     if parallel < 1:
         raise ConfigError(f"--parallel must be at least 1, got {parallel}.")
     params = _train_options(ctx.args)
-    for forbidden in ("optimizer", "resume", "checkpoint_dir", "parent_run_id", "print_config"):
+    forbidden_options = ("optimizer", "resume", "checkpoint_dir", "parent_run_id", "print_config")
+    for forbidden in (*forbidden_options, "coordinator", "num_processes"):
         if params.get(forbidden):
             raise ConfigError(f"--{forbidden.replace('_', '-')} cannot be used with sweep.")
     options = {

@@ -18,6 +18,7 @@ LOOP = "Training"
 SHARD = "Sharding"
 TRACK = "Tracking (MLflow)"
 CKPT = "Checkpoints (Orbax)"
+DIST = "Distributed"
 OUTPUT = "Output"
 
 DEFAULT_STEPS = 200
@@ -55,7 +56,8 @@ def resolve_config(config_file: Path | None, options: dict) -> RunConfig:
         "  kithara-ops train\n\n"
         "  kithara-ops train --config run.yaml --steps 500\n\n"
         "  kithara-ops train --optimizer keras.AdamW --learning-rate 3e-4 --steps 500\n\n"
-        "  kithara-ops train --model small --sharding fsdp --batch-size 16"
+        "  kithara-ops train --model small --sharding fsdp --batch-size 16\n\n"
+        "  kithara-ops launch --num-processes 2 -- train --sharding fsdp"
     )
 )
 @user_errors
@@ -246,6 +248,21 @@ def train(
             rich_help_panel=TRACK,
         ),
     ] = None,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(
+            help="Process 0's HOST:PORT, for a multi-process run (with the two options below).",
+            rich_help_panel=DIST,
+        ),
+    ] = None,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(help="How many processes take part in the run.", rich_help_panel=DIST),
+    ] = None,
+    process_id: Annotated[
+        int | None,
+        typer.Option(help="This process's rank: 0 to num-processes - 1.", rich_help_panel=DIST),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)
     ] = False,
@@ -287,6 +304,9 @@ def train(
         "save_every": save_every,
         "keep": keep,
         "keep_best": keep_best,
+        "coordinator": coordinator,
+        "num_processes": num_processes,
+        "process_id": process_id,
     }
     options["parent_run_id"] = parent_run_id
     config = resolve_config(config_file, options)

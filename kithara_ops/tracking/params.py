@@ -39,10 +39,12 @@ def shorten(value: Any, limit: int) -> str:
 def config_params(run: RunInfo) -> dict[str, str]:
     """The run's configuration as params, plus what the Trainer resolved (mesh, size).
 
-    Tracking settings are left out: where a run is logged is not part of what it is.
+    Tracking settings are left out: where a run is logged is not part of what it is. So are
+    the coordinator address and the process rank, which differ between launches and
+    processes (``num_processes`` stays).
     """
     skip = {"tracking", "tracking_uri", "experiment", "run_name", "system_metrics", "log_model",
-            "parent_run_id"}  # fmt: skip
+            "parent_run_id", "coordinator", "process_id"}  # fmt: skip
     values = {k: v for k, v in run.config.to_dict().items() if k not in skip}
     values["mesh_shape"] = ",".join(f"{axis}={size}" for axis, size in run.mesh_shape.items())
     values["num_params"] = run.num_params

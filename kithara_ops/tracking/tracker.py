@@ -88,7 +88,8 @@ class MlflowTracker(Callback):
         self.writer.set_tags(run_tags(run, self.description, __version__))
         self.writer.log_params(run_params(run, optimizer_params(self.description)))
         self.writer.log_text(json.dumps(self.description, indent=2), "optimizer/optimizer.json")
-        logged = self.config.replace(tracking_uri=without_credentials(self.config.tracking_uri))
+        logged = self.config.without_launch()
+        logged = logged.replace(tracking_uri=without_credentials(logged.tracking_uri))
         self.writer.log_text(logged.dump_yaml(), "config/run.yaml")
 
     def _continue(self, saved: dict, from_step: int, optimizer_change: str | None) -> None:

@@ -8,9 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from kithara_ops.cli.app import app, user_errors
-
-OPTIM = "Optimizer"
-OUTPUT = "Output"
+from kithara_ops.cli.options import OUTPUT, LearningRate, WeightDecay
 
 
 def spec_params(
@@ -84,16 +82,8 @@ def describe(
             show_default=False,
         ),
     ],
-    learning_rate: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate for a bare optimizer name. (default: 1e-3)", rich_help_panel=OPTIM
-        ),
-    ] = None,
-    weight_decay: Annotated[
-        float | None,
-        typer.Option(help="Weight decay for a bare optimizer name.", rich_help_panel=OPTIM),
-    ] = None,
+    learning_rate: LearningRate = None,
+    weight_decay: WeightDecay = None,
     json_output: Annotated[
         bool,
         typer.Option(

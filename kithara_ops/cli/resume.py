@@ -7,7 +7,14 @@ from typing import Annotated
 import typer
 
 from kithara_ops.cli.app import app, user_errors
-from kithara_ops.cli.train import DIST
+from kithara_ops.cli.options import (
+    Coordinator,
+    JsonOutput,
+    NumProcesses,
+    ProcessId,
+    Quiet,
+    ResetOptimizer,
+)
 
 
 @app.command(
@@ -27,28 +34,12 @@ def resume(
     optimizer: Annotated[
         str | None, typer.Option(help="Continue with this optimizer spec instead of the saved one.")
     ] = None,
-    reset_optimizer: Annotated[
-        bool,
-        typer.Option(
-            "--reset-optimizer", help="Keep weights and step, start a fresh optimizer state."
-        ),
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print the result as one JSON object.")
-    ] = False,
-    coordinator: Annotated[
-        str | None,
-        typer.Option(help="Process 0's HOST:PORT, for a multi-process run.", rich_help_panel=DIST),
-    ] = None,
-    num_processes: Annotated[
-        int | None,
-        typer.Option(help="How many processes take part in the run.", rich_help_panel=DIST),
-    ] = None,
-    process_id: Annotated[
-        int | None,
-        typer.Option(help="This process's rank: 0 to num-processes - 1.", rich_help_panel=DIST),
-    ] = None,
+    reset_optimizer: ResetOptimizer = False,
+    quiet: Quiet = False,
+    json_output: JsonOutput = False,
+    coordinator: Coordinator = None,
+    num_processes: NumProcesses = None,
+    process_id: ProcessId = None,
 ) -> None:
     """Continue a run from its newest checkpoint, in the same MLflow run.
 

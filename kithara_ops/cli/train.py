@@ -8,18 +8,26 @@ from typing import Annotated
 import typer
 
 from kithara_ops.cli.app import app, user_errors
+from kithara_ops.cli.options import (
+    CKPT,
+    OPTIM,
+    Coordinator,
+    JsonOutput,
+    LearningRate,
+    NumProcesses,
+    ProcessId,
+    Quiet,
+    ResetOptimizer,
+    WeightDecay,
+)
 from kithara_ops.config import RunConfig, load_config
 from kithara_ops.errors import ConfigError
 
 CONFIG = "Config"
 MODEL = "Model and data"
-OPTIM = "Optimizer"
 LOOP = "Training"
 SHARD = "Sharding"
 TRACK = "Tracking (MLflow)"
-CKPT = "Checkpoints (Orbax)"
-DIST = "Distributed"
-OUTPUT = "Output"
 
 DEFAULT_STEPS = 200
 """Steps of a ``train`` without ``--steps`` or ``--epochs``: a short, visible run."""
@@ -107,16 +115,8 @@ def train(
             rich_help_panel=OPTIM,
         ),
     ] = None,
-    learning_rate: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate for a bare optimizer name. (default: 1e-3)", rich_help_panel=OPTIM
-        ),
-    ] = None,
-    weight_decay: Annotated[
-        float | None,
-        typer.Option(help="Weight decay for a bare optimizer name.", rich_help_panel=OPTIM),
-    ] = None,
+    learning_rate: LearningRate = None,
+    weight_decay: WeightDecay = None,
     steps: Annotated[
         int | None,
         typer.Option(
@@ -198,14 +198,7 @@ def train(
             rich_help_panel=CKPT,
         ),
     ] = False,
-    reset_optimizer: Annotated[
-        bool,
-        typer.Option(
-            "--reset-optimizer",
-            help="With --resume: keep weights and step, start a fresh optimizer state.",
-            rich_help_panel=CKPT,
-        ),
-    ] = False,
+    reset_optimizer: ResetOptimizer = False,
     tracking_uri: Annotated[
         str | None,
         typer.Option(
@@ -248,28 +241,11 @@ def train(
             rich_help_panel=TRACK,
         ),
     ] = None,
-    coordinator: Annotated[
-        str | None,
-        typer.Option(
-            help="Process 0's HOST:PORT, for a multi-process run (with the two options below).",
-            rich_help_panel=DIST,
-        ),
-    ] = None,
-    num_processes: Annotated[
-        int | None,
-        typer.Option(help="How many processes take part in the run.", rich_help_panel=DIST),
-    ] = None,
-    process_id: Annotated[
-        int | None,
-        typer.Option(help="This process's rank: 0 to num-processes - 1.", rich_help_panel=DIST),
-    ] = None,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)
-    ] = False,
-    json_output: Annotated[
-        bool,
-        typer.Option("--json", help="Print the result as one JSON object.", rich_help_panel=OUTPUT),
-    ] = False,
+    coordinator: Coordinator = None,
+    num_processes: NumProcesses = None,
+    process_id: ProcessId = None,
+    quiet: Quiet = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Train a model: the built-in tiny transformer on the stdlib corpus by default."""
     from kithara_ops.build import build_trainer

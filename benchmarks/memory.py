@@ -3,9 +3,9 @@
 A callback sums the bytes of every live JAX array (after ``gc.collect()``) at an early and a
 late step. What training needs is the train state (parameters, optimizer state, step, key)
 plus one batch. The live arrays are also split by owner: the train state, the Keras model's
-and the Keras optimizer's own variables (which the Trainer leaves in place while it trains
-its copies in the state), and the rest: batches in flight, metrics, and anything else alive,
-such as device copies JAX keeps of arrays a compiled function closed over.
+and the Keras optimizer's own variables (none while the Trainer trains: it parks their values
+in host memory), and the rest: batches in flight, metrics, and anything else alive, such as
+device copies JAX keeps of arrays a compiled function closed over.
 """
 
 from __future__ import annotations

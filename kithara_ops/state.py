@@ -6,11 +6,14 @@ checkpoints, Optax masks and sharding rules all speak the same names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import keras
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -42,3 +45,74 @@ def variable_keys(variables: list[keras.Variable]) -> list[str]:
         seen[var.path] = n + 1
         keys.append(var.path if n == 0 else f"{var.path}#{n}")
     return keys
+
+
+def initial_state(
+    model: keras.Model,
+    shardings: TrainState,
+    init_optimizer: Callable[[dict[str, jax.Array]], Any],
+    seed: int,
+) -> TrainState:
+    """A fresh state from ``model``'s current variables, placed by ``shardings``.
+
+    The arrays are copies (the state is donated to the step, the Keras variables are not);
+    ``init_optimizer`` maps the placed parameters to the optimizer's placed initial state.
+    """
+    put = lambda value, sharding: jax.device_put(value, sharding, may_alias=False)  # noqa: E731
+    params = {
+        key: put(var.value, shardings.params[key])
+        for key, var in zip(variable_keys(model.trainable_variables), model.trainable_variables)
+    }
+    non_trainable = {
+        key: put(var.value, shardings.non_trainable[key])
+        for key, var in zip(
+            variable_keys(model.non_trainable_variables), model.non_trainable_variables
+        )
+    }
+    return TrainState(
+        step=put(np.int32(0), shardings.step),
+        params=params,
+        non_trainable=non_trainable,
+        opt_state=init_optimizer(params),
+        rng=put(jax.random.PRNGKey(seed), shardings.rng),
+    )
+
+
+def abstract_state(build: Callable[[], TrainState], shardings: TrainState) -> TrainState:
+    """The shapes and dtypes ``build`` would give, with ``shardings``: no array is made."""
+    shapes = jax.eval_shape(build)  # traced: nothing is computed or placed
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
+
+
+@contextlib.contextmanager
+def parked_on_host(variables: Sequence[keras.Variable]) -> Iterator[None]:
+    """Keep ``variables``' values in host memory while a ``TrainState`` holds the live copy.
+
+    While the Trainer trains, its ``TrainState`` is the copy that changes; the Keras model's
+    and a Keras optimizer's own device buffers would only hold the values from before
+    training, at the cost of the parameters' size (plus twice that for Adam's slots) in
+    device memory. They move to host memory instead, where they stay readable. On exit every
+    variable still parked goes back to the device, so a run that fails leaves the Keras
+    objects as they were; variables assigned in the meantime (the write-back of the trained
+    values) are left alone.
+
+    Variables placed by a Keras distribution are left on the device: assigning to them
+    re-distributes the value, so they cannot be parked.
+    """
+    parked = []
+    for var in variables:
+        value = var._value
+        if isinstance(value, jax.Array) and getattr(var, "_layout", None) is None:
+            host = np.asarray(jax.device_get(value))
+            var._value = host
+            parked.append((var, host))
+    try:
+        yield
+    finally:
+        for var, host in parked:
+            if var._value is host:
+                var.assign(host)

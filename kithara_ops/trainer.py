@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from kithara_ops import distributed, feed
+from kithara_ops import state as state_lib
 from kithara_ops.callbacks import Callback, CallbackList, RunInfo, TrainResult
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import RunConfig
@@ -34,7 +35,7 @@ from kithara_ops.sharding import (
     parameter_shardings,
     replicated,
 )
-from kithara_ops.state import TrainState, variable_keys
+from kithara_ops.state import TrainState, parked_on_host, variable_keys
 from kithara_ops.step import StepBuilder
 from kithara_ops.tracking import MlflowTracker
 
@@ -180,31 +181,13 @@ class Trainer:
 
     def initial_state(self) -> TrainState:
         """A fresh state from the model's current variables, placed on the mesh."""
-        put = lambda value, sharding: jax.device_put(value, sharding, may_alias=False)  # noqa: E731
-        params = {
-            k: put(v.value, self.param_shardings[k])
-            for k, v in zip(self.param_keys, self.model.trainable_variables)
-        }
-        non_trainable = {
-            k: put(v.value, self.state_shardings.non_trainable[k])
-            for k, v in zip(self.non_trainable_keys, self.model.non_trainable_variables)
-        }
-        return TrainState(
-            step=put(np.int32(0), self.state_shardings.step),
-            params=params,
-            non_trainable=non_trainable,
-            opt_state=self._init_opt(params),
-            rng=put(jax.random.PRNGKey(self.config.seed), self.state_shardings.rng),
+        return state_lib.initial_state(
+            self.model, self.state_shardings, self._init_opt, self.config.seed
         )
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings, without any arrays (for restoring)."""
-        shapes = jax.eval_shape(self.initial_state)  # traced: nothing is computed or placed
-        return jax.tree.map(
-            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-            shapes,
-            self.state_shardings,
-        )
+        return state_lib.abstract_state(self.initial_state, self.state_shardings)
 
     def init_optimizer_state(self, params: dict) -> Any:
         """A fresh optimizer state for ``params``, placed like the parameters."""
@@ -268,7 +251,7 @@ class Trainer:
         self.callbacks.on_train_start(self._run_info(step, total))
 
         status, result, eval_loss = "FAILED", None, self._last_eval
-        with StopRequests() as stop:
+        with StopRequests() as stop, parked_on_host(self._keras_variables()):
             try:
                 compile_seconds, mark, mark_step = 0.0, time.perf_counter(), step
                 while step < total:
@@ -399,6 +382,13 @@ class Trainer:
         write_back = getattr(self.adapter, "write_back", None)
         if write_back is not None:
             write_back(distributed.process_local(state.opt_state))
+
+    def _keras_variables(self) -> list[keras.Variable]:
+        """The Keras model's variables, and a Keras optimizer's."""
+        optimizer_variables = (
+            self.adapter.optimizer.variables if self.adapter.family == "keras" else []
+        )
+        return [*self.model.variables, *optimizer_variables]
 
     def _run_info(self, start_step: int, total: int) -> RunInfo:
         return RunInfo(

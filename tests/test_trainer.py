@@ -94,6 +94,63 @@ def test_model_holds_trained_weights_after_train(make_model, stdlib_data):
         np.testing.assert_array_equal(np.asarray(var), np.asarray(trainer.state.params[var.path]))
 
 
+def keras_variables(trainer):
+    """The model's variables and, for a Keras optimizer, the optimizer's."""
+    optimizer = trainer.adapter.optimizer
+    return [*trainer.model.variables, *getattr(optimizer, "variables", [])]
+
+
+class DeviceCopies(Callback):
+    """Counts, at each step, the Keras variables whose value is a live device array."""
+
+    def __init__(self, fail_at=None):
+        self.variables, self.fail_at, self.on_device = [], fail_at, {}
+
+    def on_step(self, step, state):
+        live = {id(a) for a in jax.live_arrays()}
+        self.on_device[step] = sum(id(v._value) in live for v in self.variables)
+        if step == self.fail_at:
+            raise RuntimeError("callback failure")
+
+
+@pytest.mark.parametrize("family", ["keras", "optax"])
+def test_keras_objects_keep_no_device_copy_while_training(make_model, stdlib_data, family):
+    model = make_model()
+    optimizer = keras.optimizers.AdamW(1e-3) if family == "keras" else optax.adamw(1e-3)
+    probe = DeviceCopies()
+    trainer = Trainer(model, optimizer, stdlib_data, steps=4, tracking=False, callbacks=[probe])
+    variables = probe.variables = keras_variables(trainer)
+    trainer.train()
+    assert probe.on_device == {1: 0, 2: 0, 3: 0, 4: 0}
+    # Afterwards every variable is a device array again, holding the trained values.
+    assert all(isinstance(v._value, jax.Array) for v in variables)
+    for var in model.trainable_variables:
+        np.testing.assert_array_equal(np.asarray(var), np.asarray(trainer.state.params[var.path]))
+    if family == "keras":
+        trained_slots = trainer.adapter.optimizer.variables
+        assert any(np.abs(np.asarray(v)).sum() > 0 for v in trained_slots if "momentum" in v.path)
+
+
+def test_a_failed_run_leaves_the_keras_objects_as_they_were(make_model, stdlib_data):
+    model = make_model()
+    optimizer = keras.optimizers.AdamW(1e-3)
+    before = [np.array(w) for w in model.get_weights()]
+    probe = DeviceCopies(fail_at=3)
+    trainer = Trainer(model, optimizer, stdlib_data, steps=6, tracking=False, callbacks=[probe])
+    variables = probe.variables = keras_variables(trainer)
+    slots_before = [np.array(v) for v in variables]
+    with pytest.raises(RuntimeError, match="callback failure"):
+        trainer.train()
+    assert all(isinstance(v._value, jax.Array) for v in variables)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, v in zip(slots_before, variables):
+        np.testing.assert_array_equal(a, np.asarray(v))
+    # The model still works, on the devices, after the failure.
+    logits = model(np.zeros((1, SEQ_LEN), dtype="int32"))
+    assert np.isfinite(np.asarray(logits)).all()
+
+
 def test_fsdp_on_eight_devices_shards_params_and_state_and_matches_one_device(
     make_model, stdlib_data, eight_devices
 ):

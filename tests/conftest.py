@@ -22,7 +22,7 @@ import pytest
 
 from kithara_ops import data, models
 
-pytest_plugins = ["mlflow_server"]
+pytest_plugins = ["mlflow_server", "postgres_server"]
 
 SEQ_LEN = 32
 BATCH = 8

@@ -4,6 +4,7 @@ Load it with ``pytest_plugins = ["mlflow_server"]`` and request the ``mlflow_ser
 fixture. The server listens on 127.0.0.1 on a free port, keeps its runs in a SQLite file and
 its artifacts in a folder of the session's temporary directory, and can be stopped and started
 again on the same port and store (to test a tracking-server outage during a run).
+``MlflowServer(root, backend_store_uri=...)`` starts one on another store (e.g. PostgreSQL).
 """
 
 from __future__ import annotations
@@ -40,15 +41,25 @@ class MlflowServer:
         root: The folder holding ``mlflow.db``, ``artifacts/`` and ``server.log``.
         port: The port, the same across restarts.
         uri: ``http://127.0.0.1:<port>``, the tracking URI for clients.
-        backend_store_uri: The ``sqlite:///`` URI of the store.
+        backend_store_uri: The store's URI: ``sqlite:///<root>/mlflow.db`` unless another
+            (e.g. ``postgresql://...``) is given.
+        serve_artifacts: Whether clients send artifacts through the server
+            (``--artifacts-destination``) instead of writing to ``artifacts/`` themselves.
         log_path: The server's combined stdout and stderr, appended to across restarts.
     """
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        backend_store_uri: str | None = None,
+        serve_artifacts: bool = False,
+    ) -> None:
         self.root = Path(root)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
-        self.backend_store_uri = f"sqlite:///{self.root / 'mlflow.db'}"
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+        self.serve_artifacts = serve_artifacts
         self.artifact_root = self.root / "artifacts"
         self.log_path = self.root / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -89,9 +100,11 @@ class MlflowServer:
             "1",
             "--backend-store-uri",
             self.backend_store_uri,
-            "--default-artifact-root",
-            str(self.artifact_root),
         ]
+        if self.serve_artifacts:
+            command += ["--artifacts-destination", str(self.artifact_root), "--serve-artifacts"]
+        else:
+            command += ["--default-artifact-root", str(self.artifact_root)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 from pathlib import Path
 
-from benchmarks import checkpointing, memory, resume, step_time, tracking
-from benchmarks.common import write_json
-
-SUITES = {
-    "tracking": tracking.main,
-    "step_time": step_time.main,
-    "checkpointing": checkpointing.main,
-    "resume": resume.main,
-    "memory": memory.main,
-}
-
-QUICK = {
-    "tracking": {"steps": 10},
-    "step_time": step_time.QUICK,
-    "checkpointing": checkpointing.QUICK,
-    "resume": resume.QUICK,
-    "memory": memory.QUICK,
-}
-"""Small sizes per suite for ``--quick``: enough to check a suite runs and reports."""
+SUITES = ("tracking", "step_time", "checkpointing", "resume", "memory")
+"""Modules of this package, each with ``main(repeats=..., **sizes)`` and ``QUICK`` sizes."""
 
 
 def main() -> None:
@@ -32,12 +17,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="virtual CPU devices (sets XLA_FLAGS); 8 adds the fsdp cases of step_time",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="small step counts: a smoke run, not a measurement"
     )
     args = parser.parse_args()
+    if args.devices is not None:
+        # Read once, when JAX starts: so before any suite (and JAX) is imported.
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    from benchmarks.common import write_json
+
     for name in args.suites or SUITES:
-        sizes = QUICK[name] if args.quick else {}
-        summary = SUITES[name](repeats=args.repeats, **sizes)
+        suite = importlib.import_module(f"benchmarks.{name}")
+        sizes = suite.QUICK if args.quick else {}
+        summary = suite.main(repeats=args.repeats, **sizes)
         print(f"saved {write_json(name, {'summary': summary}, args.output)}")
 
 

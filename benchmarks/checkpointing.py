@@ -9,6 +9,9 @@ save must copy the state before the next step consumes (donates) it, so it first
 the steps already dispatched to finish: the device is busy meanwhile, so that wait is not
 all lost. The wrapper waits for the state first and reports that apart; the rest of the call
 (the copy to the host, starting the background write) is the time the loop is blocked.
+
+Cases: ``small-step`` (tiny model, batch 4 x seq 64: a save every 10 steps is a save every
+few hundred milliseconds) and ``small`` (batch 8 x seq 128, more compute per step).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import functools
 import tempfile
 import time
+from collections.abc import Sequence
 
 import jax
 import keras
@@ -24,16 +28,21 @@ import optax
 from benchmarks.common import SteadyClock, print_table, summarise
 from kithara_ops import Trainer, data, models
 
-QUICK = {"steps": 12, "save_every": 4}
+# name: (model size, batch, seq_len, default steps)
+CASES: dict[str, tuple[str, int, int, int]] = {
+    "small-step": ("tiny", 4, 64, 60),
+    "small": ("small", 8, 128, 30),
+}
+QUICK = {"cases": ("small-step",), "steps": 12, "save_every": 4}
 """Sizes for a smoke run (``python -m benchmarks checkpointing --quick``)."""
 
 
 def run_variant(
-    save_every: int | None, steps: int, batch: int, seq_len: int
+    save_every: int | None, size: str, steps: int, batch: int, seq_len: int
 ) -> tuple[float, dict[str, list[float]]]:
     """Seconds per steady step, and the seconds of each in-loop ``save`` call, by part."""
     keras.utils.set_random_seed(0)
-    model = models.causal_lm("tiny", seq_len=seq_len)
+    model = models.causal_lm(size, seq_len=seq_len)
     batches = data.load("synthetic", seq_len=seq_len, batch_size=batch, seed=0)
     clock = SteadyClock()
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,10 +74,10 @@ def timed(save, into: dict[str, list[float]], final_step: int):
     return wrapper
 
 
-def main(
-    repeats: int = 3, steps: int = 60, save_every: int = 10, batch: int = 4, seq_len: int = 64
-) -> dict:
-    """Measure and print the checkpointing ratios; return the summaries."""
+def measure_case(name: str, repeats: int, steps: int | None, save_every: int) -> dict:
+    """Interleaved runs with and without saves on one case; the case's summaries."""
+    size, batch, seq_len, default_steps = CASES[name]
+    steps = steps or default_steps
     if steps <= save_every:
         raise ValueError("steps must exceed save_every so saves fall inside the timed steps.")
     with_saves = f"async save every {save_every}"
@@ -76,9 +85,9 @@ def main(
     in_flight: list[float] = []
     blocked: list[float] = []
     for _ in range(repeats):
-        step_seconds, _ = run_variant(None, steps, batch, seq_len)
+        step_seconds, _ = run_variant(None, size, steps, batch, seq_len)
         steady["no checkpoints"].append(step_seconds)
-        step_seconds, saves = run_variant(save_every, steps, batch, seq_len)
+        step_seconds, saves = run_variant(save_every, size, steps, batch, seq_len)
         steady[with_saves].append(step_seconds)
         in_flight.extend(saves["in flight"])
         blocked.extend(saves["save"])
@@ -92,7 +101,27 @@ def main(
         },
         baseline="step, no checkpoints",
     )
-    where = f"tiny model, batch {batch} x seq {seq_len}, {steps} steps"
-    print_table(f"Checkpointing cost ({where})", step_summary)
+    where = f"{size} model, batch {batch} x seq {seq_len}, {steps} steps"
+    print_table(f"Checkpointing cost, {name} ({where})", step_summary)
     print_table(f"Per save ({len(blocked)} saves; ratio = steps' worth)", save_summary, "ms")
-    return {"step_seconds": step_summary, "save_blocked_seconds": save_summary}
+    return {"model": size, "step_seconds": step_summary, "save_blocked_seconds": save_summary}
+
+
+def main(
+    repeats: int = 3,
+    cases: Sequence[str] = tuple(CASES),
+    steps: int | None = None,
+    save_every: int = 10,
+) -> dict:
+    """Measure and print the checkpointing ratios of each case; return the summaries by case.
+
+    Args:
+      repeats: interleaved repetitions of both variants.
+      cases: names of ``CASES`` to run.
+      steps: steps per run, overriding each case's default (must exceed ``save_every``).
+      save_every: steps between saves.
+    """
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        raise ValueError(f"unknown case(s) {sorted(unknown)}: choose from {list(CASES)}.")
+    return {name: measure_case(name, repeats, steps, save_every) for name in cases}

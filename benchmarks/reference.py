@@ -8,7 +8,6 @@ no metrics beyond the loss, no callbacks, and each batch put on the device one s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Mapping, Sequence
 
@@ -42,6 +41,8 @@ def train(
     model: keras.Model,
     optimizer: optax.GradientTransformation,
     batches: Sequence[Mapping[str, np.ndarray]],
+    param_shardings: Sequence[jax.sharding.Sharding] | None = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> ReferenceResult:
     """Train ``model`` for one step per batch and time the steps after the first.
 
@@ -50,6 +51,10 @@ def train(
         they were (the loop trains copies).
       optimizer: an Optax transformation.
       batches: at least two host batches with ``x``, ``y`` and ``mask``.
+      param_shardings: where each trainable variable goes, in the model's order (default:
+        the default device); non-trainable variables are replicated alongside. The step
+        follows its inputs' placement, as ``jax.jit`` does without explicit shardings.
+      batch_sharding: where each batch goes (default: the default device).
     """
     if len(batches) < 2:
         raise ValueError("the reference loop needs at least two batches to time a step.")
@@ -61,7 +66,6 @@ def train(
         loss_sum, count = masked_cross_entropy(logits, batch["y"], batch["mask"])
         return loss_sum / jnp.maximum(count, 1.0), non_trainable
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def step(params, non_trainable, opt_state, batch):
         (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, non_trainable, batch
@@ -70,18 +74,46 @@ def train(
         return optax.apply_updates(params, updates), non_trainable, opt_state, loss
 
     # Copies, so donating them leaves the Keras variables intact.
-    copy = lambda v: jax.device_put(v.value, may_alias=False)  # noqa: E731
-    params = [copy(v) for v in model.trainable_variables]
-    non_trainable = [copy(v) for v in model.non_trainable_variables]
-    opt_state = jax.jit(optimizer.init)(params)
+    copy = lambda v, where=None: jax.device_put(v.value, where, may_alias=False)  # noqa: E731
+    if param_shardings is None:
+        params = [copy(v) for v in model.trainable_variables]
+        non_trainable = [copy(v) for v in model.non_trainable_variables]
+        opt_state = jax.jit(optimizer.init)(params)
+        step = jax.jit(step, donate_argnums=(0, 1, 2))
+    else:
+        # Sharded: outputs placed like the inputs, or the second step would compile again.
+        replicated = jax.sharding.NamedSharding(
+            param_shardings[0].mesh, jax.sharding.PartitionSpec()
+        )
+        param_shardings = list(param_shardings)
+        params = [copy(v, where) for v, where in zip(model.trainable_variables, param_shardings)]
+        non_trainable = [copy(v, replicated) for v in model.non_trainable_variables]
+        nt_shardings = [replicated] * len(non_trainable)
+        opt_shardings = optax.tree_map_params(
+            optimizer,
+            lambda _, sharding: sharding,
+            jax.eval_shape(optimizer.init, params),
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        )
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+        step = jax.jit(
+            step,
+            donate_argnums=(0, 1, 2),
+            out_shardings=(param_shardings, nt_shardings, opt_shardings, replicated),
+        )
 
-    upcoming = jax.device_put(dict(batches[0]))
+    def put(batch):
+        return jax.device_put(dict(batch), batch_sharding)
+
+    upcoming = put(batches[0])
     start = first_step = 0.0
     loss = None
     for i in range(len(batches)):
         batch = upcoming
         if i + 1 < len(batches):
-            upcoming = jax.device_put(dict(batches[i + 1]))
+            upcoming = put(batches[i + 1])
         if i == 0:
             began = time.perf_counter()
         params, non_trainable, opt_state, loss = step(params, non_trainable, opt_state, batch)

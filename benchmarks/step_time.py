@@ -6,17 +6,20 @@ hand-written loop (``benchmarks.reference``) is the floor and the baseline of th
 The first step (tracing, compilation and one run) is timed apart from the steady steps.
 
 Cases: ``small-step`` (tiny model, batch 4 x seq 64) is where host overhead per step shows;
-``tiny`` and ``small`` (batch 8 x seq 128) have more compute per step.
+``tiny`` and ``small`` (batch 8 x seq 128) have more compute per step; the ``fsdp x8`` cases
+shard them over 8 devices and run only when 8 are there (``python -m benchmarks --devices 8``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import keras
 import numpy as np
 import optax
@@ -24,14 +27,34 @@ import optax
 from benchmarks import reference
 from benchmarks.common import SteadyClock, print_table, summarise
 from kithara_ops import Trainer, data, models
+from kithara_ops.models import layout_rules_of
+from kithara_ops.sharding import batch_sharding, make_mesh, parameter_shardings
 
-# name: (model size, batch, seq_len, default steps)
-CASES: dict[str, tuple[str, int, int, int]] = {
-    "small-step": ("tiny", 4, 64, 100),
-    "tiny": ("tiny", 8, 128, 50),
-    "small": ("small", 8, 128, 15),
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measurement setting: a built-in model, a batch shape, steps and devices.
+
+    One device trains unsharded; several train with ``fsdp`` over all of them (the
+    hand-written loop places its arrays like the Trainer does, and ``fit`` is left out: it
+    would need a ``keras.distribution`` of its own).
+    """
+
+    size: str
+    batch: int
+    seq_len: int
+    steps: int
+    devices: int = 1
+
+
+CASES: dict[str, Case] = {
+    "small-step": Case("tiny", 4, 64, 100),
+    "tiny": Case("tiny", 8, 128, 50),
+    "small": Case("small", 8, 128, 15),
+    "tiny fsdp x8": Case("tiny", 8, 128, 30, devices=8),
+    "small fsdp x8": Case("small", 8, 128, 10, devices=8),
 }
-QUICK = {"cases": ("small-step",), "steps": 5}
+QUICK = {"cases": ("small-step", "tiny fsdp x8"), "steps": 5}
 """Sizes for a smoke run (``python -m benchmarks step_time --quick``)."""
 
 LEARNING_RATE, WEIGHT_DECAY, BETA_1, BETA_2, EPSILON = 1e-3, 0.01, 0.9, 0.999, 1e-8
@@ -64,13 +87,21 @@ def host_batches(batch: int, seq_len: int, steps: int) -> list[dict[str, np.ndar
 
 
 # ---------------------------------------------------------------------------- variants
-# Each takes (model size, seq_len, batches) and returns step seconds, first-step seconds,
+# Each takes (case, batches) and returns step seconds, first-step seconds,
 # the number of compilations of the train step (None where it cannot be read) and the loss.
 Outcome = dict[str, float | int | None]
 
 
-def run_reference(size: str, seq_len: int, batches: list) -> Outcome:
-    result = reference.train(fresh_model(size, seq_len), optax_adamw(), batches)
+def run_reference(case: Case, batches: list) -> Outcome:
+    model = fresh_model(case.size, case.seq_len)
+    param_shardings = batch_place = None
+    if case.devices > 1:
+        mesh = make_mesh("fsdp", devices=jax.devices()[: case.devices])
+        shapes = {v.path: tuple(v.shape) for v in model.trainable_variables}
+        by_path = parameter_shardings(mesh, shapes, layout_rules_of(model))
+        param_shardings = [by_path[v.path] for v in model.trainable_variables]
+        batch_place = batch_sharding(mesh)
+    result = reference.train(model, optax_adamw(), batches, param_shardings, batch_place)
     return {
         "step_seconds": result.step_seconds,
         "first_step_seconds": result.first_step_seconds,
@@ -79,12 +110,13 @@ def run_reference(size: str, seq_len: int, batches: list) -> Outcome:
     }
 
 
-def run_trainer(optimizer: Callable) -> Callable[[str, int, list], Outcome]:
-    def run(size: str, seq_len: int, batches: list) -> Outcome:
+def run_trainer(optimizer: Callable) -> Callable[[Case, list], Outcome]:
+    def run(case: Case, batches: list) -> Outcome:
         clock = SteadyClock()
         trainer = Trainer(
-            fresh_model(size, seq_len), optimizer(), batches, steps=len(batches),
+            fresh_model(case.size, case.seq_len), optimizer(), batches, steps=len(batches),
             log_every=len(batches), callbacks=[clock], tracking=False, system_metrics=False,
+            sharding="fsdp" if case.devices > 1 else "dp", devices=jax.devices()[: case.devices],
         )  # fmt: skip
         result = trainer.train()
         return {
@@ -159,16 +191,16 @@ def fit_outcome(clock: FitClock) -> Outcome:
     }
 
 
-def run_fit(size: str, seq_len: int, batches: list) -> Outcome:
-    return fit_outcome(fit(fresh_model(size, seq_len), batches))
+def run_fit(case: Case, batches: list) -> Outcome:
+    return fit_outcome(fit(fresh_model(case.size, case.seq_len), batches))
 
 
-def run_fit_autolog(size: str, seq_len: int, batches: list) -> Outcome:
+def run_fit_autolog(case: Case, batches: list) -> Outcome:
     """``fit`` under ``mlflow.keras.autolog`` into a throwaway sqlite store."""
     import mlflow
     import mlflow.keras
 
-    model = fresh_model(size, seq_len)
+    model = fresh_model(case.size, case.seq_len)
     was_set, previous = mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri()
     previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,7 +224,7 @@ def run_fit_autolog(size: str, seq_len: int, batches: list) -> Outcome:
     return fit_outcome(clock)
 
 
-VARIANTS: dict[str, Callable[[str, int, list], Outcome]] = {
+VARIANTS: dict[str, Callable[[Case, list], Outcome]] = {
     BASELINE: run_reference,
     "Trainer optax.adamw": run_trainer(optax_adamw),
     "Trainer keras AdamW": run_trainer(keras_adamw),
@@ -203,13 +235,15 @@ VARIANTS: dict[str, Callable[[str, int, list], Outcome]] = {
 
 def measure_case(name: str, repeats: int, steps: int | None) -> dict:
     """Interleaved repetitions of every variant on one case; the case's summaries."""
-    size, batch, seq_len, default_steps = CASES[name]
-    steps = steps or default_steps
+    case = CASES[name]
+    size, batch, seq_len = case.size, case.batch, case.seq_len
+    steps = steps or case.steps
     batches = host_batches(batch, seq_len, steps)
-    outcomes: dict[str, list[Outcome]] = {variant: [] for variant in VARIANTS}
+    variants = {v: run for v, run in VARIANTS.items() if case.devices == 1 or "fit" not in v}
+    outcomes: dict[str, list[Outcome]] = {variant: [] for variant in variants}
     for _ in range(repeats):
-        for variant, run in VARIANTS.items():
-            outcomes[variant].append(run(size, seq_len, batches))
+        for variant, run in variants.items():
+            outcomes[variant].append(run(case, batches))
 
     def collect(key: str) -> dict[str, list]:
         return {v: [o[key] for o in runs] for v, runs in outcomes.items()}
@@ -222,6 +256,8 @@ def measure_case(name: str, repeats: int, steps: int | None) -> dict:
     }
 
     where = f"{size} model, batch {batch} x seq {seq_len}, {steps} steps"
+    if case.devices > 1:
+        where += f", fsdp over {case.devices} devices"
     print_table(f"Step time, {name} ({where}): steady steps", step)
     print_table(f"Step time, {name}: first step (trace + compile + run)", first, "s", 1.0)
     print(
@@ -237,6 +273,7 @@ def measure_case(name: str, repeats: int, steps: int | None) -> dict:
     )
     return {
         "model": size, "batch": batch, "seq_len": seq_len, "steps": steps,
+        "devices": case.devices,
         "step_seconds": step, "first_step_seconds": first,
         "compilations": compilations, "last_loss": losses,
     }  # fmt: skip
@@ -255,4 +292,7 @@ def main(repeats: int = 3, cases: Sequence[str] = tuple(CASES), steps: int | Non
         raise ValueError(f"unknown case(s) {sorted(unknown)}: choose from {list(CASES)}.")
     if steps is not None and steps < 3:
         raise ValueError("steps must be at least 3: the first step is not timed.")
-    return {name: measure_case(name, repeats, steps) for name in cases}
+    runnable = [name for name in cases if CASES[name].devices <= jax.device_count()]
+    for name in sorted(set(cases) - set(runnable)):
+        print(f"skipped {name}: needs {CASES[name].devices} devices (--devices N)")
+    return {name: measure_case(name, repeats, steps) for name in runnable}

@@ -32,6 +32,10 @@ def run_variant(tracking_uri: str | None, steps: int, batch: int, seq_len: int) 
     return clock.step_seconds
 
 
+QUICK = {"steps": 10}
+"""Sizes for a smoke run (``python -m benchmarks tracking --quick``)."""
+
+
 def main(repeats: int = 3, steps: int = 100, batch: int = 4, seq_len: int = 64) -> dict:
     """Measure and print the tracking ratios; return the summary."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,6 +57,35 @@ def test_every_suite_runs_quick_and_saves_ratios(tmp_path):
         assert all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in found), found
     # Not a timing: every Trainer run compiled its train step exactly once.
     step_time = json.loads((output / "step_time.json").read_text())["summary"]
+    assert "skipped tiny fsdp x8: needs 8 devices" in done.stdout
     for case in step_time.values():
         assert case["compilations"], case
         assert all(n == 1 for counts in case["compilations"].values() for n in counts)
+
+
+@pytest.mark.slow
+def test_step_time_shards_over_eight_devices_with_one_compilation_each(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    env.pop("XLA_FLAGS", None)  # --devices sets it
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "step_time", "--quick", "--repeats", "1",
+         "--devices", "8", "--output", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    cases = json.loads((tmp_path / "step_time.json").read_text())["summary"]
+    sharded = cases["tiny fsdp x8"]
+    assert sharded["devices"] == 8 and cases["small-step"]["devices"] == 1
+    # The hand-written loop and both Trainers ran; fit is left out of sharded cases.
+    assert set(sharded["compilations"]) == {
+        "reference (optax)",
+        "Trainer optax.adamw",
+        "Trainer keras AdamW",
+    }
+    assert all(n == 1 for counts in sharded["compilations"].values() for n in counts)
+    # The same maths on the same data: the Optax Trainer ends at the reference's loss.
+    losses = sharded["last_loss"]
+    assert abs(losses["Trainer optax.adamw"][0] - losses["reference (optax)"][0]) < 1e-4

@@ -217,7 +217,8 @@ class Trainer:
         """Train to ``total_steps()`` and return a ``TrainResult``.
 
         On return the Keras model's variables hold the trained values (and a Keras
-        optimizer's variables its trained state).
+        optimizer's variables its trained state). While it trains, their old values wait in
+        host memory so that the devices hold one copy; if training fails they go back.
 
         Args:
           resume: ``True`` continues from the newest readable checkpoint in

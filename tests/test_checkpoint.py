@@ -548,23 +548,19 @@ def spiking_adam(from_step):
     return optax.adam(optax.piecewise_constant_schedule(3e-3, {from_step: 100.0}))
 
 
-def test_keep_best_keeps_the_lowest_eval_loss(make_model, tmp_path, eval_data):
+def train_keeping_best(model, directory, eval_data, spike_at, steps):
+    """Train with eval and a save every 2 steps, keeping only the best; the result and evals."""
     recorder = Recorder()
     trainer = trainer_for(
-        make_model(),
-        spiking_adam(5),
-        eval_data=eval_data,
-        steps=8,
-        eval_every=2,
-        save_every=2,
-        keep=1,
-        keep_best=True,
-        checkpoint_dir=str(tmp_path),
-        tracking=False,
+        model, spiking_adam(spike_at), eval_data=eval_data, steps=steps, eval_every=2,
+        save_every=2, keep=1, keep_best=True, checkpoint_dir=str(directory), tracking=False,
         callbacks=[recorder],
-    )
-    trainer.train()
-    evals = recorder.evals
+    )  # fmt: skip
+    return trainer.train(), recorder.evals
+
+
+def test_keep_best_keeps_the_lowest_eval_loss(make_model, tmp_path, eval_data):
+    _, evals = train_keeping_best(make_model(), tmp_path, eval_data, spike_at=5, steps=8)
     assert sorted(evals) == [2, 4, 6, 8]
     best = min(evals, key=evals.get)
     assert best == 4 and evals[8] > evals[6] > evals[4]  # not simply the newest
@@ -574,22 +570,7 @@ def test_keep_best_keeps_the_lowest_eval_loss(make_model, tmp_path, eval_data):
 
 
 def test_final_checkpoint_records_the_final_eval_loss(make_model, tmp_path, eval_data):
-    recorder = Recorder()
-    trainer = trainer_for(
-        make_model(),
-        spiking_adam(4),
-        eval_data=eval_data,
-        steps=6,
-        eval_every=2,
-        save_every=2,
-        keep=1,
-        keep_best=True,
-        checkpoint_dir=str(tmp_path),
-        tracking=False,
-        callbacks=[recorder],
-    )
-    result = trainer.train()
-    evals = recorder.evals
+    result, evals = train_keeping_best(make_model(), tmp_path, eval_data, spike_at=4, steps=6)
     assert sorted(evals) == [2, 4, 6] and result.eval_loss == evals[6]
     assert evals[6] > evals[4]
     with opened(tmp_path) as checkpointer:

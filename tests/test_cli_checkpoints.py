@@ -31,6 +31,15 @@ def run(*args, **kwargs):
     return done
 
 
+def endless_training(ckpt, *options):
+    """A ``train`` process that runs until it is signalled, checkpointing into ``ckpt``."""
+    return subprocess.Popen(
+        command("train", *FAST, "--steps", "100000", "--checkpoint-dir", str(ckpt), *options,
+                "--quiet"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+    )  # fmt: skip
+
+
 def last_json(done):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -92,28 +101,8 @@ def test_cli_resume_in_a_new_process_continues_the_same_mlflow_run(tmp_path, mlf
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_saves_the_current_step_and_exits_with_128_plus_signum(tmp_path, signum, code):
     ckpt, db = tmp_path / "ckpt", f"sqlite:///{tmp_path}/runs.db"
-    process = subprocess.Popen(
-        command(
-            "train",
-            *FAST,
-            "--steps",
-            "100000",
-            "--checkpoint-dir",
-            str(ckpt),
-            "--save-every",
-            "1000",
-            "--log-every",
-            "1",
-            "--tracking-uri",
-            db,
-            "--no-system-metrics",
-            "--quiet",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(),
-    )
+    process = endless_training(ckpt, "--save-every", "1000", "--log-every", "1",
+                               "--tracking-uri", db, "--no-system-metrics")  # fmt: skip
     try:
         # The run is training once MLflow holds a few loss points.
         def training():
@@ -159,26 +148,7 @@ def run_cli_resume(ckpt, steps):
 
 def test_sigkill_during_an_async_save_resumes_from_the_last_complete_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
-    process = subprocess.Popen(
-        command(
-            "train",
-            *FAST,
-            "--steps",
-            "100000",
-            "--checkpoint-dir",
-            str(ckpt),
-            "--save-every",
-            "1",
-            "--keep",
-            "50",
-            "--no-tracking",
-            "--quiet",
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(),
-    )
+    process = endless_training(ckpt, "--save-every", "1", "--keep", "50", "--no-tracking")
     try:
         assert wait_for(lambda: len(step_dirs(ckpt)) >= 3), "no checkpoints appeared"
 

@@ -7,6 +7,15 @@ import importlib
 import os
 from pathlib import Path
 
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 SUITES = ("tracking", "step_time", "checkpointing", "resume", "memory")
 """Modules of this package, each with ``main(repeats=..., **sizes)`` and ``QUICK`` sizes."""
 
@@ -14,11 +23,11 @@ SUITES = ("tracking", "step_time", "checkpointing", "resume", "memory")
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suites", nargs="*", choices=[*SUITES, []], default=list(SUITES))
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--repeats", type=positive, default=3, help="interleaved repetitions")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument(
         "--devices",
-        type=int,
+        type=positive,
         default=None,
         help="virtual CPU devices (sets XLA_FLAGS); 8 adds the fsdp cases of step_time",
     )

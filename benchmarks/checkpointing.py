@@ -52,8 +52,9 @@ def run_variant(
             checkpoint_dir=tmp if save_every else None, save_every=save_every,
         )  # fmt: skip
         blocked: dict[str, list[float]] = {"in flight": [], "save": []}
-        if trainer.checkpointer is not None:
-            trainer.checkpointer.save = timed(trainer.checkpointer.save, blocked, steps)
+        checkpoints = trainer.sinks.checkpoints
+        if checkpoints is not None:
+            checkpoints.save = timed(checkpoints.save, blocked, steps)
         trainer.train()
     return clock.step_seconds, blocked
 
@@ -62,11 +63,11 @@ def timed(save, into: dict[str, list[float]], final_step: int):
     """Wrap ``save``: per call before ``final_step``, time the wait for the state, then the call."""
 
     @functools.wraps(save)
-    def wrapper(step, state):
+    def wrapper(step, state, record):
         began = time.perf_counter()
         jax.block_until_ready(state)
         ready = time.perf_counter()
-        save(step, state)
+        save(step, state, record)
         if step < final_step:
             into["in flight"].append(ready - began)
             into["save"].append(time.perf_counter() - ready)

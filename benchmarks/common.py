@@ -24,9 +24,9 @@ class SteadyClock(Callback):
         self.start = self.end = None
         self.first_step = self.last_step = 0
 
-    def on_step(self, step, state):
+    def on_step(self, record):
         if self.start is None:
-            self.start, self.first_step = time.perf_counter(), step
+            self.start, self.first_step = time.perf_counter(), record.step
 
     def on_log(self, step, metrics):
         self.end, self.last_step = time.perf_counter(), step

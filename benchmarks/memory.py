@@ -42,7 +42,8 @@ class LiveBytes(Callback):
         self.steps = steps
         self.at: dict[int, dict[str, int]] = {}
 
-    def on_step(self, step, state):
+    def on_step(self, record):
+        step, state = record.step, record.state
         if step not in self.steps:
             return
         gc.collect()
@@ -51,9 +52,7 @@ class LiveBytes(Callback):
         owners = {
             "train state": {id(x) for x in jax.tree.leaves(state)},
             "keras model variables": {id(v.value) for v in trainer.model.variables},
-            "keras optimizer variables": {
-                id(v.value) for v in getattr(trainer.adapter.optimizer, "variables", ())
-            },
+            "keras optimizer variables": {id(v.value) for v in trainer.adapter.variables},
         }
         split = dict.fromkeys([*owners, "other"], 0)
         for array in jax.live_arrays():

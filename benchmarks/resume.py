@@ -69,9 +69,9 @@ def child(argv: list[str]) -> None:
         def on_train_start(self, run):
             self.started = time.perf_counter()
 
-        def on_step(self, step, state):
+        def on_step(self, record):
             if self.first_step is None:
-                self.first_step, self.first_step_number = time.perf_counter(), step
+                self.first_step, self.first_step_number = time.perf_counter(), record.step
 
     keras.utils.set_random_seed(0)
     model = models.causal_lm(args.size, seq_len=args.seq_len)
@@ -86,7 +86,8 @@ def child(argv: list[str]) -> None:
     )  # fmt: skip
     built = time.perf_counter()
     result = trainer.train(resume=args.resume)
-    trainer.checkpointer.close()
+    if trainer.sinks.checkpoints is not None:
+        trainer.sinks.checkpoints.close()
     hits = {k: v - hits_before.get(k, 0) for k, v in events.items()}
     report = {
         "to_first_step": marks.first_step - began,

@@ -1,4 +1,4 @@
-"""From a ``RunConfig`` to the live objects of a run: model, optimizer, data, Trainer."""
+"""From a ``RunConfig`` to the live objects of a run: model, optimizer, data, sinks, Trainer."""
 
 from __future__ import annotations
 
@@ -13,11 +13,17 @@ from kithara_ops.callbacks import Callback, TrainResult
 from kithara_ops.config import LAUNCH_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.optim.spec import build_optimizer
+from kithara_ops.sinks import build_sinks
 from kithara_ops.trainer import Trainer
 
 
 def build_trainer(
-    config: RunConfig, callbacks: Sequence[Callback] = (), optimizer: Any = None
+    config: RunConfig,
+    callbacks: Sequence[Callback] = (),
+    optimizer: Any = None,
+    *,
+    progress: bool = False,
+    checkpoints: Any = None,
 ) -> Trainer:
     """Everything a config names, built and handed to a ``Trainer``.
 
@@ -29,17 +35,18 @@ def build_trainer(
 
     Args:
       config: the run's config; ``model``, ``data`` and ``optimizer`` must be specs.
-      callbacks: extra callbacks.
+      callbacks: extra callbacks, after the sinks the config asks for.
       optimizer: an optimizer object to use instead of building ``config.optimizer``.
+      progress: show a progress bar in the terminal.
+      checkpoints: an open ``Checkpointer`` for ``config.checkpoint_dir`` to reuse.
     """
     # First: a multi-process run must join its peers before JAX computes anything.
     distributed.initialize(config.coordinator, config.num_processes, config.process_id)
     for field in ("model", "data") + (("optimizer",) if optimizer is None else ()):
-        value = getattr(config, field)
-        if value.startswith("<"):
+        if not config.is_spec(field):
             raise ConfigError(
-                f"This run's {field} was a Python object ({value}), which a config cannot "
-                f"rebuild: pass the {field} yourself (Trainer(...).train(resume=True))."
+                f"This run's {field} was a Python object ({getattr(config, field)}), which a "
+                f"config cannot rebuild: pass the {field} yourself (Trainer(...).train(resume=True))."
             )
     if optimizer is None:
         optimizer = build_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
@@ -63,9 +70,8 @@ def build_trainer(
         seq_len=config.seq_len,
         dtype=config.precision if config.precision != "float32" else None,
     )
-    return Trainer(
-        model, optimizer, train_data, eval_data=eval_data, config=config, callbacks=callbacks
-    )
+    sinks = build_sinks(config, callbacks, progress=progress, checkpoints=checkpoints)
+    return Trainer(model, optimizer, train_data, eval_data=eval_data, config=config, sinks=sinks)
 
 
 def resume(
@@ -75,13 +81,14 @@ def resume(
     *,
     reset_optimizer: bool = False,
     callbacks: Sequence[Callback] = (),
+    progress: bool = False,
     **overrides: Any,
 ) -> TrainResult:
     """Continue a run from its checkpoint directory, rebuilding model, data and optimizer.
 
-    The run's config comes from the newest checkpoint, so this works for runs started from
-    the CLI or from a config; the state (weights, optimizer state, step, data position, RNG)
-    comes from the checkpoint, and logging continues in the same MLflow run.
+    The run's config comes from the newest checkpoint's record, so this works for runs
+    started from the CLI or from a config; the state (weights, optimizer state, step, data
+    position, RNG) comes from the checkpoint, and logging continues in the same MLflow run.
 
     Args:
       checkpoint_dir: the run's checkpoint directory.
@@ -91,6 +98,7 @@ def resume(
         or is refused unless ``reset_optimizer``.
       reset_optimizer: keep weights and step, start a fresh optimizer state.
       callbacks: extra callbacks.
+      progress: show a progress bar in the terminal.
       **overrides: other ``RunConfig`` fields to change (e.g. ``save_every``, ``log_every``,
         or ``coordinator``, ``num_processes`` and ``process_id`` to resume in several
         processes).
@@ -98,24 +106,49 @@ def resume(
     from kithara_ops.checkpoint import Checkpointer
 
     # Before the checkpoint is read: a multi-process resume joins its peers first.
-    launch = {name: overrides.get(name) for name in LAUNCH_FIELDS}
-    distributed.initialize(**launch)
-    checkpointer = Checkpointer(checkpoint_dir)
-    saved = checkpointer.steps()
-    if not saved:
+    distributed.initialize(**{name: overrides.get(name) for name in LAUNCH_FIELDS})
+    if not Path(checkpoint_dir).is_dir():
         raise ConfigError(
-            f"No checkpoint in {str(checkpoint_dir)!r}: check the directory (it must hold "
-            "numbered step folders)."
+            f"Checkpoint directory {str(checkpoint_dir)!r} does not exist: check the path."
         )
-    meta = checkpointer.read_meta(saved[-1])
-    checkpointer.close()
+    saved_config = _newest_config(checkpoint_dir)
     changes = {**overrides, "checkpoint_dir": str(Path(checkpoint_dir))}
     if steps is not None:
         changes.update(steps=steps, epochs=None)
     if optimizer is not None:
         from kithara_ops.optim.describe import describe_optimizer
 
-        changes["optimizer"] = f"<{describe_optimizer(optimizer)['label']}>"
-    config = RunConfig.from_dict({**meta["config"], **changes})
-    trainer = build_trainer(config, callbacks=callbacks, optimizer=optimizer)
+        changes["optimizer"] = describe_optimizer(optimizer)["label"]
+        changes["given"] = sorted({*saved_config.given, "optimizer"})
+    config = saved_config.replace(**changes)
+    checkpoints = Checkpointer(
+        config.checkpoint_dir, config.save_every, config.keep, config.keep_best
+    )
+    trainer = build_trainer(
+        config, callbacks, optimizer, progress=progress, checkpoints=checkpoints
+    )
     return trainer.train(resume=True, reset_optimizer=reset_optimizer)
+
+
+def _newest_config(checkpoint_dir: str | Path) -> RunConfig:
+    """The config recorded by the newest checkpoint whose record reads back."""
+    from kithara_ops.checkpoint import Checkpointer
+
+    reader = Checkpointer(checkpoint_dir)
+    try:
+        steps = reader.steps()
+        if not steps:
+            raise ConfigError(
+                f"No checkpoint in {str(checkpoint_dir)!r}: check the directory (it must hold "
+                "numbered step folders)."
+            )
+        for step in reversed(steps):
+            try:
+                return reader.read_record(step).run_config()
+            except ConfigError:
+                raise
+            except Exception:  # a damaged record: the restore reports it and falls back too
+                continue
+        raise ConfigError(f"No readable checkpoint in {str(checkpoint_dir)!r}.")
+    finally:
+        reader.close()

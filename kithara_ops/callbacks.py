@@ -1,48 +1,80 @@
 """The narrow interface through which the Trainer reports to everything else.
 
 Trackers, checkpointers and progress displays subclass ``Callback`` and override the events
-they care about. The Trainer calls them; they never drive the Trainer.
+they care about. The Trainer calls them in order; each reads only the event it is handed
+(never the Trainer, never another callback), so any of them can be left out or replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import keras
 
     from kithara_ops.config import RunConfig
+    from kithara_ops.run_record import RunRecord
     from kithara_ops.state import TrainState
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RunInfo:
     """What a callback may know about a run when it starts.
 
     Attributes:
-      config: the run's resolved configuration.
+      config: the run's configuration.
       model: the Keras model being trained.
       optimizer: the optimizer object as the user passed it.
-      optimizer_family: ``"keras"`` or ``"optax"``.
+      description: ``describe_optimizer(optimizer)``: family, name, hyperparameters, label.
       num_params: number of trainable parameters.
       mesh_shape: ``{"data": n, "fsdp": m}``.
       start_step: the step training starts from (0, or the restored step).
       total_steps: the step training stops at.
-      progress: returns the run's position as JSON-safe values (epoch, data position, last
-        metrics, MLflow run), for checkpoints.
+      run_uid: the run's own identity, the same in every process and across resumes; the
+        tracker tags its MLflow run with it and checkpoints record it.
+      key_groups: the state's variable keys by group (``params``, ``non_trainable``, and
+        ``opt`` for a Keras optimizer), in the model's order.
+      resumed_from: the record of the checkpoint the run continues from, or ``None``.
+      optimizer_change: with ``resumed_from``, ``"reset"`` or ``"migrated"`` when the
+        optimizer state did not come from the checkpoint as it was saved.
     """
 
     config: RunConfig
-    model: keras.Model
+    model: keras.Model | None
     optimizer: Any
-    optimizer_family: str
+    description: dict[str, Any]
     num_params: int
     mesh_shape: dict[str, int]
     start_step: int
     total_steps: int
-    progress: Callable[[], dict] = dict
+    run_uid: str = ""
+    key_groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    resumed_from: RunRecord | None = None
+    optimizer_change: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One trained step, as the Trainer hands it to callbacks.
+
+    Attributes:
+      step: the number of optimizer steps taken, counting this one.
+      state: the train state after the step, still on the devices: fetching it every step
+        would stall the loop.
+      data_position: the training iterator's own position after this step's batch (its
+        ``get_state()``), or ``None`` when it has none; the number of batches consumed is
+        ``step`` itself.
+      seconds: wall time since ``train()`` started.
+      stopping: ``True`` when this is the last step of a run stopped by a signal.
+    """
+
+    step: int
+    state: TrainState
+    data_position: Any = None
+    seconds: float = 0.0
+    stopping: bool = False
 
 
 @dataclasses.dataclass
@@ -56,7 +88,7 @@ class TrainResult:
       seconds: wall time of ``train()``.
       compile_seconds: time to compile and run the first step.
       metrics: the last logged metrics, by name.
-      run_id: the MLflow run id, when the run was tracked.
+      run_id: the MLflow run id, when the run was tracked (set by the tracker at the end).
     """
 
     step: int
@@ -74,17 +106,21 @@ class Callback:
     def on_train_start(self, run: RunInfo) -> None:
         """Before the first step."""
 
-    def on_step(self, step: int, state: TrainState) -> None:
-        """After every step. ``state`` is still on the devices: do not fetch it every step."""
-
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        """Every ``log_every`` steps, with host-side metric values."""
+        """Every ``log_every`` steps (and at the last), with host-side metric values."""
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         """After each evaluation, with ``eval_loss`` and ``perplexity``."""
 
+    def on_step(self, record: StepRecord) -> None:
+        """After every step, once its metrics and evaluation (if due) were reported."""
+
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
-        """Once, with ``FINISHED``, ``FAILED`` (an exception) or ``KILLED`` (interrupted)."""
+        """Once, with ``FINISHED``, ``FAILED`` (an exception) or ``KILLED`` (interrupted).
+
+        A callback that produced something the caller needs (the MLflow run id) may add it
+        to ``result``.
+        """
 
 
 class CallbackList(Callback):
@@ -97,10 +133,6 @@ class CallbackList(Callback):
         for cb in self.callbacks:
             cb.on_train_start(run)
 
-    def on_step(self, step, state):
-        for cb in self.callbacks:
-            cb.on_step(step, state)
-
     def on_log(self, step, metrics):
         for cb in self.callbacks:
             cb.on_log(step, metrics)
@@ -108,6 +140,10 @@ class CallbackList(Callback):
     def on_eval(self, step, metrics):
         for cb in self.callbacks:
             cb.on_eval(step, metrics)
+
+    def on_step(self, record):
+        for cb in self.callbacks:
+            cb.on_step(record)
 
     def on_train_end(self, status, result):
         for cb in self.callbacks:

@@ -1,23 +1,24 @@
-"""Orbax checkpoints of the whole train state, and reading them back for a resume.
+"""Orbax checkpoints of the whole train state plus its ``RunRecord``.
 
 One ``CheckpointManager`` step directory per save, holding two items:
 
 - ``state``: the ``TrainState`` pytree (parameters, non-trainable variables, the optimizer
   state, step, RNG key), written from every host with its shardings, never gathered;
-- ``meta``: small JSON: epoch, data position, last metrics, the run config, the optimizer
-  description, the MLflow run id and tracking URI, library versions, and the order of the
-  variable keys (Keras renames layers between sessions; the order does not change).
+- ``meta``: the ``RunRecord`` as JSON (see ``run_record``).
 
 Orbax writes each save to a temporary directory and renames it when complete, so a save that
 dies half-way is never listed as a checkpoint. Saves are asynchronous: the loop goes on while
 the previous save is written.
+
+``Checkpointer`` is both the sink that saves (it reads only the events the Trainer hands it)
+and the store a resume reads through (``steps``, ``read_record``, ``saved_structure``,
+``restore``, ``delete``), so one resume opens one manager. Which checkpoints are kept is
+decided here, not by Orbax, so that a resume can open the directory before it knows the
+run's settings (they are in the checkpoint's record) and set them afterwards.
 """
 
 from __future__ import annotations
 
-import datetime
-import functools
-import importlib.metadata
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,26 +26,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from kithara_ops.callbacks import Callback, RunInfo, TrainResult
-from kithara_ops.state import TrainState
+from kithara_ops.callbacks import Callback, RunInfo, StepRecord, TrainResult
+from kithara_ops.run_record import RunRecord, new_record
 
 log = logging.getLogger("kithara_ops.checkpoint")
 
 
-@functools.cache
-def versions() -> dict[str, str]:
-    """Versions of the libraries a checkpoint depends on (read once per process)."""
-    out = {}
-    for name in ("kithara-ops", "jax", "keras", "optax", "orbax-checkpoint"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
-
-
 class Checkpointer(Callback):
-    """Saves checkpoints every ``save_every`` steps and at the end; restores them.
+    """Saves checkpoints every ``save_every`` steps and at the end; reads them back.
 
     Args:
       directory: the checkpoint directory (created if missing).
@@ -64,14 +53,10 @@ class Checkpointer(Callback):
     ):
         self.directory = Path(directory).absolute()
         self.save_every = save_every
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            best_fn=(lambda metrics: metrics["eval_loss"]) if keep_best else None,
-            best_mode="min",
-            create=True,
-        )
-        # Handlers named up front, so metadata can be read before anything is restored.
+        self.keep = keep
+        self.keep_best = keep_best
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
+        # Handlers named up front, so records can be read before anything is restored.
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -80,70 +65,121 @@ class Checkpointer(Callback):
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
-        self.run: RunInfo | None = None
-        self._last: tuple[int, TrainState] | None = None
+        self._run: RunInfo | None = None
+        self._last: StepRecord | None = None
+        self._loss: float | None = None
+        self._eval_loss: float | None = None
+        self._eval_of: dict[int, float | None] = {}
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ the sink
     def on_train_start(self, run: RunInfo) -> None:
-        self.run = run
+        self._run, self._last = run, None
+        resumed = run.resumed_from
+        self._loss = resumed.loss if resumed else None
+        self._eval_loss = resumed.eval_loss if resumed else None
 
-    def on_step(self, step: int, state: TrainState) -> None:
-        self._last = (step, state)
-        if self.save_every and step % self.save_every == 0:
-            self.save(step, state)
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        self._loss = metrics.get("loss", self._loss)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._eval_loss = metrics.get("eval_loss", self._eval_loss)
+
+    def on_step(self, record: StepRecord) -> None:
+        self._last = record
+        if self.save_every and record.step % self.save_every == 0:
+            self.save(record.step, record.state, self._record(record))
 
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
         # The last state seen is saved unless a failed step already consumed (donated) it.
-        if self._last is not None and status in ("FINISHED", "KILLED"):
-            step, state = self._last
-            if not any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
-                self.save(step, state)
+        last = self._last
+        saveable = last is not None and status in ("FINISHED", "KILLED")
+        if saveable and not any(leaf.is_deleted() for leaf in jax.tree.leaves(last.state)):
+            self.save(last.step, last.state, self._record(last))
         self.manager.wait_until_finished()
+        self._rotate()
 
-    def save(self, step: int, state: TrainState) -> None:
-        """Save ``state`` as step ``step`` (a no-op if that step is already saved)."""
+    def _record(self, step: StepRecord) -> RunRecord:
+        run = self._run
+        return new_record(
+            step.step,
+            run_uid=run.run_uid,
+            config=run.config,
+            optimizer=run.description,
+            keys=run.key_groups,
+            data_position=step.data_position,
+            loss=self._loss,
+            eval_loss=self._eval_loss,
+        )
+
+    def save(self, step: int, state: Any, record: RunRecord) -> None:
+        """Save ``state`` and its ``record`` as step ``step`` (a no-op if already saved)."""
         if step in self.manager.all_steps():
             return
-        meta = self.run.progress() if self.run is not None else {}
-        meta = {**meta, "step": step, "saved_at": _now(), "versions": versions()}
-        metrics = None
-        if self.manager._options.best_fn is not None:
-            eval_loss = meta.get("eval_loss")
-            metrics = {"eval_loss": eval_loss} if eval_loss is not None else None
+        # The previous save must be complete before it may be counted (Orbax waits for it
+        # before starting another anyway).
+        self.manager.wait_until_finished()
+        self._rotate()
+        self._eval_of[step] = record.eval_loss
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())
             ),
-            metrics=metrics,
         )
+
+    def _rotate(self) -> None:
+        """Delete complete checkpoints beyond ``keep``: the oldest, or with ``keep_best`` the
+        highest ``eval_loss`` (those without one first)."""
+        steps = self.steps()
+        if len(steps) <= self.keep:
+            return
+        if self.keep_best:
+            for step in steps:
+                if step not in self._eval_of:
+                    self._eval_of[step] = _eval_loss_of(self, step)
+            steps.sort(key=lambda s: (self._eval_of[s] is None, self._eval_of[s] or 0.0, -s))
+        else:
+            steps.sort(reverse=True)
+        for step in steps[self.keep :]:
+            self.manager.delete(step)
 
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
-    # ------------------------------------------------------------------ reading
+    # ------------------------------------------------------------------ the store
     def steps(self) -> list[int]:
         """Complete checkpoints, oldest first."""
         return sorted(self.manager.all_steps())
 
-    def read_meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata of one checkpoint."""
+    def read_record(self, step: int) -> RunRecord:
+        """The ``RunRecord`` of one checkpoint (migrated if an older release wrote it)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        return RunRecord.from_json(dict(restored["meta"]))
 
-    def state_signature(self, step: int) -> dict[str, tuple]:
-        """``{leaf path: (shape, dtype)}`` of a checkpoint's saved state, without reading it."""
-        metadata = self.manager.item_metadata(step)["state"]
-        return signature(metadata)
+    def saved_structure(self, step: int) -> Any:
+        """The saved state's tree of array metadata (shape, dtype), without reading arrays."""
+        return self.manager.item_metadata(step)["state"]
 
-    def restore_state(self, step: int, abstract: Any) -> Any:
-        """Read a checkpoint's state into ``abstract``'s structure, shapes and shardings."""
+    def restore(self, step: int, template: Any) -> Any:
+        """Read a checkpoint's state into ``template``'s structure, shapes and shardings."""
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
         )
         return restored["state"]
+
+    def delete(self, step: int) -> None:
+        """Delete one saved step."""
+        self.manager.delete(step)
+
+
+def _eval_loss_of(store: Checkpointer, step: int) -> float | None:
+    """A saved step's ``eval_loss``, ``None`` if it has none or its record is unreadable."""
+    try:
+        return store.read_record(step).eval_loss
+    except Exception:  # an unreadable record ranks last and goes first
+        return None
 
 
 def signature(tree: Any) -> dict[str, tuple]:
@@ -164,7 +200,3 @@ def _path(path) -> str:
                 parts.append(str(getattr(entry, attr)))
                 break
     return "/".join(parts)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

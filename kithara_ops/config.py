@@ -27,6 +27,12 @@ Precision = Literal["float32", "mixed_bfloat16"]
 LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
 """The fields that connect the processes of a multi-process run (see ``distributed``)."""
 
+OBJECT_FIELDS = ("model", "data", "optimizer")
+"""The fields a Python caller may give as live objects instead of specs (see ``given``)."""
+
+DEFAULT_STEPS = 200
+"""Steps of a run that sets neither ``steps`` nor ``epochs``: a short, visible run."""
+
 
 @dataclasses.dataclass
 class RunConfig:
@@ -45,7 +51,7 @@ class RunConfig:
     weight_decay: float | None = None
     """Weight decay used when ``optimizer`` is a bare name (``None``: the optimizer's default)."""
     steps: int | None = None
-    """Total number of optimizer steps of the run (``None``: derived from ``epochs``)."""
+    """Total optimizer steps of the run; ``None``: ``epochs`` passes, else ``DEFAULT_STEPS`` (200)."""
     epochs: int | None = None
     """Passes over the training data, used when ``steps`` is ``None``."""
     batch_size: int = 8
@@ -98,6 +104,10 @@ class RunConfig:
     """Multi-process runs: how many processes take part (with ``coordinator``)."""
     process_id: int | None = None
     """Multi-process runs: this process's rank, from 0 (with ``coordinator``)."""
+    given: frozenset[str] = frozenset()
+    """Which of ``model``, ``data``, ``optimizer`` were given as Python objects: their field
+    then holds a label (``causal_lm``, ``Dataset``, ``optax:adamw lr=0.001``), not a spec that
+    ``build`` could rebuild from."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
@@ -118,6 +128,11 @@ class RunConfig:
         if self.weight_decay is not None:
             self.weight_decay = _number(self, "weight_decay", lower=0.0, inclusive=True)
         self.mesh_shape = _mesh_shape(self.mesh_shape)
+        self.given = frozenset(self.given)
+        if not self.given <= set(OBJECT_FIELDS):
+            raise ConfigError(
+                f"given may name only {', '.join(OBJECT_FIELDS)}; got {sorted(self.given)}."
+            )
         check_options(self.coordinator, self.num_processes, self.process_id)
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
@@ -125,11 +140,34 @@ class RunConfig:
                 f"{self.grad_accum_steps}: choose a batch size that is a multiple of it."
             )
 
+    def total_steps(self, batches_per_epoch: int | None) -> int:
+        """The step a run stops at: ``steps``, else ``epochs`` passes, else ``DEFAULT_STEPS``.
+
+        Args:
+          batches_per_epoch: batches in one pass over the training data, ``None`` if the
+            data has no length (then ``epochs`` cannot be used).
+        """
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is None:
+            return DEFAULT_STEPS
+        if batches_per_epoch is None:
+            raise ConfigError(
+                "epochs needs training data with a length (batches per pass); this data "
+                "has none: pass steps=N (--steps N) instead."
+            )
+        return self.epochs * batches_per_epoch
+
+    def is_spec(self, name: str) -> bool:
+        """Whether field ``name`` holds a spec ``build`` can rebuild (not an object's label)."""
+        return name not in self.given
+
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON/YAML-friendly values."""
         out = dataclasses.asdict(self)
         if out["mesh_shape"] is not None:
             out["mesh_shape"] = list(out["mesh_shape"])
+        out["given"] = sorted(self.given)
         return out
 
     @classmethod

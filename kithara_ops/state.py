@@ -15,6 +15,8 @@ import jax
 import keras
 import numpy as np
 
+from kithara_ops.sharding import LayoutRule, parameter_shardings, replicated
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -45,6 +47,37 @@ def variable_keys(variables: list[keras.Variable]) -> list[str]:
         seen[var.path] = n + 1
         keys.append(var.path if n == 0 else f"{var.path}#{n}")
     return keys
+
+
+def state_shardings(
+    mesh: jax.sharding.Mesh,
+    model: keras.Model,
+    adapter: Any,
+    layout_rules: Sequence[LayoutRule],
+    min_shard_size: int,
+) -> TrainState:
+    """The sharding of every array of the state, decided once, before anything is placed.
+
+    Parameters follow the layout rules (and the size threshold); the optimizer state is
+    placed by its adapter from an abstract state (nothing is computed); the rest is
+    replicated.
+    """
+    repl = replicated(mesh)
+    params = model.trainable_variables
+    param_keys = variable_keys(params)
+    shapes = {k: tuple(v.shape) for k, v in zip(param_keys, params)}
+    param_shardings = parameter_shardings(mesh, shapes, layout_rules, min_shard_size)
+    abstract_params = {
+        k: jax.ShapeDtypeStruct(shapes[k], v.dtype) for k, v in zip(param_keys, params)
+    }
+    abstract_opt = jax.eval_shape(adapter.init, abstract_params)
+    return TrainState(
+        step=repl,
+        params=param_shardings,
+        non_trainable={k: repl for k in variable_keys(model.non_trainable_variables)},
+        opt_state=adapter.state_shardings(abstract_opt, param_shardings, repl),
+        rng=repl,
+    )
 
 
 def initial_state(

@@ -1,7 +1,8 @@
 """The Trainer: owns the loop, compiles the step once, and reports to callbacks.
 
-Read ``Trainer.train`` top to bottom: build the state, then step, log, evaluate, repeat.
-Everything else (tracking, checkpoints, progress) is a callback.
+Read ``Trainer.train`` top to bottom: find the starting state, then step, log, evaluate,
+report, repeat. Everything else (tracking, checkpoints, progress) is a callback that reads
+only the events the loop hands it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,26 +20,18 @@ import numpy as np
 
 from kithara_ops import distributed, feed
 from kithara_ops import state as state_lib
-from kithara_ops.callbacks import Callback, CallbackList, RunInfo, TrainResult
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.callbacks import Callback, CallbackList, RunInfo, StepRecord, TrainResult
 from kithara_ops.config import RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
-from kithara_ops.restore import restore_latest
-from kithara_ops.sharding import (
-    LayoutRule,
-    batch_sharding,
-    data_parallel_size,
-    make_mesh,
-    parameter_shardings,
-    replicated,
-)
+from kithara_ops.restore import Restored, StateTemplate, restore_latest
+from kithara_ops.sharding import LayoutRule, batch_sharding, data_parallel_size, make_mesh
+from kithara_ops.sinks import Sinks, build_sinks
 from kithara_ops.state import TrainState, parked_on_host, variable_keys
 from kithara_ops.step import StepBuilder
-from kithara_ops.tracking import MlflowTracker
 
 log = logging.getLogger("kithara_ops")
 
@@ -51,9 +45,11 @@ class Trainer:
       train_data: an iterable of batches (mappings with ``x``, ``y`` and optional ``mask``),
         e.g. ``kithara_ops.data.load(...)``; re-iterated at the end of each pass.
       eval_data: optional re-iterable of eval batches.
-      config: a ``RunConfig``; keyword ``options`` override its fields.
-      callbacks: extra ``Callback`` objects, called in order after the built-in ones (the
-        MLflow tracker, unless ``tracking=False``).
+      config: a ``RunConfig``; keyword ``options`` override its fields. Without one, the
+        config names the objects given (``config.given``) by their labels.
+      callbacks: extra ``Callback`` objects, called after the sinks the config asks for.
+      sinks: the sinks to report to, from ``kithara_ops.sinks.build_sinks``; by default
+        built from the config (MLflow tracker, checkpointer) plus ``callbacks``.
       layout_rules: ``[(regex, spec), ...]`` placing parameters under ``fsdp``; defaults to
         ``model.get_layout_rules()`` when the model has it, else a size-based rule.
       devices: devices for the mesh (default: all).
@@ -73,6 +69,7 @@ class Trainer:
         eval_data: Iterable[Mapping] | None = None,
         config: RunConfig | None = None,
         callbacks: Sequence[Callback] = (),
+        sinks: Sinks | None = None,
         layout_rules: Sequence[LayoutRule] | None = None,
         devices: Sequence | None = None,
         **options: Any,
@@ -83,101 +80,84 @@ class Trainer:
             raise ConfigError(
                 f"model {model.name!r} has no variables yet: build it (call it on a batch) first."
             )
+        self.model, self.train_data, self.eval_data = model, train_data, eval_data
         self.adapter = as_adapter(optimizer, model.trainable_variables)
         self.description = describe_optimizer(self.adapter.optimizer)
+        self.config = self._resolve_config(config, options)
+        self.sinks = sinks if sinks is not None else build_sinks(self.config, callbacks)
+        self.callbacks = CallbackList(self.sinks.callbacks)
+        self.mesh = make_mesh(self.config.sharding, self.config.mesh_shape, devices)
+        rules = layout_rules if layout_rules is not None else layout_rules_of(model)
+        self.key_groups = {
+            "params": variable_keys(model.trainable_variables),
+            "non_trainable": variable_keys(model.non_trainable_variables),
+        }
+        if self.adapter.state_keys is not None:
+            self.key_groups["opt"] = self.adapter.state_keys
+        self.state_shardings = state_lib.state_shardings(
+            self.mesh, model, self.adapter, rules, self.config.min_shard_size
+        )
+        self._compile()
+
+    def _resolve_config(self, config: RunConfig | None, options: dict) -> RunConfig:
+        """The run's config, final before the run: objects labelled, the batch shape read."""
         if config is None:
-            # Objects, not specs: recorded as <description>, which no builder will take for
-            # a spec, so a rebuild from this config asks for the objects instead.
-            described = {
-                "model": f"<{model.name}>",
-                "data": f"<{type(train_data).__name__}>",
-                "optimizer": f"<{self.description['label']}>",
+            labels = {
+                "model": self.model.name,
+                "data": type(self.train_data).__name__,
+                "optimizer": self.description["label"],
             }
-            config = RunConfig.from_dict({**described, **options})
+            config = RunConfig.from_dict({**labels, "given": list(labels), **options})
         elif options:
             config = config.replace(**options)
-        if config.coordinator is not None:  # build_trainer does it before building the model
-            distributed.initialize(config.coordinator, config.num_processes, config.process_id)
-        self.config = config
-        self.model = model
-        self.train_data = train_data
-        self.eval_data = eval_data
-        self.tracker = MlflowTracker(config) if config.tracking else None
-        self.checkpointer = (
-            Checkpointer(config.checkpoint_dir, config.save_every, config.keep, config.keep_best)
-            if config.checkpoint_dir
-            else None
-        )
-        # The checkpointer comes after the tracker so a save records the run id it created.
-        builtin = [c for c in (self.tracker, self.checkpointer) if c is not None]
-        self.callbacks = CallbackList(builtin + list(callbacks))
-        self.data_state: dict = {}
-        self._last_metrics: dict = {}
-        self._last_eval: float | None = None
-        self.mesh = make_mesh(config.sharding, config.mesh_shape, devices)
-        self.layout_rules = list(
-            layout_rules if layout_rules is not None else layout_rules_of(model)
-        )
-        self._build_steps()
+        if "data" in config.given:  # the config records the batch shape the data really has
+            first = next(iter(self.train_data), None)
+            if first is not None and isinstance(first, Mapping) and "x" in first:
+                rows, length = np.shape(first["x"])[:2]
+                config = config.replace(batch_size=int(rows), seq_len=int(length))
+        return config
 
-    # ----------------------------------------------------------------------------- set-up
-    def _build_steps(self) -> None:
-        """Decide every sharding once and compile-wrap the steps (compiled on first call)."""
-        model, config, mesh = self.model, self.config, self.mesh
-        self.param_keys = variable_keys(model.trainable_variables)
-        self.non_trainable_keys = variable_keys(model.non_trainable_variables)
-        shapes = {k: tuple(v.shape) for k, v in zip(self.param_keys, model.trainable_variables)}
-        self.param_shardings = parameter_shardings(
-            mesh, shapes, self.layout_rules, config.min_shard_size
+    def _compile(self) -> None:
+        """Wrap the steps in ``jax.jit`` with every sharding explicit (compiled on first call)."""
+        shardings, config = self.state_shardings, self.config
+        repl = shardings.step
+        self.batch_sharding = batch_sharding(self.mesh)
+        micro = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))
         )
-        repl = replicated(mesh)
-        self.batch_sharding = batch_sharding(mesh)
-        abstract_params = {
-            k: jax.ShapeDtypeStruct(shapes[k], v.dtype)
-            for k, v in zip(self.param_keys, model.trainable_variables)
-        }
-        abstract_opt = jax.eval_shape(self.adapter.init, abstract_params)
-        opt_shardings = self.adapter.state_shardings(abstract_opt, self.param_shardings, repl)
-        self.state_shardings = TrainState(
-            step=repl,
-            params=self.param_shardings,
-            non_trainable={k: repl for k in self.non_trainable_keys},
-            opt_state=opt_shardings,
-            rng=repl,
-        )
-        micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
         builder = StepBuilder(
-            model,
+            self.model,
             self.adapter,
-            self.param_keys,
-            self.non_trainable_keys,
+            self.key_groups["params"],
+            self.key_groups["non_trainable"],
             config.grad_accum_steps,
             micro_batch_sharding=micro if config.grad_accum_steps > 1 else None,
         )
-        if getattr(self.adapter, "init_on_host", False):
+        if self.adapter.init_on_host:
             # Initial values read from the optimizer's own variables: under jit they would
             # become constants of the executable and stay on the device as long as it does.
             def init_opt(params):
-                return jax.device_put(self.adapter.init(params), opt_shardings, may_alias=False)
+                return jax.device_put(self.adapter.init(params), shardings.opt_state)
 
             self._init_opt = init_opt
-        else:  # Optax state is built on the devices, already sharded
-            self._init_opt = jax.jit(self.adapter.init, out_shardings=opt_shardings)
+        else:  # computed state is built on the devices, already sharded
+            self._init_opt = jax.jit(self.adapter.init, out_shardings=shardings.opt_state)
         self._train_step = jax.jit(
             builder.train_step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, repl),
+            in_shardings=(shardings, self.batch_sharding),
+            out_shardings=(shardings, repl),
             donate_argnums=0,
         )
         self._eval_step = jax.jit(
             builder.eval_step,
-            in_shardings=(
-                self.param_shardings,
-                self.state_shardings.non_trainable,
-                self.batch_sharding,
-            ),
+            in_shardings=(shardings.params, shardings.non_trainable, self.batch_sharding),
             out_shardings=(repl, repl),
         )
+
+    @property
+    def param_keys(self) -> list[str]:
+        """Keys of ``state.params``, in the order of ``model.trainable_variables``."""
+        return self.key_groups["params"]
 
     def initial_state(self) -> TrainState:
         """A fresh state from the model's current variables, placed on the mesh."""
@@ -185,32 +165,15 @@ class Trainer:
             self.model, self.state_shardings, self._init_opt, self.config.seed
         )
 
-    def abstract_state(self) -> TrainState:
-        """The state's shapes, dtypes and shardings, without any arrays (for restoring)."""
-        return state_lib.abstract_state(self.initial_state, self.state_shardings)
-
-    def init_optimizer_state(self, params: dict) -> Any:
-        """A fresh optimizer state for ``params``, placed like the parameters."""
-        return self._init_opt(params)
-
-    def variable_key_groups(self) -> dict[str, list[str]]:
-        """The state's variable keys by group, in the model's (and optimizer's) order."""
-        groups = {"params": self.param_keys, "non_trainable": self.non_trainable_keys}
-        state_keys = getattr(self.adapter, "state_keys", None)
-        if state_keys is not None:
-            groups["opt"] = state_keys
-        return groups
+    def state_template(self) -> StateTemplate:
+        """What a restore needs: the state's shapes, dtypes and shardings, keys, optimizer."""
+        abstract = state_lib.abstract_state(self.initial_state, self.state_shardings)
+        return StateTemplate(abstract, self.key_groups, self.adapter, self._init_opt)
 
     def total_steps(self) -> int:
-        """The step the run stops at, from ``steps``, or ``epochs`` x batches per pass."""
-        if self.config.steps is not None:
-            return self.config.steps
+        """The step the run stops at (``RunConfig.total_steps`` of this data)."""
         length = len(self.train_data) if hasattr(self.train_data, "__len__") else None
-        if length is None:
-            raise ConfigError(
-                "train_data has no length, so the number of steps is unknown: pass steps=N."
-            )
-        return (self.config.epochs or 1) * length
+        return self.config.total_steps(length)
 
     # ------------------------------------------------------------------------------ loop
     def train(self, resume: bool | int = False, reset_optimizer: bool = False) -> TrainResult:
@@ -236,48 +199,37 @@ class Trainer:
         shape = feed.check_first_batch(
             next(stream), data_parallel_size(self.mesh), self.config.grad_accum_steps
         )
-        if self.config.data.startswith("<"):
-            # Data given as an object: the config records the batch shape it really has.
-            self.config = self.config.replace(batch_size=shape[0], seq_len=shape[1])
-        state, position = self._starting_point(resume, reset_optimizer)
-        stream.set_state(position)
-        step = int(state.step)
-        if step >= total:
+        state, restored = self._starting_point(resume, reset_optimizer)
+        start = int(state.step)
+        if start >= total:
             raise ConfigError(
-                f"The run is already at step {step} and steps is {total}: steps counts the "
-                f"run's total, so ask for more than {step}."
+                f"The run is already at step {start} and steps is {total}: steps counts the "
+                f"run's total, so ask for more than {start}."
             )
+        stream.set_state(
+            {"consumed": start, "iterator": restored.record.data_position if restored else None}
+        )
         batches = feed.prefetch_to_device(stream, self.batch_sharding, shape)
-        tokens_per_step = shape[0] * shape[1]
-        self.callbacks.on_train_start(self._run_info(step, total))
-
-        status, result, eval_loss = "FAILED", None, self._last_eval
-        with StopRequests() as stop, parked_on_host(self._keras_variables()):
+        result, status = None, "FAILED"
+        last_loss = restored.record.loss if restored else None
+        eval_loss = restored.record.eval_loss if restored else None
+        self.callbacks.on_train_start(self._run_info(start, total, restored))
+        clock = Clock(tokens_per_step=shape[0] * shape[1], since=started)
+        with StopRequests() as stop, parked_on_host(self._held_variables()):
             try:
-                compile_seconds, mark, mark_step = 0.0, time.perf_counter(), step
-                while step < total:
-                    batch, self.data_state = next(batches)
-                    state, metrics = self._train_step(state, batch)
-                    step += 1
-                    if step == mark_step + 1 and compile_seconds == 0.0:
-                        # Timing the first step tells compilation apart from steady speed.
-                        jax.block_until_ready(metrics)
-                        compile_seconds = time.perf_counter() - mark
-                        mark, mark_step = time.perf_counter(), step
+                trained = self._steps(state, batches, total, clock)
+                for step, state, metrics, position in trained:
                     stopping = self._stop_signal(stop, step, total)
-                    if step % self.config.log_every == 0 or step == total or stopping:
-                        self._last_metrics = self._host_metrics(
-                            metrics, step - mark_step, mark, tokens_per_step
-                        )
-                        mark, mark_step = time.perf_counter(), step
-                        self.callbacks.on_log(step, self._last_metrics)
-                    # Evaluate before the step is reported, so a checkpoint of this step
-                    # records this step's eval loss.
-                    every = self.config.eval_every
-                    due = step == total or (every and step % every == 0)
+                    if every(self.config.log_every, step, total) or stopping:
+                        logged = clock.host_metrics(metrics, step)
+                        last_loss = logged.get("loss")
+                        self.callbacks.on_log(step, logged)
+                    # Evaluated before the step is reported, so its checkpoint records it.
+                    due = every(self.config.eval_every, step, total, only_last=True)
                     if self.eval_data is not None and due and not stopping:
                         eval_loss = self._evaluate(state, step)
-                    self.callbacks.on_step(step, state)
+                    record = StepRecord(step, state, position, clock.elapsed(), bool(stopping))
+                    self.callbacks.on_step(record)
                     if stopping:
                         self._write_back(state)
                         raise TrainingStopped(stopping, step)
@@ -285,11 +237,11 @@ class Trainer:
                 self.state = state
                 result = TrainResult(
                     step=step,
-                    loss=self._last_metrics.get("loss"),
+                    loss=last_loss,
                     eval_loss=eval_loss,
-                    seconds=time.perf_counter() - started,
-                    compile_seconds=compile_seconds,
-                    metrics=self._last_metrics,
+                    seconds=clock.elapsed(),
+                    compile_seconds=clock.compile_seconds,
+                    metrics=clock.last,
                 )
                 status = "FINISHED"
                 return result
@@ -298,60 +250,55 @@ class Trainer:
                 raise
             finally:
                 self.callbacks.on_train_end(status, result)
-                if result is not None and self.tracker is not None:
-                    result.run_id = self.tracker.run_id
 
-    def _starting_point(self, resume: bool | int, reset_optimizer: bool) -> tuple[TrainState, dict]:
-        """A fresh state, or the checkpoint's, and the data position that goes with it."""
-        fresh_position = {"consumed": 0, "epoch": 0, "iterator": None}
+    def _steps(
+        self, state: TrainState, batches: Iterator, total: int, clock: Clock
+    ) -> Iterator[tuple[int, TrainState, dict, Any]]:
+        """Run the compiled step to ``total``: ``(step, state, device metrics, position)``."""
+        step = int(state.step)
+        while step < total:
+            batch, position = next(batches)
+            state, metrics = self._train_step(state, batch)
+            step += 1
+            clock.stepped(metrics, step)
+            yield step, state, metrics, position.get("iterator")
+
+    def _starting_point(
+        self, resume: bool | int, reset_optimizer: bool
+    ) -> tuple[TrainState, Restored | None]:
+        """A fresh state, or a checkpoint's with its record."""
         if resume is False or resume is None:
-            return self.initial_state(), fresh_position
-        if self.checkpointer is None:
+            return self.initial_state(), None
+        store = self.sinks.checkpoints
+        if store is None:
             raise ConfigError("resume needs a checkpoint directory: pass checkpoint_dir=DIR.")
-        if resume is True and not self.checkpointer.steps():
-            log.info("No checkpoint in %s yet: starting at step 0.", self.checkpointer.directory)
-            return self.initial_state(), fresh_position
-        restored = restore_latest(self, self.checkpointer, resume, reset_optimizer)
-        if self.tracker is not None:
-            self.tracker.continue_run(
-                restored.meta.get("mlflow") or {}, restored.step, restored.optimizer_change
-            )
-        self._last_eval = restored.meta.get("eval_loss")
-        self._last_metrics = {"loss": restored.meta["loss"]} if restored.meta.get("loss") else {}
-        return restored.state, restored.meta.get("data", fresh_position)
+        if resume is True and not store.steps():
+            log.info("No checkpoint in %s yet: starting at step 0.", store.directory)
+            return self.initial_state(), None
+        restored = restore_latest(store, self.state_template(), resume, reset_optimizer)
+        return restored.state, restored
 
-    def progress(self) -> dict:
-        """Where the run is, as JSON-safe values: what a checkpoint records beside the state."""
-        tracker = self.tracker
-        return {
-            "epoch": self.data_state.get("epoch", 0),
-            "data": self.data_state,
-            "loss": self._last_metrics.get("loss"),
-            "eval_loss": self._last_eval,
-            "config": self.config.without_launch().to_dict(),
-            "optimizer": self.description,
-            "keys": self.variable_key_groups(),
-            "mlflow": {
-                "run_id": tracker.run_id if tracker else None,
-                "tracking_uri": tracker.writer.tracking_uri if tracker and tracker.writer else None,
-                "experiment": tracker.experiment if tracker else None,
-            },
-        }
+    def _run_info(self, start: int, total: int, restored: Restored | None) -> RunInfo:
+        return RunInfo(
+            config=self.config,
+            model=self.model,
+            optimizer=self.adapter.optimizer,
+            description=self.description,
+            num_params=int(sum(np.prod(v.shape) for v in self.model.trainable_variables)),
+            mesh_shape=dict(self.mesh.shape),
+            start_step=start,
+            total_steps=total,
+            run_uid=restored.record.run_uid if restored else new_run_uid(),
+            key_groups=self.key_groups,
+            resumed_from=restored.record if restored else None,
+            optimizer_change=restored.optimizer_change if restored else None,
+        )
 
     def _stop_signal(self, stop: StopRequests, step: int, total: int) -> int | None:
         """The signal to stop on after this step; several processes agree at logging steps."""
         if jax.process_count() > 1 and step % self.config.log_every and step != total:
             return None
         return distributed.agreed_signal(stop.signum)
-
-    def _host_metrics(self, metrics, steps: int, since: float, tokens_per_step: int) -> dict:
-        """Fetch one step's metrics (the only host sync of a logging interval) and add speed."""
-        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
-        elapsed = time.perf_counter() - since
-        if steps > 0 and elapsed > 0:
-            values["step_time_seconds"] = elapsed / steps
-            values["tokens_per_second"] = tokens_per_step * steps / elapsed
-        return values
 
     def _evaluate(self, state: TrainState, step: int) -> float:
         """Mean token loss over ``eval_data`` (or ``eval_steps`` batches of it)."""
@@ -368,7 +315,6 @@ class Trainer:
             raise ConfigError("eval_data yielded no batches: check the eval source and batch size.")
         eval_loss = float(loss_sum) / max(float(count), 1.0)
         metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 80.0))}
-        self._last_eval = eval_loss
         self.callbacks.on_eval(step, metrics)
         return eval_loss
 
@@ -376,30 +322,69 @@ class Trainer:
         """Give the trained values back to the Keras objects the user holds."""
         # In a multi-process run, full copies are gathered first (all processes take part).
         params, non_trainable = distributed.process_local((state.params, state.non_trainable))
-        for key, var in zip(self.param_keys, self.model.trainable_variables):
+        for key, var in zip(self.key_groups["params"], self.model.trainable_variables):
             var.assign(params[key])
-        for key, var in zip(self.non_trainable_keys, self.model.non_trainable_variables):
+        for key, var in zip(self.key_groups["non_trainable"], self.model.non_trainable_variables):
             var.assign(non_trainable[key])
-        write_back = getattr(self.adapter, "write_back", None)
-        if write_back is not None:
-            write_back(distributed.process_local(state.opt_state))
+        self.adapter.write_back(distributed.process_local(state.opt_state))
 
-    def _keras_variables(self) -> list[keras.Variable]:
-        """The Keras model's variables, and a Keras optimizer's."""
-        optimizer_variables = (
-            self.adapter.optimizer.variables if self.adapter.family == "keras" else []
-        )
-        return [*self.model.variables, *optimizer_variables]
+    def _held_variables(self) -> list[keras.Variable]:
+        """The Keras objects' own variables: the model's and the optimizer's (if it has any)."""
+        return [*self.model.variables, *self.adapter.variables]
 
-    def _run_info(self, start_step: int, total: int) -> RunInfo:
-        return RunInfo(
-            config=self.config,
-            model=self.model,
-            optimizer=self.adapter.optimizer,
-            optimizer_family=self.adapter.family,
-            num_params=int(sum(np.prod(v.shape) for v in self.model.trainable_variables)),
-            mesh_shape=dict(self.mesh.shape),
-            start_step=start_step,
-            total_steps=total,
-            progress=self.progress,
-        )
+
+def every(n: int | None, step: int, total: int, only_last: bool = False) -> bool:
+    """Whether a hook with period ``n`` runs at ``step``: every ``n`` steps and at the last.
+
+    ``n=None`` runs only at the last step with ``only_last``, and never otherwise.
+    """
+    if step == total:
+        return n is not None or only_last
+    return bool(n) and step % n == 0
+
+
+def new_run_uid() -> str:
+    """A fresh run identity, the same in every process of a multi-process run."""
+    uid = np.frombuffer(uuid.uuid4().bytes, dtype=np.uint8)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        uid = np.asarray(multihost_utils.broadcast_one_to_all(uid))
+    return bytes(uid.astype(np.uint8)).hex()
+
+
+class Clock:
+    """Step timing: compilation apart from steady speed, and speed between logging steps.
+
+    The first step's time includes compilation, so the clock blocks on it once; after that
+    it reads the time only when metrics are fetched, which syncs with the devices anyway.
+    """
+
+    def __init__(self, tokens_per_step: int, since: float):
+        self.tokens_per_step = tokens_per_step
+        self.started = since
+        self.compile_seconds = 0.0
+        self.last: dict[str, float] = {}
+        self._mark, self._mark_step = time.perf_counter(), None
+
+    def stepped(self, metrics: Any, step: int) -> None:
+        """Note a dispatched step; times the first one (compilation) to its end."""
+        if self._mark_step is None:
+            jax.block_until_ready(metrics)
+            self.compile_seconds = time.perf_counter() - self._mark
+            self._mark, self._mark_step = time.perf_counter(), step
+
+    def host_metrics(self, metrics: Any, step: int) -> dict[str, float]:
+        """Fetch one step's metrics (the only host sync of a logging interval), add speed."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
+        steps, elapsed = step - self._mark_step, time.perf_counter() - self._mark
+        if steps > 0 and elapsed > 0:
+            values["step_time_seconds"] = elapsed / steps
+            values["tokens_per_second"] = self.tokens_per_step * steps / elapsed
+        self._mark, self._mark_step = time.perf_counter(), step
+        self.last = values
+        return values
+
+    def elapsed(self) -> float:
+        """Seconds since ``train()`` started."""
+        return time.perf_counter() - self.started

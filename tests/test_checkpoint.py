@@ -5,7 +5,6 @@ import dataclasses
 import datetime
 import logging
 import math
-import os
 import shutil
 
 import jax
@@ -17,8 +16,9 @@ from conftest import BATCH, SEQ_LEN
 from mlflow import MlflowClient
 
 from kithara_ops import Callback, ConfigError, Trainer, data, describe_optimizer, models
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint import Checkpointer, signature
 from kithara_ops.restore import restore_latest
+from kithara_ops.run_record import RECORD_VERSION
 
 KERNEL = "causal_lm/block_0/mlp/gate/kernel"
 
@@ -55,6 +55,11 @@ def opened(directory):
         yield checkpointer
     finally:
         checkpointer.close()
+
+
+def saved_signature(checkpointer, step):
+    """``{leaf path: (shape, dtype)}`` of a saved state, read from its metadata only."""
+    return signature(checkpointer.saved_structure(step))
 
 
 def host(tree):
@@ -216,35 +221,37 @@ def test_checkpoint_holds_the_state_and_what_a_resume_needs(make_model, tmp_path
 
     with opened(tmp_path) as checkpointer:
         assert checkpointer.steps() == [4, 6]
-        meta = checkpointer.read_meta(6)
-        signature = checkpointer.state_signature(6)
-        restored = checkpointer.restore_state(6, trainer.abstract_state())
+        record = checkpointer.read_record(6)
+        saved = saved_signature(checkpointer, 6)
+        restored = checkpointer.restore(6, trainer.state_template().abstract)
+        assert record.to_json()["version"] == RECORD_VERSION
 
-    assert meta["step"] == 6
-    assert meta["epoch"] == 0
-    assert meta["data"]["consumed"] == 6
-    assert meta["data"]["iterator"]["next_batch"] == 6
-    assert meta["loss"] == result.loss
-    assert meta["config"] == trainer.config.to_dict()
-    assert meta["config"]["steps"] == 6 and meta["config"]["keep"] == 2
-    assert meta["optimizer"]["label"] == describe_optimizer(optimizer)["label"]
-    assert meta["optimizer"]["family"] == "optax" and meta["optimizer"]["name"] == "adamw"
-    assert meta["keys"]["params"] == trainer.param_keys
-    assert meta["mlflow"]["run_id"] == result.run_id
-    assert meta["mlflow"]["tracking_uri"] == os.environ["MLFLOW_TRACKING_URI"]
-    assert set(meta["versions"]) == {"jax", "keras", "optax", "orbax-checkpoint", "kithara-ops"}
-    assert meta["versions"]["jax"] == jax.__version__
-    assert meta["versions"]["keras"] == keras.__version__
-    saved_at = datetime.datetime.fromisoformat(meta["saved_at"])
+    assert record.step == 6
+    # Batches consumed are the step; only the iterator's own position is recorded.
+    assert record.data_position["next_batch"] == 6
+    assert record.loss == result.loss
+    assert record.config == trainer.config.to_dict()
+    assert record.config["steps"] == 6 and record.config["keep"] == 2
+    assert record.optimizer["label"] == describe_optimizer(optimizer)["label"]
+    assert record.optimizer["family"] == "optax" and record.optimizer["name"] == "adamw"
+    assert record.keys["params"] == trainer.param_keys
+    # The MLflow run carries the record's run identity as a tag.
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["kithara_ops.run_uid"] == record.run_uid and len(record.run_uid) == 32
+    assert record.mlflow_run_id is None
+    assert set(record.versions) == {"jax", "keras", "optax", "orbax-checkpoint", "kithara-ops"}
+    assert record.versions["jax"] == jax.__version__
+    assert record.versions["keras"] == keras.__version__
+    saved_at = datetime.datetime.fromisoformat(record.saved_at)
     assert started <= saved_at <= datetime.datetime.now(datetime.UTC)
 
-    assert signature["step"] == ((), "int32")
-    assert signature["rng"] == ((2,), "uint32")
-    assert signature["opt_state/0/count"] == ((), "int32")
+    assert saved["step"] == ((), "int32")
+    assert saved["rng"] == ((2,), "uint32")
+    assert saved["opt_state/0/count"] == ((), "int32")
     for key, param in trainer.state.params.items():
-        assert signature[f"params/{key}"] == (tuple(param.shape), "float32"), key
-        assert signature[f"opt_state/0/mu/{key}"] == (tuple(param.shape), "float32"), key
-    assert signature["params/causal_lm/lm_head/kernel"][0] == (128, 259)
+        assert saved[f"params/{key}"] == (tuple(param.shape), "float32"), key
+        assert saved[f"opt_state/0/mu/{key}"] == (tuple(param.shape), "float32"), key
+    assert saved["params/causal_lm/lm_head/kernel"][0] == (128, 259)
     assert_trees_equal(restored, trainer.state)
 
 
@@ -252,7 +259,7 @@ def test_checkpoint_holds_the_state_and_what_a_resume_needs(make_model, tmp_path
 def test_a_different_optimizer_is_refused_unless_reset(make_model, tmp_path, saved_adamw):
     directory = copy_dir(saved_adamw.directory, tmp_path)
     with opened(directory) as checkpointer:
-        saved_label = checkpointer.read_meta(4)["optimizer"]["label"]
+        saved_label = checkpointer.read_record(4).optimizer["label"]
     sgd = optax.sgd(0.1, momentum=0.9)
     new_label = describe_optimizer(sgd)["label"]
     assert saved_label != new_label
@@ -272,7 +279,7 @@ def test_a_different_optimizer_is_refused_unless_reset(make_model, tmp_path, sav
     assert repr(saved_label) in message and repr(new_label) in message
     assert "reset" in message
 
-    restored = restore_latest(trainer, trainer.checkpointer, True, reset_optimizer=True)
+    restored = restore_latest(trainer.sinks.checkpoints, trainer.state_template(), True, True)
     assert restored.step == 4 and restored.optimizer_change == "reset"
     assert_trees_equal(restored.state.params, saved_adamw.params)
     assert_trees_equal(restored.state.opt_state, host(sgd.init(saved_adamw.params)))
@@ -319,7 +326,7 @@ def test_keras_adamw_state_migrates_to_optax_adamw(make_model, tmp_path):
         checkpoint_dir=str(tmp_path),
         callbacks=[migrated_losses],
     )
-    restored = restore_latest(migrated, migrated.checkpointer, True, reset_optimizer=False)
+    restored = restore_latest(migrated.sinks.checkpoints, migrated.state_template(), True, False)
     assert restored.step == 6 and restored.optimizer_change == "migrated"
     adam = restored.state.opt_state[0]
     assert int(adam.count) == 6
@@ -358,7 +365,7 @@ def test_optax_adamw_state_migrates_to_keras_adamw(make_model, tmp_path, saved_a
         checkpoint_dir=str(directory),
         callbacks=[recorder],
     )
-    restored = restore_latest(trainer, trainer.checkpointer, True, reset_optimizer=False)
+    restored = restore_latest(trainer.sinks.checkpoints, trainer.state_template(), True, False)
     assert restored.optimizer_change == "migrated"
     adam = saved_adamw.opt_state[0]
     for key in trainer.param_keys:
@@ -388,7 +395,7 @@ def test_resume_on_different_devices_and_sharding(make_model, tmp_path, eight_de
 
     # Saved on 8 devices with fsdp, resumed on 1.
     resumed = trainer_for(make_model(), optimizer, steps=6, devices=one, checkpoint_dir=sharded_dir)
-    restored = restore_latest(resumed, resumed.checkpointer, True, reset_optimizer=False)
+    restored = restore_latest(resumed.sinks.checkpoints, resumed.state_template(), True, False)
     assert restored.step == 4
     for key, value in [*restored.state.params.items(), ("step", restored.state.step)]:
         assert value.sharding.device_set == {one[0]}, key
@@ -497,7 +504,7 @@ def test_retraining_over_a_damaged_checkpoint_saves_a_good_one(
     assert int(trainer.state.step) == 4
     with opened(directory) as checkpointer:
         try:
-            signature = checkpointer.state_signature(4)
+            signature = saved_signature(checkpointer, 4)
         except Exception as err:  # the state of step 4 is still missing
             signature = {"error": repr(err)}
     assert "params/causal_lm/lm_head/kernel" in signature, signature
@@ -531,8 +538,8 @@ def test_a_half_written_save_is_not_a_checkpoint(make_model, tmp_path, saved_ada
     # Reaching step 6 again writes a complete checkpoint over the leftover.
     with opened(directory) as checkpointer:
         assert checkpointer.steps() == [2, 4, 6]
-        assert checkpointer.read_meta(6)["step"] == 6
-        assert checkpointer.state_signature(6)["step"] == ((), "int32")
+        assert checkpointer.read_record(6).step == 6
+        assert signature(checkpointer.saved_structure(6))["step"] == ((), "int32")
     assert not partial.exists()
 
 
@@ -566,7 +573,7 @@ def test_keep_best_keeps_the_lowest_eval_loss(make_model, tmp_path, eval_data):
     assert best == 4 and evals[8] > evals[6] > evals[4]  # not simply the newest
     with opened(tmp_path) as checkpointer:
         assert checkpointer.steps() == [best]
-        assert checkpointer.read_meta(best)["eval_loss"] == evals[best]
+        assert checkpointer.read_record(best).eval_loss == evals[best]
 
 
 def test_final_checkpoint_records_the_final_eval_loss(make_model, tmp_path, eval_data):
@@ -575,6 +582,6 @@ def test_final_checkpoint_records_the_final_eval_loss(make_model, tmp_path, eval
     assert evals[6] > evals[4]
     with opened(tmp_path) as checkpointer:
         kept = checkpointer.steps()
-        recorded = {step: checkpointer.read_meta(step)["eval_loss"] for step in kept}
+        recorded = {step: checkpointer.read_record(step).eval_loss for step in kept}
     assert recorded == {step: evals[step] for step in kept}
     assert kept == [4]

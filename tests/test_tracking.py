@@ -196,7 +196,7 @@ def test_server_down_mid_run_loses_no_metric(mlflow_server, make_model, quick_ht
         if outage.restarter:
             outage.restarter.join()
         mlflow_server.start()
-    assert trainer.tracker.delivery.pending_points == 0
+    assert trainer.sinks.tracker.delivery.pending_points == 0
     client = MlflowClient(mlflow_server.uri)
     assert [s for s, _ in history(client, result.run_id, "loss")] == list(range(1, 121))
     assert client.get_run(result.run_id).info.status == "FINISHED"
@@ -219,14 +219,14 @@ def test_server_that_never_returns_spools_then_replays(
         experiment="never-returns",
         system_metrics=False,
     )
-    trainer.tracker.flush_timeout = 3.0
+    trainer.sinks.tracker.flush_timeout = 3.0
     try:
         started = time.monotonic()
         result = trainer.train()
         assert time.monotonic() - started < 120
     finally:
         mlflow_server.start()
-    delivery = trainer.tracker.delivery
+    delivery = trainer.sinks.tracker.delivery
     assert result.step == 30 and result.run_id is not None
     assert delivery.pending_points > 0 and delivery.spool.is_file()
     assert delivery.spool.parent == tmp_path / "mlflow-spool"
@@ -250,10 +250,10 @@ def test_unreachable_server_never_fails_training(
         tracking_uri="http://127.0.0.1:9",
         system_metrics=False,
     )
-    trainer.tracker.flush_timeout = 2.0
+    trainer.sinks.tracker.flush_timeout = 2.0
     result = trainer.train()
     assert result.step == 3 and result.run_id is None
-    spool = trainer.tracker.delivery.spool
+    spool = trainer.sinks.tracker.delivery.spool
     lines = [json.loads(line) for line in spool.read_text().splitlines()]
     assert lines[0]["kind"] == "run" and lines[0]["payload"]["run_id"] is None
     kinds = {r["kind"] for r in lines[1:]}
@@ -266,8 +266,8 @@ class Boom(Callback):
     def __init__(self, error):
         self.error = error
 
-    def on_step(self, step, state):
-        if step == 2:
+    def on_step(self, record):
+        if record.step == 2:
             raise self.error
 
 
@@ -287,7 +287,7 @@ def test_run_status_on_failure_and_interrupt(make_model, error, status):
     )
     with pytest.raises(type(error)):
         trainer.train()
-    run = MlflowClient().get_run(trainer.tracker.run_id)
+    run = MlflowClient().get_run(trainer.sinks.tracker.run_id)
     assert run.info.status == status
 
 
@@ -296,7 +296,7 @@ def test_log_model_gives_the_model_back_and_system_metrics_are_logged(make_model
     batches = data.load("synthetic", seq_len=SEQ_LEN, batch_size=8)
 
     class Slow(Callback):  # long enough for a couple of system-metric samples
-        def on_step(self, step, state):
+        def on_step(self, record):
             time.sleep(0.3)
 
     model = make_model()
@@ -320,7 +320,7 @@ def test_log_model_gives_the_model_back_and_system_metrics_are_logged(make_model
 def test_long_values_are_shortened_never_refused(make_model):
     assert shorten("x" * 7000, 6000) == "x" * 5997 + "..."
     trainer = Trainer(make_model(), optax.adam(1e-3), [], steps=1, tracking=False, data="d" * 7000)
-    info = trainer._run_info(0, 1)
+    info = trainer._run_info(0, 1, None)
     params = run_params(info, {"optimizer.chain": "c" * 9000})
     assert all(len(v) <= 6000 for v in params.values())
     assert params["data"].endswith("...")

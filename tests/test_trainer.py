@@ -106,10 +106,10 @@ class DeviceCopies(Callback):
     def __init__(self, fail_at=None):
         self.variables, self.fail_at, self.on_device = [], fail_at, {}
 
-    def on_step(self, step, state):
+    def on_step(self, record):
         live = {id(a) for a in jax.live_arrays()}
-        self.on_device[step] = sum(id(v._value) in live for v in self.variables)
-        if step == self.fail_at:
+        self.on_device[record.step] = sum(id(v._value) in live for v in self.variables)
+        if record.step == self.fail_at:
             raise RuntimeError("callback failure")
 
 
@@ -303,7 +303,7 @@ def test_plain_iterables_of_batches_and_epochs(make_model, stdlib_data):
             {"train_data": [{"x": np.zeros((12, SEQ_LEN)), "y": np.zeros((12, SEQ_LEN))}]},
             "batch size 12",
         ),
-        ({"train_data": iter([]), "steps": None}, "steps=N"),
+        ({"train_data": iter([]), "steps": None, "epochs": 1}, "steps=N"),
     ],
 )
 def test_bad_input_raises_a_clear_config_error(make_model, stdlib_data, kwargs, message):

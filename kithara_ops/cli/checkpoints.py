@@ -42,19 +42,19 @@ def checkpoints(
     rows = []
     for step in checkpointer.steps():
         try:
-            meta = checkpointer.read_meta(step)
+            record = checkpointer.read_record(step)
         except Exception:  # a damaged checkpoint is listed as such, not hidden
-            meta = {"damaged": True}
+            record = None
         rows.append(
             {
                 "step": step,
-                "saved_at": meta.get("saved_at"),
-                "loss": meta.get("loss"),
-                "eval_loss": meta.get("eval_loss"),
-                "optimizer": (meta.get("optimizer") or {}).get("label"),
-                "mlflow_run_id": (meta.get("mlflow") or {}).get("run_id"),
+                "saved_at": record.saved_at if record else None,
+                "loss": record.loss if record else None,
+                "eval_loss": record.eval_loss if record else None,
+                "optimizer": record.optimizer.get("label") if record else None,
+                "run_uid": record.run_uid if record else None,
                 "bytes": _size(root / str(step)),
-                "damaged": meta.get("damaged", False),
+                "damaged": record is None,
             }
         )
     if json_output:

@@ -38,7 +38,7 @@ def spec_params(
         config=config,
         model=None,
         optimizer=optimizer,
-        optimizer_family=description["family"],
+        description=description,
         num_params=0,
         mesh_shape={},
         start_step=0,

@@ -47,17 +47,16 @@ def resume(
     model, data and optimizer are rebuilt from the run's saved config.
     """
     from kithara_ops.build import resume as resume_run
-    from kithara_ops.cli.progress import ProgressBar, print_summary
+    from kithara_ops.cli.progress import print_summary
     from kithara_ops.optim.spec import build_optimizer
 
     built = build_optimizer(optimizer) if optimizer else None
-    callbacks = [] if (quiet or json_output) else [ProgressBar()]
     result = resume_run(
         checkpoint_dir,
         steps,
         built,
         reset_optimizer=reset_optimizer,
-        callbacks=callbacks,
+        progress=not (quiet or json_output),
         coordinator=coordinator,
         num_processes=num_processes,
         process_id=process_id,

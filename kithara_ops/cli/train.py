@@ -20,7 +20,7 @@ from kithara_ops.cli.options import (
     ResetOptimizer,
     WeightDecay,
 )
-from kithara_ops.config import RunConfig, load_config
+from kithara_ops.config import DEFAULT_STEPS, RunConfig, load_config
 from kithara_ops.errors import ConfigError
 
 CONFIG = "Config"
@@ -28,9 +28,6 @@ MODEL = "Model and data"
 LOOP = "Training"
 SHARD = "Sharding"
 TRACK = "Tracking (MLflow)"
-
-DEFAULT_STEPS = 200
-"""Steps of a ``train`` without ``--steps`` or ``--epochs``: a short, visible run."""
 
 
 def _mesh_shape(text: str | None) -> tuple[int, int] | None:
@@ -52,10 +49,7 @@ def resolve_config(config_file: Path | None, options: dict) -> RunConfig:
     a single flag changes that one setting.
     """
     base = load_config(config_file) if config_file is not None else RunConfig()
-    config = base.replace(**{k: v for k, v in options.items() if v is not None})
-    if config.steps is None and config.epochs is None:
-        config = config.replace(steps=DEFAULT_STEPS)
-    return config
+    return base.replace(**{k: v for k, v in options.items() if v is not None})
 
 
 @app.command(
@@ -249,7 +243,7 @@ def train(
 ) -> None:
     """Train a model: the built-in tiny transformer on the stdlib corpus by default."""
     from kithara_ops.build import build_trainer
-    from kithara_ops.cli.progress import ProgressBar, print_summary
+    from kithara_ops.cli.progress import print_summary
 
     options = {
         "model": model,
@@ -291,7 +285,6 @@ def train(
         return
     if (resume or reset_optimizer) and config.checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir DIR: the directory to resume from.")
-    callbacks = [] if (quiet or json_output) else [ProgressBar()]
-    trainer = build_trainer(config, callbacks=callbacks)
+    trainer = build_trainer(config, progress=not (quiet or json_output))
     result = trainer.train(resume=resume, reset_optimizer=reset_optimizer)
     print_summary(result, as_json=json_output)

@@ -1,9 +1,10 @@
 """One interface for Keras and Optax optimizers.
 
-The train step only ever sees an ``OptimizerAdapter``: ``init`` builds the optimizer state
-for a dict of parameters (keyed by Keras variable path) and ``update`` applies one step and
-reports the learning rate it used. Which family the optimizer came from is known here and in
-the two adapter modules only.
+The Trainer and the train step only ever see an ``OptimizerAdapter``: ``init`` builds the
+optimizer state for a dict of parameters (keyed by Keras variable path), ``update`` applies
+one step and reports the learning rate it used, ``state_shardings`` places the state,
+``variables`` and ``write_back`` connect it with the optimizer object the user holds. Which
+family the optimizer came from is known here and in the two adapter modules only.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ class OptimizerAdapter(Protocol):
         self, abstract_state: Any, param_shardings: Shardings, replicated: jax.sharding.Sharding
     ) -> Any:
         """Shardings for the optimizer state: per-parameter slots follow their parameter."""
+
+    @property
+    def state_keys(self) -> list[str] | None:
+        """Keys of a dict-shaped state in the optimizer's own order (matched by position on
+        restore, like the model's variables), or ``None`` for a state with fixed structure."""
+
+    @property
+    def variables(self) -> list[keras.Variable]:
+        """Variables the optimizer object itself holds (parked on the host while training)."""
+
+    def write_back(self, opt_state: Any) -> None:
+        """Copy a trained state into the optimizer object, where it keeps one (else no-op)."""
 
 
 def as_adapter(optimizer: Any, trainable_variables: list[keras.Variable]) -> OptimizerAdapter:

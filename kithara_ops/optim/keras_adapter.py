@@ -95,6 +95,11 @@ class KerasAdapter:
         }
 
     @property
+    def variables(self) -> list[keras.Variable]:
+        """The optimizer's own variables (slots, iteration, learning rate)."""
+        return list(self._opt_vars)
+
+    @property
     def state_keys(self) -> list[str]:
         """Keys of the optimizer state dict, in the optimizer's variable order."""
         return list(self._opt_paths)

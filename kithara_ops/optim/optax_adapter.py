@@ -56,6 +56,16 @@ class OptaxAdapter:
             return jnp.float32(jnp.nan)
         return jnp.float32(lr)
 
+    state_keys = None
+    """Optax states have a fixed structure: restored by path, not by position."""
+
+    variables: tuple = ()
+    """An Optax transformation holds no variables: its state lives in the train state only."""
+
+    def write_back(self, opt_state: Any) -> None:
+        """Nothing to do: an Optax transformation keeps no state of its own."""
+        del opt_state
+
     def state_shardings(self, abstract_state, param_shardings: Shardings, replicated):
         """Per-parameter leaves (moments, traces) follow their parameter; the rest replicate."""
         return optax.tree_map_params(

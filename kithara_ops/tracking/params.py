@@ -60,10 +60,9 @@ def run_params(run: RunInfo, optimizer_params: dict[str, str]) -> dict[str, str]
     """
     params = {k: shorten(v, MAX_PARAM_LENGTH) for k, v in optimizer_params.items()}
     params.update(config_params(run))
-    spec = run.config.optimizer
     params.pop("optimizer", None)
-    if not spec.startswith("<"):
-        params["optimizer.spec"] = shorten(spec, MAX_PARAM_LENGTH)
+    if run.config.is_spec("optimizer"):
+        params["optimizer.spec"] = shorten(run.config.optimizer, MAX_PARAM_LENGTH)
     return params
 
 

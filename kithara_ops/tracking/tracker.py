@@ -14,7 +14,7 @@ import jax
 
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult
 from kithara_ops.config import RunConfig
-from kithara_ops.optim.describe import describe_optimizer, optimizer_params
+from kithara_ops.optim.describe import optimizer_params
 from kithara_ops.tracking.params import run_params, run_tags, without_credentials
 from kithara_ops.tracking.writer import Delivery, RunWriter
 
@@ -48,18 +48,6 @@ class MlflowTracker(Callback):
         self._model = None
         self._monitor = None
         self.experiment = resolve_experiment(config)
-        self._continued: tuple[dict, int, str | None] | None = None
-
-    def continue_run(self, saved: dict, from_step: int, optimizer_change: str | None) -> None:
-        """Log into the run a checkpoint recorded instead of starting a new one.
-
-        Args:
-          saved: the checkpoint's ``mlflow`` record (``run_id``, ``tracking_uri``, ``experiment``).
-          from_step: the checkpoint's step; steps the run already holds are not logged again.
-          optimizer_change: ``"reset"`` or ``"migrated"`` when the optimizer was changed.
-        """
-        if saved.get("run_id"):
-            self._continued = (saved, from_step, optimizer_change)
 
     @property
     def run_id(self) -> str | None:
@@ -71,17 +59,18 @@ class MlflowTracker(Callback):
             return
         from kithara_ops import __version__
 
-        self.config = run.config  # the Trainer's resolved config (batch shape filled in)
-        self.description = describe_optimizer(run.optimizer)
+        self.config = run.config
+        self.description = run.description
         self._model = run.model
-        if self._continued is not None:
-            self._continue(*self._continued)
+        if run.resumed_from is not None:
+            self._continue(run)
             return
         self.writer = RunWriter(
             self.config.tracking_uri,
             self.experiment,
             run_name=self.config.run_name or self.description["label"],
             parent_run_id=self.config.parent_run_id,
+            run_uid=run.run_uid,
         )
         if self.config.system_metrics:
             self.writer.on_run_ready.append(self._start_system_metrics)
@@ -92,20 +81,33 @@ class MlflowTracker(Callback):
         logged = logged.replace(tracking_uri=without_credentials(logged.tracking_uri))
         self.writer.log_text(logged.dump_yaml(), "config/run.yaml")
 
-    def _continue(self, saved: dict, from_step: int, optimizer_change: str | None) -> None:
-        """Reattach to the saved run: no params (MLflow refuses changes), a tag per resume."""
-        self.experiment = saved.get("experiment") or self.experiment
+    def _continue(self, run: RunInfo) -> None:
+        """Reattach to the resumed run: no params (MLflow refuses changes), a tag per resume.
+
+        The run is the one the checkpoint's record names (release 0.1.0 recorded its MLflow
+        id) or the experiment's run tagged with the record's ``run_uid``; a run that was never
+        created (MLflow was down all along) is created now.
+        """
+        record, from_step = run.resumed_from, run.start_step
         self.writer = RunWriter(
-            self.config.tracking_uri or saved.get("tracking_uri"),
+            self.config.tracking_uri,
             self.experiment,
-            run_id=saved["run_id"],
+            run_name=self.config.run_name or self.description["label"],
+            run_id=record.mlflow_run_id,
+            parent_run_id=self.config.parent_run_id,
+            run_uid=run.run_uid,
+            find_existing=True,
         )
         if self.config.system_metrics:
-            self._start_system_metrics(saved["run_id"], resume=True)
+            self.writer.on_run_ready.append(
+                lambda run_id: self._start_system_metrics(run_id, resume=True)
+            )
+            if record.mlflow_run_id:
+                self._start_system_metrics(record.mlflow_run_id, resume=True)
         tags = {"kithara_ops.resumed_from_step": str(from_step)}
-        if optimizer_change is not None:
+        if run.optimizer_change is not None:
             # The optimizer params keep the first optimizer; the change is told here.
-            tags[f"kithara_ops.optimizer_{optimizer_change}_at_step"] = str(from_step)
+            tags[f"kithara_ops.optimizer_{run.optimizer_change}_at_step"] = str(from_step)
             tags["optimizer.label"] = self.description["label"]
             self.writer.log_text(
                 json.dumps(self.description, indent=2),
@@ -134,6 +136,8 @@ class MlflowTracker(Callback):
             self.delivery = self.writer.finish(status, self.flush_timeout)
         if self._monitor is not None:
             self._monitor.finish()
+        if result is not None:
+            result.run_id = self.run_id
 
     def _queue_model(self, path: Path) -> None:
         """Save the trained model in MLflow's Keras format and queue it as ``model/``."""

@@ -26,6 +26,9 @@ from kithara_ops.tracking.params import EXPERIMENT_TAGS
 
 log = logging.getLogger("kithara_ops.tracking")
 
+RUN_UID_TAG = "kithara_ops.run_uid"
+"""The tag holding a run's own identity (``RunInfo.run_uid``): a resume finds its run by it."""
+
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 
@@ -58,6 +61,9 @@ class RunWriter:
       run_id: an existing run to continue instead of creating one.
       parent_run_id: make a new run the child of this one (MLflow's nested runs).
       spool_dir: where undelivered operations are written at the end.
+      run_uid: the run's own identity, set as the tag ``kithara_ops.run_uid``.
+      find_existing: with ``run_uid`` and no ``run_id``, continue the experiment's run that
+        carries that tag if there is one (a resumed run), else create it.
     """
 
     def __init__(
@@ -70,6 +76,8 @@ class RunWriter:
         parent_run_id: str | None = None,
         retry_max_wait: float = 10.0,
         flush_interval: float = 1.0,
+        run_uid: str | None = None,
+        find_existing: bool = False,
     ):
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = self.client.tracking_uri
@@ -77,6 +85,8 @@ class RunWriter:
         self.run_name = run_name
         self.run_id = run_id
         self.parent_run_id = parent_run_id
+        self.run_uid = run_uid
+        self.find_existing = find_existing and run_uid is not None
         self.spool_dir = Path(spool_dir) if spool_dir else Path.cwd() / "mlflow-spool"
         self.retry_max_wait = retry_max_wait
         self.flush_interval = flush_interval
@@ -222,8 +232,20 @@ class RunWriter:
             experiment_id = self.client.create_experiment(self.experiment, tags=EXPERIMENT_TAGS)
         else:
             experiment_id = experiment.experiment_id
-        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        if self.find_existing:
+            found = self.client.search_runs(
+                [experiment_id], f"tags.`{RUN_UID_TAG}` = '{self.run_uid}'", max_results=1
+            )
+            if found:
+                self.run_id = found[0].info.run_id
+                self._attach()
+                for callback in self.on_run_ready:
+                    callback(self.run_id)
+                return
+        tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+        if self.run_uid:
+            tags[RUN_UID_TAG] = self.run_uid
+        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags or None)
         self.run_id = run.info.run_id
         for callback in self.on_run_ready:
             callback(self.run_id)

@@ -133,7 +133,8 @@ class _Checker:
             if isinstance(node.func, ast.Call):
                 # optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3): a factory's result.
                 self.check(node.func)
-                name, function = _one_line(ast.get_source_segment(self.spec, node.func)), None
+                segment = _one_line(ast.get_source_segment(self.spec, node.func))
+                name, function = _cut(segment), None
                 inner = node.func
                 if _short(self.dotted(inner.func)).startswith("inject_") and inner.args:
                     # inject_hyperparams passes its keywords on to the factory it wraps.
@@ -145,7 +146,8 @@ class _Checker:
                 function = resolve_name(name)
                 if function is None:
                     self.fail(
-                        node.func, f"{name!r} is not an allowed optax or keras.optimizers name"
+                        node.func,
+                        f"{_quote(name)} is not an allowed optax or keras.optimizers name",
                     )
                 self.refuse_abstract(node.func, name, function)
             for arg in node.args:
@@ -188,7 +190,7 @@ class _Checker:
                 self.fail(node, "attributes of a call's result are not allowed")
             value = resolve_name(_expand_bare(name) if top else name)
             if value is None:
-                self.fail(node, f"{name!r} is not an allowed optax or keras.optimizers name")
+                self.fail(node, f"{_quote(name)} is not an allowed optax or keras.optimizers name")
             self.refuse_abstract(node, name, value)
         else:
             self.fail(node, f"{type(node).__name__} expressions are not allowed")
@@ -206,6 +208,11 @@ def _short(name: str | None) -> str:
 def _one_line(text: str | None) -> str:
     """A spec fragment on one line: messages are one line, specs may span several."""
     return " ".join((text or "").split())
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: a message names a part of a spec, not all of it."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _quote(text: str, limit: int = 80) -> str:
@@ -234,9 +241,10 @@ def parse_spec(spec: str) -> ast.expr:
     try:
         tree = ast.parse(spec, mode="eval")
     except SyntaxError as err:
-        where = f", column {err.offset}" if err.offset else ""
+        line = f", line {err.lineno}" if err.lineno and err.lineno > 1 else ""
+        where = f"{line}, column {err.offset}" if err.offset else line
         raise ConfigError(
-            f"Optimizer spec {spec!r} is not a valid expression ({err.msg}{where}): "
+            f"Optimizer spec {_quote(spec)} is not a valid expression ({err.msg}{where}): "
             "check brackets and quotes."
         ) from None
     except (MemoryError, RecursionError, ValueError):
@@ -261,7 +269,8 @@ def _too_deep(spec: str) -> ConfigError:
 def _build(node: ast.expr, spec: str) -> Any:
     if isinstance(node, ast.Call):
         if isinstance(node.func, ast.Call):
-            fn, name = _build(node.func, spec), _one_line(ast.get_source_segment(spec, node.func))
+            fn = _build(node.func, spec)
+            name = _cut(_one_line(ast.get_source_segment(spec, node.func)))
         else:
             name = _Checker(spec).dotted(node.func)
             fn = resolve_name(name)

@@ -233,9 +233,7 @@ def value_problem(
     param: str, value: Any, function: str, rule: Rule, none_ok: bool
 ) -> tuple[str, str] | None:
     """Why ``value`` cannot be ``function``'s argument ``param``, with the fix; None if it can."""
-    fix = f"Use e.g. {param}={rule.example}" + (
-        ", or a schedule call." if "schedule" in rule.need else "."
-    )
+    fix = f"Use e.g. {param}={rule.example}."
     if value is None:
         return None if none_ok else (f"{param} of {function} takes a number, not None", fix)
     if isinstance(value, bool | str | bytes):

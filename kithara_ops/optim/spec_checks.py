@@ -272,12 +272,15 @@ def _argument_problem(
     if isinstance(node, ast.List | ast.Tuple | ast.Dict | ast.Set):
         kind = type(node).__name__.lower()
         return Problem(
-            node, f"{param} of {function} takes a number, not a {kind}", f"Use e.g. {rule.example}."
+            node,
+            f"{param} of {function} takes a number, not a {kind}",
+            f"Use e.g. {param}={rule.example}.",
         )
     value = _literal(node)
     if value is _NOT_LITERAL:
         return None  # a schedule or another call: its own arguments are checked in turn
-    # No signature (a factory's result called): the library has the last word on None.
+    # With no declared parameter (no signature, or one taken by **kwargs), the library has
+    # the last word on None.
     none_ok = parameter is None or parameter.default is None
     found = value_problem(param, value, function, rule, none_ok)
     return Problem(node, *found) if found else None

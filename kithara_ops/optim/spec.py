@@ -7,7 +7,10 @@ run's ``learning_rate`` and ``weight_decay``, or a call expression such as
 The expression is parsed with ``ast`` and checked node by node against an allow-list before
 anything runs: only calls to public ``optax`` callables and ``keras.optimizers`` classes and
 schedules, with literal arguments (numbers, strings, booleans, None, lists, tuples, dicts)
-and nested allowed calls. Then we build it by walking the checked tree ourselves.
+and nested allowed calls. The literals are checked too, by kind and range (``spec_checks.py``):
+a learning rate is a number > 0 or a schedule, a count a whole number >= 1, and so on. Then we
+build it by walking the checked tree ourselves; whatever a library raises while building
+becomes one ``ConfigError`` line.
 """
 
 from __future__ import annotations
@@ -22,10 +25,20 @@ import keras
 import optax
 
 from kithara_ops.errors import ConfigError
+from kithara_ops.optim.spec_checks import (
+    MAX_NESTING,
+    abstract_base,
+    check_call,
+    number_problem,
+    option_problem,
+    text_nesting,
+    tree_nesting,
+)
 
 _LITERALS = (int, float, complex, str, bool, type(None))
 MAX_SPEC_LENGTH = 4000
 """Longer specs are refused before parsing (deep nesting can exhaust the parser)."""
+_ALLOWED = "Allowed: calls to optax.* and keras.optimizers.* with literal arguments."
 
 
 def _public_callable(namespace: Any, name: str) -> Any | None:
@@ -77,35 +90,66 @@ class _Checker:
     def __init__(self, spec: str):
         self.spec = spec
 
-    def fail(self, node: ast.AST, why: str) -> None:
+    def fail(self, node: ast.AST, why: str, fix: str = _ALLOWED) -> None:
         segment = ast.get_source_segment(self.spec, node) or type(node).__name__
+        line = getattr(node, "lineno", 1)
+        where = f"line {line}, column" if line > 1 else "column"
         column = getattr(node, "col_offset", 0) + 1
         raise ConfigError(
-            f"Optimizer spec refused at column {column}, {segment!r}: {why}. Allowed: calls to "
-            "optax.* and keras.optimizers.* with literal arguments."
+            f"Optimizer spec refused at {where} {column}, {_quote(segment)}: {why}. {fix}"
         )
 
     def dotted(self, node: ast.AST) -> str | None:
-        if isinstance(node, ast.Name):
-            return node.id
-        if isinstance(node, ast.Attribute):
-            base = self.dotted(node.value)
-            return f"{base}.{node.attr}" if base else None
-        return None
+        # A loop, not recursion: a spec may hold a chain of a thousand attributes.
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        if not isinstance(node, ast.Name):
+            return None
+        return ".".join([node.id, *reversed(parts)])
+
+    def refuse_abstract(self, node: ast.AST, name: str, value: object) -> None:
+        suggestion = abstract_base(value)
+        if suggestion is not None:
+            self.fail(
+                node,
+                f"{name} is an abstract base class",
+                f"Name a concrete one such as {suggestion}.",
+            )
+
+    def check_arguments(self, node: ast.Call, name: str, function: object) -> None:
+        seen = set()
+        for kw in node.keywords:
+            if kw.arg in seen:
+                self.fail(kw, f"keyword {kw.arg!r} is given twice in {name}(...)", "Keep one.")
+            seen.add(kw.arg)
+        problem = check_call(function, name, node)
+        if problem is not None:
+            self.fail(*problem)
 
     def check(self, node: ast.AST, top: bool = False) -> None:
         if isinstance(node, ast.Call):
             if isinstance(node.func, ast.Call):
                 # optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3): a factory's result.
                 self.check(node.func)
+                segment = _one_line(ast.get_source_segment(self.spec, node.func))
+                name, function = _cut(segment), None
+                inner = node.func
+                if _short(self.dotted(inner.func)).startswith("inject_") and inner.args:
+                    # inject_hyperparams passes its keywords on to the factory it wraps.
+                    function = resolve_name(self.dotted(inner.args[0]) or "")
             else:
                 name = self.dotted(node.func)
                 if name is None:
                     self.fail(node.func, "only named optax/keras callables may be called")
-                if resolve_name(name) is None:
+                function = resolve_name(name)
+                if function is None:
                     self.fail(
-                        node.func, f"{name!r} is not an allowed optax or keras.optimizers name"
+                        node.func,
+                        f"{_quote(name)} is not an allowed optax or keras.optimizers name",
                     )
+                self.refuse_abstract(node.func, name, function)
             for arg in node.args:
                 if isinstance(arg, ast.Starred):
                     self.fail(arg, "*args is not allowed")
@@ -114,12 +158,23 @@ class _Checker:
                 if kw.arg is None:
                     self.fail(kw.value, "**kwargs is not allowed")
                 self.check(kw.value)
+            # After the arguments themselves, so that a bad literal gets its own message.
+            self.check_arguments(node, name, function)
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, _LITERALS):
                 self.fail(node, "only numbers, strings, booleans and None are literals")
+            problem = number_problem(node.value)
+            if problem:
+                self.fail(node, *problem)
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-            if not (isinstance(node.operand, ast.Constant) and _is_number(node.operand.value)):
+            operand = node.operand
+            if isinstance(operand, ast.Constant) and isinstance(operand.value, complex):
+                self.fail(node, *number_problem(operand.value))
+            if not (isinstance(operand, ast.Constant) and _is_number(operand.value)):
                 self.fail(node, "a sign may only precede a number")
+            problem = number_problem(operand.value)
+            if problem:
+                self.fail(node, *problem)
         elif isinstance(node, ast.List | ast.Tuple):
             for element in node.elts:
                 self.check(element)
@@ -133,14 +188,36 @@ class _Checker:
             name = self.dotted(node)
             if name is None:
                 self.fail(node, "attributes of a call's result are not allowed")
-            if resolve_name(_expand_bare(name) if top else name) is None:
-                self.fail(node, f"{name!r} is not an allowed optax or keras.optimizers name")
+            value = resolve_name(_expand_bare(name) if top else name)
+            if value is None:
+                self.fail(node, f"{_quote(name)} is not an allowed optax or keras.optimizers name")
+            self.refuse_abstract(node, name, value)
         else:
             self.fail(node, f"{type(node).__name__} expressions are not allowed")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _short(name: str | None) -> str:
+    """``optax.schedules.inject_hyperparams`` -> ``inject_hyperparams``."""
+    return (name or "").rsplit(".", 1)[-1]
+
+
+def _one_line(text: str | None) -> str:
+    """A spec fragment on one line: messages are one line, specs may span several."""
+    return " ".join((text or "").split())
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: a message names a part of a spec, not all of it."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    """``text`` quoted for a message, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + "..."
 
 
 def _expand_bare(name: str) -> str:
@@ -155,28 +232,45 @@ def parse_spec(spec: str) -> ast.expr:
     spec = spec.strip()
     if len(spec) > MAX_SPEC_LENGTH:
         raise ConfigError(
-            f"Optimizer spec is {len(spec)} characters long; the limit is {MAX_SPEC_LENGTH}."
+            f"Optimizer spec is {len(spec)} characters long; the limit is {MAX_SPEC_LENGTH}: "
+            "name the optimizer and its arguments only."
         )
+    # Counted before parsing: the parser recurses once per level.
+    if text_nesting(spec) > MAX_NESTING:
+        raise _too_deep(spec)
     try:
         tree = ast.parse(spec, mode="eval")
     except SyntaxError as err:
-        where = f", column {err.offset}" if err.offset else ""
+        line = f", line {err.lineno}" if err.lineno and err.lineno > 1 else ""
+        where = f"{line}, column {err.offset}" if err.offset else line
         raise ConfigError(
-            f"Optimizer spec {spec!r} is not a valid expression ({err.msg}{where}): "
+            f"Optimizer spec {_quote(spec)} is not a valid expression ({err.msg}{where}): "
             "check brackets and quotes."
         ) from None
     except (MemoryError, RecursionError, ValueError):
         raise ConfigError(
-            f"Optimizer spec {spec[:60]!r}... is too deeply nested or malformed to parse."
+            f"Optimizer spec {_quote(spec, 60)} is too deeply nested or malformed to parse: "
+            "write it as a plain call such as 'optax.adamw(1e-3)'."
         ) from None
+    # Calls on calls (f()()()) nest without brackets; the checker below recurses per level.
+    if tree_nesting(tree.body) > MAX_NESTING:
+        raise _too_deep(spec)
     _Checker(spec).check(tree.body, top=True)
     return tree.body
+
+
+def _too_deep(spec: str) -> ConfigError:
+    return ConfigError(
+        f"Optimizer spec {_quote(spec, 60)} has too many nested calls and brackets (the limit "
+        f"is {MAX_NESTING}): flatten it, e.g. one optax.chain(...) with all the parts in it."
+    )
 
 
 def _build(node: ast.expr, spec: str) -> Any:
     if isinstance(node, ast.Call):
         if isinstance(node.func, ast.Call):
-            fn, name = _build(node.func, spec), ast.get_source_segment(spec, node.func)
+            fn = _build(node.func, spec)
+            name = _cut(_one_line(ast.get_source_segment(spec, node.func)))
         else:
             name = _Checker(spec).dotted(node.func)
             fn = resolve_name(name)
@@ -219,7 +313,7 @@ def check_optimizer(optimizer: Any, spec: str) -> Any:
         return optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ConfigError(
-            f"Optimizer spec {spec!r} builds a {type(optimizer).__name__}, not an optimizer: "
+            f"Optimizer spec {_quote(spec)} builds a {type(optimizer).__name__}, not an optimizer: "
             "use an optax transformation or a keras.optimizers class."
         )
     params = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
@@ -228,7 +322,7 @@ def check_optimizer(optimizer: Any, spec: str) -> Any:
         jax.eval_shape(lambda g, s, p: optimizer.update(g, s, p), params, state, params)
     except Exception as err:
         raise ConfigError(
-            f"Optimizer spec {spec!r} cannot update parameters: {_first_line(err)}"
+            f"Optimizer spec {_quote(spec)} cannot update parameters: {_first_line(err)}"
         ) from None
     return optimizer
 
@@ -252,6 +346,10 @@ def build_optimizer(
     name = _expand_bare(_Checker(spec).dotted(node))
     factory = resolve_name(name)
     kwargs: dict[str, Any] = {"learning_rate": learning_rate}
+    for param, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
+        problem = option_problem(factory, name, param, value) if value is not None else None
+        if problem:
+            raise ConfigError(problem)
     if weight_decay is not None:
         try:
             accepted = inspect.signature(factory).parameters

@@ -93,6 +93,25 @@ def to_device(host: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -
     return out
 
 
+def eval_batches(
+    data: Iterable[Mapping], sharding: jax.sharding.Sharding, data_parallel: int, limit: int | None
+) -> Iterator[dict[str, jax.Array]]:
+    """One pass of evaluation batches (at most ``limit``), checked and placed on the devices.
+
+    Raises:
+      ConfigError: the data yields no batch.
+    """
+    shape = None
+    for i, batch in enumerate(data):
+        if limit is not None and i >= limit:
+            break
+        if shape is None:
+            shape = check_first_batch(batch, data_parallel, 1)
+        yield to_device(to_host_arrays(batch, shape), sharding)
+    if shape is None:
+        raise ConfigError("eval_data yielded no batches: check the eval source and batch size.")
+
+
 def prefetch_to_device(
     stream: DataStream, sharding: jax.sharding.Sharding, shape: tuple, size: int = 2
 ) -> Iterator[tuple[dict[str, jax.Array], dict]]:
@@ -103,12 +122,17 @@ def prefetch_to_device(
     checkpoint records where the *trained* batches end, not the prefetched ones.
     """
     queue: collections.deque = collections.deque()
+    ended: list[Exception] = []
 
     def enqueue(n: int) -> None:
         for _ in range(n):
+            if ended:
+                return
             try:
                 host = to_host_arrays(next(stream), shape)
-            except StopIteration:
+            except (StopIteration, ConfigError) as err:
+                # The batches already in flight are still delivered; the end is told after.
+                ended.append(err)
                 return
             queue.append((to_device(host, sharding), stream.get_state()))
 
@@ -116,6 +140,8 @@ def prefetch_to_device(
     while queue:
         yield queue.popleft()
         enqueue(1)
+    if ended and isinstance(ended[0], ConfigError):
+        raise ended[0]
 
 
 class DataStream:
@@ -124,7 +150,8 @@ class DataStream:
     A re-iterable ``data`` (a list, a ``kithara_ops.data.Dataset``) starts a new epoch when a
     pass ends. The position is the number of batches consumed plus, when the iterator has
     one, its own ``get_state()``; restoring uses ``set_state`` where available and otherwise
-    re-reads and skips the consumed batches.
+    re-reads and skips the consumed batches. A one-pass iterator (a generator) can only move
+    forward: ``peek`` looks at its next batch without consuming it.
     """
 
     def __init__(self, data: Iterable[Mapping]):
@@ -132,24 +159,35 @@ class DataStream:
         self.consumed = 0
         self.epoch = 0
         self._iterator = iter(data)
+        self._one_pass = self._iterator is data
+        self._peeked: list[Mapping] = []
 
     def __iter__(self) -> DataStream:
         return self
 
+    def peek(self) -> Mapping:
+        """The next batch, left in the stream."""
+        if not self._peeked:
+            self._peeked.append(self._read())
+        return self._peeked[0]
+
     def __next__(self) -> Mapping:
+        batch = self._peeked.pop() if self._peeked else self._read()
+        self.consumed += 1
+        return batch
+
+    def _read(self) -> Mapping:
         try:
-            batch = next(self._iterator)
+            return next(self._iterator)
         except StopIteration:
-            if self._iterator is self.data or self.consumed == 0:
+            if self._one_pass or self.consumed == 0:
                 raise ConfigError(
                     f"train_data ran out after {self.consumed} batches: pass a re-iterable "
                     "dataset (a list or kithara_ops.data.load(...)) or fewer steps."
                 ) from None
             self.epoch += 1
             self._iterator = iter(self.data)
-            batch = next(self._iterator)
-        self.consumed += 1
-        return batch
+            return next(self._iterator)
 
     def get_state(self) -> dict:
         """A small JSON-serialisable position."""
@@ -161,8 +199,21 @@ class DataStream:
         }
 
     def set_state(self, state: dict) -> None:
-        """Continue from a position taken with ``get_state``."""
-        self._iterator = iter(self.data)
+        """Continue from a position taken with ``get_state``.
+
+        Raises:
+          ConfigError: the data is a one-pass iterator already past that position.
+        """
+        if self._one_pass:
+            if state["consumed"] < self.consumed:
+                raise ConfigError(
+                    f"train_data is a one-pass iterator at batch {self.consumed}; it cannot go "
+                    f"back to batch {state['consumed']}: pass a re-iterable dataset."
+                )
+            while self.consumed < state["consumed"]:
+                next(self)
+            return
+        self._iterator, self._peeked = iter(self.data), []
         self.epoch = state.get("epoch", 0)
         if state.get("iterator") is not None and hasattr(self._iterator, "set_state"):
             self._iterator.set_state(state["iterator"])

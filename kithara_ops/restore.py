@@ -178,6 +178,32 @@ def restore(
     )
 
 
+def resume_point(
+    store: Checkpointer | None,
+    template: Callable[[], StateTemplate],
+    resume: bool | int | None,
+    reset_optimizer: bool = False,
+) -> Restored | None:
+    """What a run starts from: ``None`` for a fresh start, else the restored checkpoint.
+
+    Args:
+      store: the run's checkpointer (``None`` without a checkpoint directory).
+      template: returns the state template (only called when there is something to restore).
+      resume: ``False``/``None`` for a fresh start; ``True`` for the newest readable
+        checkpoint, or a fresh start when the directory has none yet; a step number for
+        that checkpoint.
+      reset_optimizer: start a fresh optimizer state on the restored weights.
+    """
+    if resume is False or resume is None:
+        return None
+    if store is None:
+        raise ConfigError("resume needs a checkpoint directory: pass checkpoint_dir=DIR.")
+    if resume is True and not store.steps():
+        log.info("No checkpoint in %s yet: starting at step 0.", store.directory)
+        return None
+    return restore_latest(store, template(), resume, reset_optimizer)
+
+
 def restore_latest(
     store: Checkpointer, template: StateTemplate, resume: bool | int, reset_optimizer: bool
 ) -> Restored:

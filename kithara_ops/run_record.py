@@ -21,7 +21,10 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import uuid
 from typing import Any
+
+import numpy as np
 
 from kithara_ops.config import OBJECT_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
@@ -154,6 +157,18 @@ def migrate_v0(meta: dict[str, Any]) -> dict[str, Any]:
         "saved_at": meta.get("saved_at", ""),
         "versions": meta.get("versions") or {},
     }
+
+
+def new_run_uid() -> str:
+    """A fresh run identity, the same in every process of a multi-process run."""
+    import jax
+
+    uid = np.frombuffer(uuid.uuid4().bytes, dtype=np.uint8)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        uid = np.asarray(multihost_utils.broadcast_one_to_all(uid))
+    return bytes(uid.astype(np.uint8)).hex()
 
 
 @functools.cache

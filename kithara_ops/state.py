@@ -15,6 +15,7 @@ import jax
 import keras
 import numpy as np
 
+from kithara_ops import distributed
 from kithara_ops.sharding import LayoutRule, parameter_shardings, replicated
 
 
@@ -47,6 +48,21 @@ def variable_keys(variables: list[keras.Variable]) -> list[str]:
         seen[var.path] = n + 1
         keys.append(var.path if n == 0 else f"{var.path}#{n}")
     return keys
+
+
+def key_groups(model: keras.Model, adapter: Any) -> dict[str, list[str]]:
+    """The state's variable keys by group, in the model's (and a Keras optimizer's) order.
+
+    Checkpoints record them, so a rebuilt model whose layers Keras named differently is
+    matched by position.
+    """
+    groups = {
+        "params": variable_keys(model.trainable_variables),
+        "non_trainable": variable_keys(model.non_trainable_variables),
+    }
+    if adapter.state_keys is not None:
+        groups["opt"] = list(adapter.state_keys)
+    return groups
 
 
 def state_shardings(
@@ -119,6 +135,21 @@ def abstract_state(build: Callable[[], TrainState], shardings: TrainState) -> Tr
         shapes,
         shardings,
     )
+
+
+def write_back(
+    state: TrainState, model: keras.Model, key_groups: dict[str, list[str]], adapter: Any
+) -> None:
+    """Assign a trained state to the Keras model's variables and the optimizer object.
+
+    In a multi-process run full copies are gathered first, so every process takes part.
+    """
+    params, non_trainable = distributed.process_local((state.params, state.non_trainable))
+    for key, var in zip(key_groups["params"], model.trainable_variables):
+        var.assign(params[key])
+    for key, var in zip(key_groups["non_trainable"], model.non_trainable_variables):
+        var.assign(non_trainable[key])
+    adapter.write_back(distributed.process_local(state.opt_state))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,10 @@ optimizer adapter. It never branches on the optimizer family and never talks to 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -153,3 +157,46 @@ def split_micro_batches(batch: Batch, n: int) -> Batch:
         return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
 
     return jax.tree.map(split, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """The jit-wrapped functions of a run, every sharding explicit (compiled on first call).
+
+    Attributes:
+      init_optimizer: parameters -> a fresh optimizer state, placed by its shardings.
+      train_step: ``(state, batch) -> (state, metrics)``, the state donated.
+      eval_step: ``(params, non_trainable, batch) -> (loss sum, token count)``.
+    """
+
+    init_optimizer: Callable[[dict], Any]
+    train_step: Callable
+    eval_step: Callable
+
+
+def compile_steps(
+    builder: StepBuilder, shardings: TrainState, batch: jax.sharding.Sharding
+) -> CompiledSteps:
+    """Wrap ``builder``'s steps for the state ``shardings`` and the batch sharding ``batch``."""
+    repl = shardings.step
+    adapter = builder.adapter
+    if adapter.init_on_host:
+        # Initial values read from the optimizer's own variables: under jit they would
+        # become constants of the executable and stay on the device as long as it does.
+        def init_optimizer(params):
+            return jax.device_put(adapter.init(params), shardings.opt_state)
+
+    else:  # computed state is built on the devices, already sharded
+        init_optimizer = jax.jit(adapter.init, out_shardings=shardings.opt_state)
+    train_step = jax.jit(
+        builder.train_step,
+        in_shardings=(shardings, batch),
+        out_shardings=(shardings, repl),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        builder.eval_step,
+        in_shardings=(shardings.params, shardings.non_trainable, batch),
+        out_shardings=(repl, repl),
+    )
+    return CompiledSteps(init_optimizer, train_step, eval_step)

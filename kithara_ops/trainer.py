@@ -7,10 +7,10 @@ only the events the loop hands it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,11 +27,13 @@ from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
-from kithara_ops.restore import Restored, StateTemplate, restore_latest
+from kithara_ops.restore import Restored, StateTemplate, resume_point
+from kithara_ops.run_record import new_run_uid
 from kithara_ops.sharding import LayoutRule, batch_sharding, data_parallel_size, make_mesh
 from kithara_ops.sinks import Sinks, build_sinks
-from kithara_ops.state import TrainState, parked_on_host, variable_keys
-from kithara_ops.step import StepBuilder
+from kithara_ops.state import TrainState, parked_on_host
+from kithara_ops.step import StepBuilder, compile_steps
+from kithara_ops.timing import Clock, every
 
 log = logging.getLogger("kithara_ops")
 
@@ -88,12 +90,7 @@ class Trainer:
         self.callbacks = CallbackList(self.sinks.callbacks)
         self.mesh = make_mesh(self.config.sharding, self.config.mesh_shape, devices)
         rules = layout_rules if layout_rules is not None else layout_rules_of(model)
-        self.key_groups = {
-            "params": variable_keys(model.trainable_variables),
-            "non_trainable": variable_keys(model.non_trainable_variables),
-        }
-        if self.adapter.state_keys is not None:
-            self.key_groups["opt"] = self.adapter.state_keys
+        self.key_groups = state_lib.key_groups(model, self.adapter)
         self.state_shardings = state_lib.state_shardings(
             self.mesh, model, self.adapter, rules, self.config.min_shard_size
         )
@@ -111,48 +108,36 @@ class Trainer:
         elif options:
             config = config.replace(**options)
         if "data" in config.given:  # the config records the batch shape the data really has
-            first = next(iter(self.train_data), None)
-            if first is not None and isinstance(first, Mapping) and "x" in first:
+            first = self._peek_train_data()
+            if isinstance(first, Mapping) and "x" in first:
                 rows, length = np.shape(first["x"])[:2]
                 config = config.replace(batch_size=int(rows), seq_len=int(length))
         return config
 
+    def _peek_train_data(self) -> Any:
+        """The first training batch; a one-pass iterator is re-chained so none is lost."""
+        iterator = iter(self.train_data)
+        first = next(iterator, None)
+        if iterator is self.train_data and first is not None:
+            self.train_data = itertools.chain([first], iterator)
+        return first
+
     def _compile(self) -> None:
-        """Wrap the steps in ``jax.jit`` with every sharding explicit (compiled on first call)."""
-        shardings, config = self.state_shardings, self.config
-        repl = shardings.step
-        self.batch_sharding = batch_sharding(self.mesh)
+        """Build the pure steps and wrap them with every sharding explicit."""
         micro = jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"))
         )
+        accum = self.config.grad_accum_steps
         builder = StepBuilder(
             self.model,
             self.adapter,
             self.key_groups["params"],
             self.key_groups["non_trainable"],
-            config.grad_accum_steps,
-            micro_batch_sharding=micro if config.grad_accum_steps > 1 else None,
+            accum,
+            micro_batch_sharding=micro if accum > 1 else None,
         )
-        if self.adapter.init_on_host:
-            # Initial values read from the optimizer's own variables: under jit they would
-            # become constants of the executable and stay on the device as long as it does.
-            def init_opt(params):
-                return jax.device_put(self.adapter.init(params), shardings.opt_state)
-
-            self._init_opt = init_opt
-        else:  # computed state is built on the devices, already sharded
-            self._init_opt = jax.jit(self.adapter.init, out_shardings=shardings.opt_state)
-        self._train_step = jax.jit(
-            builder.train_step,
-            in_shardings=(shardings, self.batch_sharding),
-            out_shardings=(shardings, repl),
-            donate_argnums=0,
-        )
-        self._eval_step = jax.jit(
-            builder.eval_step,
-            in_shardings=(shardings.params, shardings.non_trainable, self.batch_sharding),
-            out_shardings=(repl, repl),
-        )
+        self.batch_sharding = batch_sharding(self.mesh)
+        self.steps = compile_steps(builder, self.state_shardings, self.batch_sharding)
 
     @property
     def param_keys(self) -> list[str]:
@@ -162,13 +147,13 @@ class Trainer:
     def initial_state(self) -> TrainState:
         """A fresh state from the model's current variables, placed on the mesh."""
         return state_lib.initial_state(
-            self.model, self.state_shardings, self._init_opt, self.config.seed
+            self.model, self.state_shardings, self.steps.init_optimizer, self.config.seed
         )
 
     def state_template(self) -> StateTemplate:
         """What a restore needs: the state's shapes, dtypes and shardings, keys, optimizer."""
         abstract = state_lib.abstract_state(self.initial_state, self.state_shardings)
-        return StateTemplate(abstract, self.key_groups, self.adapter, self._init_opt)
+        return StateTemplate(abstract, self.key_groups, self.adapter, self.steps.init_optimizer)
 
     def total_steps(self) -> int:
         """The step the run stops at (``RunConfig.total_steps`` of this data)."""
@@ -197,9 +182,12 @@ class Trainer:
         total = self.total_steps()
         stream = feed.DataStream(self.train_data)
         shape = feed.check_first_batch(
-            next(stream), data_parallel_size(self.mesh), self.config.grad_accum_steps
+            stream.peek(), data_parallel_size(self.mesh), self.config.grad_accum_steps
         )
-        state, restored = self._starting_point(resume, reset_optimizer)
+        restored = resume_point(
+            self.sinks.checkpoints, self.state_template, resume, reset_optimizer
+        )
+        state = restored.state if restored else self.initial_state()
         start = int(state.step)
         if start >= total:
             raise ConfigError(
@@ -258,25 +246,10 @@ class Trainer:
         step = int(state.step)
         while step < total:
             batch, position = next(batches)
-            state, metrics = self._train_step(state, batch)
+            state, metrics = self.steps.train_step(state, batch)
             step += 1
             clock.stepped(metrics, step)
             yield step, state, metrics, position.get("iterator")
-
-    def _starting_point(
-        self, resume: bool | int, reset_optimizer: bool
-    ) -> tuple[TrainState, Restored | None]:
-        """A fresh state, or a checkpoint's with its record."""
-        if resume is False or resume is None:
-            return self.initial_state(), None
-        store = self.sinks.checkpoints
-        if store is None:
-            raise ConfigError("resume needs a checkpoint directory: pass checkpoint_dir=DIR.")
-        if resume is True and not store.steps():
-            log.info("No checkpoint in %s yet: starting at step 0.", store.directory)
-            return self.initial_state(), None
-        restored = restore_latest(store, self.state_template(), resume, reset_optimizer)
-        return restored.state, restored
 
     def _run_info(self, start: int, total: int, restored: Restored | None) -> RunInfo:
         return RunInfo(
@@ -302,89 +275,22 @@ class Trainer:
 
     def _evaluate(self, state: TrainState, step: int) -> float:
         """Mean token loss over ``eval_data`` (or ``eval_steps`` batches of it)."""
-        loss_sum, count, shape = 0.0, 0.0, None
-        for i, batch in enumerate(self.eval_data):
-            if self.config.eval_steps is not None and i >= self.config.eval_steps:
-                break
-            if shape is None:
-                shape = feed.check_first_batch(batch, data_parallel_size(self.mesh), 1)
-            device_batch = feed.to_device(feed.to_host_arrays(batch, shape), self.batch_sharding)
-            s, c = self._eval_step(state.params, state.non_trainable, device_batch)
-            loss_sum, count = loss_sum + s, count + c
-        if shape is None:
-            raise ConfigError("eval_data yielded no batches: check the eval source and batch size.")
-        eval_loss = float(loss_sum) / max(float(count), 1.0)
+        batches = feed.eval_batches(
+            self.eval_data,
+            self.batch_sharding,
+            data_parallel_size(self.mesh),
+            self.config.eval_steps,
+        )
+        sums = [self.steps.eval_step(state.params, state.non_trainable, b) for b in batches]
+        eval_loss = float(sum(s for s, _ in sums)) / max(float(sum(c for _, c in sums)), 1.0)
         metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 80.0))}
         self.callbacks.on_eval(step, metrics)
         return eval_loss
 
     def _write_back(self, state: TrainState) -> None:
         """Give the trained values back to the Keras objects the user holds."""
-        # In a multi-process run, full copies are gathered first (all processes take part).
-        params, non_trainable = distributed.process_local((state.params, state.non_trainable))
-        for key, var in zip(self.key_groups["params"], self.model.trainable_variables):
-            var.assign(params[key])
-        for key, var in zip(self.key_groups["non_trainable"], self.model.non_trainable_variables):
-            var.assign(non_trainable[key])
-        self.adapter.write_back(distributed.process_local(state.opt_state))
+        state_lib.write_back(state, self.model, self.key_groups, self.adapter)
 
     def _held_variables(self) -> list[keras.Variable]:
         """The Keras objects' own variables: the model's and the optimizer's (if it has any)."""
         return [*self.model.variables, *self.adapter.variables]
-
-
-def every(n: int | None, step: int, total: int, only_last: bool = False) -> bool:
-    """Whether a hook with period ``n`` runs at ``step``: every ``n`` steps and at the last.
-
-    ``n=None`` runs only at the last step with ``only_last``, and never otherwise.
-    """
-    if step == total:
-        return n is not None or only_last
-    return bool(n) and step % n == 0
-
-
-def new_run_uid() -> str:
-    """A fresh run identity, the same in every process of a multi-process run."""
-    uid = np.frombuffer(uuid.uuid4().bytes, dtype=np.uint8)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        uid = np.asarray(multihost_utils.broadcast_one_to_all(uid))
-    return bytes(uid.astype(np.uint8)).hex()
-
-
-class Clock:
-    """Step timing: compilation apart from steady speed, and speed between logging steps.
-
-    The first step's time includes compilation, so the clock blocks on it once; after that
-    it reads the time only when metrics are fetched, which syncs with the devices anyway.
-    """
-
-    def __init__(self, tokens_per_step: int, since: float):
-        self.tokens_per_step = tokens_per_step
-        self.started = since
-        self.compile_seconds = 0.0
-        self.last: dict[str, float] = {}
-        self._mark, self._mark_step = time.perf_counter(), None
-
-    def stepped(self, metrics: Any, step: int) -> None:
-        """Note a dispatched step; times the first one (compilation) to its end."""
-        if self._mark_step is None:
-            jax.block_until_ready(metrics)
-            self.compile_seconds = time.perf_counter() - self._mark
-            self._mark, self._mark_step = time.perf_counter(), step
-
-    def host_metrics(self, metrics: Any, step: int) -> dict[str, float]:
-        """Fetch one step's metrics (the only host sync of a logging interval), add speed."""
-        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
-        steps, elapsed = step - self._mark_step, time.perf_counter() - self._mark
-        if steps > 0 and elapsed > 0:
-            values["step_time_seconds"] = elapsed / steps
-            values["tokens_per_second"] = self.tokens_per_step * steps / elapsed
-        self._mark, self._mark_step = time.perf_counter(), step
-        self.last = values
-        return values
-
-    def elapsed(self) -> float:
-        """Seconds since ``train()`` started."""
-        return time.perf_counter() - self.started

@@ -245,22 +245,16 @@ def test_data_stream_resumes_a_dataset_across_an_epoch(stdlib_data):
     np.testing.assert_array_equal(next(second)["x"], next(first)["x"])
 
 
-@pytest.mark.xfail(
-    reason="set_state on a one-pass iterator continues from wherever the iterator is, not "
-    "from the position asked for; Trainer.train reads one batch for its shape check and "
-    "then restores position 0, so a generator's first batch is never trained on",
-    strict=True,
-)
-def test_data_stream_restoring_an_earlier_position_of_a_one_pass_iterator():
+def test_a_one_pass_iterator_is_never_rewound_silently():
     stream = DataStream(iter([numbered_batch(i) for i in range(4)]))
     start = stream.get_state()
-    next(stream)
-    stream.set_state(start)
-    try:
-        got = next(stream)
-    except ConfigError:
-        return  # refusing to rewind a one-pass iterator would be fine too
-    assert batch_id(got) == 0
+    assert batch_id(stream.peek()) == 0  # a look does not consume
+    stream.set_state(start)  # already there: nothing to do
+    assert batch_id(next(stream)) == 0
+    with pytest.raises(ConfigError, match="one-pass iterator at batch 1"):
+        stream.set_state(start)
+    stream.set_state({"consumed": 3, "iterator": None})  # forward is fine
+    assert batch_id(next(stream)) == 3
 
 
 # --------------------------------------------------------------------------- prefetch_to_device
@@ -303,12 +297,6 @@ def test_prefetch_casts_and_checks_every_batch(eight_devices):
         next(batches)
 
 
-@pytest.mark.xfail(
-    reason="a DataStream over a one-pass iterator raises ConfigError when it ends, which "
-    "prefetch_to_device's StopIteration handler does not catch: the batches already read "
-    "ahead are lost and a run needs `size` more batches than it trains on",
-    strict=True,
-)
 def test_prefetch_delivers_every_batch_of_a_one_pass_iterator(eight_devices):
     sharding = NamedSharding(mesh_8(), PartitionSpec(("data", "fsdp")))
     stream = DataStream(iter([numbered_batch(i) for i in range(3)]))

@@ -103,7 +103,7 @@ def test_records_round_trip_and_refuse_a_newer_version():
     assert values["version"] == RECORD_VERSION
     assert values["config"]["coordinator"] is None  # launch fields are not part of the run
     assert RunRecord.from_json(values) == record
-    with pytest.raises(ConfigError, match="version 99.*upgrade"):
+    with pytest.raises(ConfigError, match=r"version 99.*upgrade"):
         RunRecord.from_json({**values, "version": 99})
 
 

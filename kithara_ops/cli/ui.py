@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 import typer
 
 from kithara_ops.cli.app import app, fail, user_errors
-from kithara_ops.errors import ConfigError
+from kithara_ops.errors import ConfigError, first_line
 
 SOURCE = "Runs"
 SERVER = "Server"
@@ -93,8 +93,8 @@ def _experiment_id(uri: str, name: str) -> str:
                 found = client.search_experiments(max_results=LISTED_EXPERIMENTS + 1)
                 others = [e.name for e in found if e.name != name]
     except MlflowException as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"Cannot read experiments from {uri}: {first}") from None
+        detail = first_line(err, limit=None)
+        raise ConfigError(f"Cannot read experiments from {uri}: {detail}") from None
     if experiment is not None and experiment.lifecycle_stage == "active":
         return str(experiment.experiment_id)
     state = "is deleted" if experiment is not None else "does not exist"

@@ -22,6 +22,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from kithara_ops.errors import first_line
 from kithara_ops.tracking.params import EXPERIMENT_TAGS
 
 log = logging.getLogger("kithara_ops.tracking")
@@ -267,12 +268,11 @@ class RunWriter:
 
     def _warn_once(self, err: Exception) -> None:
         if not self._warned:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             log.warning(
                 "MLflow at %s is not responding (%s); training goes on and metrics are kept "
                 "until it comes back.",
                 self.tracking_uri,
-                first[:200],
+                first_line(err),
             )
             self._warned = True
 

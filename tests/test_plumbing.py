@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
 
 from kithara_ops.errors import first_line
+from kithara_ops.tracking.experiments import experiment_id, experiment_state
+from kithara_ops.tracking.params import EXPERIMENT_TAGS
 
 
 @pytest.mark.parametrize(
@@ -26,3 +30,31 @@ def test_first_line_is_cut_to_the_limit():
     assert first_line(err) == "x" * 200
     assert first_line(err, limit=10) == "x" * 10
     assert first_line(err, limit=None) == "x" * 500
+
+
+@pytest.fixture
+def client(tmp_path):
+    return MlflowClient(f"sqlite:///{tmp_path}/m.db")
+
+
+def test_experiment_id_finds_and_creates_only_when_asked(client):
+    assert experiment_id(client, "absent") is None
+    assert experiment_state(client, "absent") == (None, "missing")
+    assert client.get_experiment_by_name("absent") is None
+
+    created = experiment_id(client, "new", create=True)
+    assert isinstance(created, str)
+    assert client.get_experiment(created).tags.items() >= EXPERIMENT_TAGS.items()
+    assert experiment_id(client, "new", create=True) == created
+    assert experiment_id(client, "new") == created
+    assert experiment_state(client, "new") == (created, "active")
+
+
+def test_a_deleted_experiment_is_found_never_recreated(client):
+    deleted = client.create_experiment("gone")
+    client.delete_experiment(deleted)
+    assert experiment_state(client, "gone") == (deleted, "deleted")
+    assert experiment_id(client, "gone", create=True) == deleted
+    assert (
+        len(client.search_experiments(view_type=ViewType.ALL, filter_string="name = 'gone'")) == 1
+    )

@@ -84,24 +84,26 @@ def _experiment_id(uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from kithara_ops.tracking.experiments import experiment_state
+
     client = MlflowClient(uri)
     try:
         with _quick_http_failures():
-            experiment = client.get_experiment_by_name(name)
+            found, state = experiment_state(client, name)
             others = []
-            if experiment is None or experiment.lifecycle_stage != "active":
-                found = client.search_experiments(max_results=LISTED_EXPERIMENTS + 1)
-                others = [e.name for e in found if e.name != name]
+            if state != "active":
+                listed = client.search_experiments(max_results=LISTED_EXPERIMENTS + 1)
+                others = [e.name for e in listed if e.name != name]
     except MlflowException as err:
         detail = first_line(err, limit=None)
         raise ConfigError(f"Cannot read experiments from {uri}: {detail}") from None
-    if experiment is not None and experiment.lifecycle_stage == "active":
-        return str(experiment.experiment_id)
-    state = "is deleted" if experiment is not None else "does not exist"
-    listed = ", ".join(repr(n) for n in others[:LISTED_EXPERIMENTS])
+    if found is not None and state == "active":
+        return found
+    what = "is deleted" if state == "deleted" else "does not exist"
+    names = ", ".join(repr(n) for n in others[:LISTED_EXPERIMENTS])
     more = ", ..." if len(others) > LISTED_EXPERIMENTS else ""
-    hint = f"existing: {listed}{more}" if others else "it holds no other experiment"
-    raise ConfigError(f"Experiment {name!r} {state} in {uri} ({hint}): pass --experiment NAME.")
+    hint = f"existing: {names}{more}" if others else "it holds no other experiment"
+    raise ConfigError(f"Experiment {name!r} {what} in {uri} ({hint}): pass --experiment NAME.")
 
 
 class _Stop(BaseException):

@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from kithara_ops.errors import first_line
-from kithara_ops.tracking.params import EXPERIMENT_TAGS
+from kithara_ops.tracking.experiments import experiment_id
 
 log = logging.getLogger("kithara_ops.tracking")
 
@@ -218,13 +218,9 @@ class RunWriter:
         return points, taken
 
     def _start_run(self) -> None:
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            experiment_id = self.client.create_experiment(self.experiment, tags=EXPERIMENT_TAGS)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment = experiment_id(self.client, self.experiment, create=True)
         tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else None
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        run = self.client.create_run(experiment, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         for callback in self.on_run_ready:
             callback(self.run_id)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from kithara_ops.errors import first_line
+from kithara_ops.ports import free_port, port_is_free
 from kithara_ops.tracking.experiments import experiment_id, experiment_state
 from kithara_ops.tracking.params import EXPERIMENT_TAGS
 
@@ -58,3 +61,13 @@ def test_a_deleted_experiment_is_found_never_recreated(client):
     assert (
         len(client.search_experiments(view_type=ViewType.ALL, filter_string="name = 'gone'")) == 1
     )
+
+
+def test_free_port_can_be_listened_on():
+    port = free_port()
+    assert 1024 <= port <= 65535
+    assert port_is_free(port)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        assert not port_is_free(port)

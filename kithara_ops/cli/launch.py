@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import typer
 
 from kithara_ops.cli.app import app, user_errors
 from kithara_ops.errors import ConfigError
+from kithara_ops.ports import free_port
 
 COMMANDS = ("train", "resume")
 """The commands ``launch`` can run in several processes."""
@@ -32,13 +32,6 @@ RESERVED = ("--coordinator", "--num-processes", "--process-id")
 GRACE_SECONDS = 30.0
 """How long processes get to stop cleanly (and save) before they are killed."""
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for the coordinator)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_env(devices_per_process: int, base: dict[str, str] | None = None) -> dict[str, str]:

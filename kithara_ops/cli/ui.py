@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -23,12 +22,13 @@ import typer
 
 from kithara_ops.cli.app import app, fail, user_errors
 from kithara_ops.errors import ConfigError, first_line
+from kithara_ops.ports import LOOPBACK, free_port, port_is_free
 
 SOURCE = "Runs"
 SERVER = "Server"
 LISTED_EXPERIMENTS = 5
 """How many existing experiments an unknown-experiment error names."""
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 
 
 def chart_url(base: str, experiment_id: str) -> str:
@@ -56,13 +56,10 @@ def _local_store_path(uri: str) -> Path | None:
 
 
 def _check_port(port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            raise ConfigError(
-                f"Port {port} on {HOST} is in use: choose another --port or leave it out."
-            ) from None
+    if not port_is_free(port, HOST):
+        raise ConfigError(
+            f"Port {port} on {HOST} is in use: choose another --port or leave it out."
+        )
 
 
 @contextlib.contextmanager
@@ -232,7 +229,6 @@ def ui(
     """Open the MLflow UI on an experiment's runs, compared as charts."""
     import mlflow
 
-    from kithara_ops.tracking.server import free_port
     from kithara_ops.tracking.tracker import DEFAULT_EXPERIMENT
 
     uri = tracking_uri or mlflow.get_tracking_uri()

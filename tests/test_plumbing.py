@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
 
 import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from kithara_ops.errors import first_line
+from kithara_ops.interrupt import StopRequests, handling_signals
 from kithara_ops.ports import free_port, port_is_free
 from kithara_ops.tracking.experiments import experiment_id, experiment_state
 from kithara_ops.tracking.params import EXPERIMENT_TAGS
@@ -71,3 +75,58 @@ def test_free_port_can_be_listened_on():
         server.bind(("127.0.0.1", port))
         server.listen()
         assert not port_is_free(port)
+
+
+def _previous_handler(signum, frame):
+    raise AssertionError("the handler under test should have run instead")
+
+
+@pytest.fixture
+def sigusr():
+    """SIGUSR1 and SIGUSR2 with a known handler, put back as they were after the test."""
+    signals = (signal.SIGUSR1, signal.SIGUSR2)
+    saved = {signum: signal.signal(signum, _previous_handler) for signum in signals}
+    yield signals
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_handling_signals_handles_then_restores_the_previous_handlers(sigusr):
+    received = []
+    with handling_signals(lambda signum, frame: received.append(signum), sigusr) as installed:
+        assert installed
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert sorted(received) == sorted(sigusr)
+    assert all(signal.getsignal(signum) is _previous_handler for signum in sigusr)
+
+
+def test_handling_signals_restores_the_previous_handlers_on_an_exception(sigusr):
+    with pytest.raises(RuntimeError), handling_signals(signal.SIG_IGN, sigusr):
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        raise RuntimeError
+    assert all(signal.getsignal(signum) is _previous_handler for signum in sigusr)
+
+
+def test_handling_signals_is_a_no_op_off_the_main_thread(sigusr):
+    seen = {}
+
+    def worker():
+        with handling_signals(signal.SIG_IGN, sigusr) as installed:
+            seen["installed"] = installed
+            seen["handlers"] = [signal.getsignal(signum) for signum in sigusr]
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"installed": False, "handlers": [_previous_handler, _previous_handler]}
+
+
+def test_stop_requests_take_the_first_signal_and_a_second_ctrl_c_interrupts():
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    with StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {signum: signal.getsignal(signum) for signum in before} == before

@@ -22,6 +22,7 @@ import typer
 
 from kithara_ops.cli.app import app, fail, user_errors
 from kithara_ops.errors import ConfigError, first_line
+from kithara_ops.interrupt import handling_signals
 from kithara_ops.ports import LOOPBACK, free_port, port_is_free
 
 SOURCE = "Runs"
@@ -107,17 +108,8 @@ class _Stop(BaseException):
     """Raised in the main thread by SIGINT or SIGTERM: stop the server and exit 0."""
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise _Stop(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop(signum)
 
 
 def _stop_group(server: Any, grace: float = 5.0) -> None:
@@ -154,30 +146,38 @@ def _serve(uri: str, port: int | None, experiment_id: str) -> None:
     with tempfile.TemporaryDirectory(prefix="kithara-ui-") as tmp:
         log_path = Path(tmp) / "server.log"
         server = LocalServer(backend_store_uri=uri, port=port, log_path=log_path)
-        with _stop_on_signals():
+        # What the signals fall back to once serving ends is SIG_IGN, so that a second
+        # Ctrl-C waits for the server's process group to stop instead of leaving it running.
+        with handling_signals(signal.SIG_IGN):
             try:
-                try:
-                    server.start()
-                except RuntimeError as err:
-                    detail = _last_line(log_path)
-                    raise fail(f"{err}{' Last log line: ' + detail if detail else ''}", 1) from None
-                typer.echo(f"MLflow UI: {chart_url(server.uri, experiment_id)}")
-                sys.stdout.flush()
-                typer.echo(f"Serving {uri} on {server.uri}; Ctrl-C to stop.", err=True)
-                while server.process.poll() is None:
-                    time.sleep(0.5)
-                detail = _last_line(log_path)
-                raise fail(
-                    f"mlflow server exited with code {server.process.returncode}."
-                    + (f" Last log line: {detail}" if detail else ""),
-                    1,
-                )
+                # The server must start under a Python handler: a process started while
+                # SIG_IGN is set inherits it, and may ignore the SIGTERM meant to stop it.
+                with handling_signals(_raise_stop):
+                    _run(server, uri, log_path, experiment_id)
             except _Stop:
                 pass
             finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal waits for the stop
-                    signal.signal(sig, signal.SIG_IGN)
                 _stop_group(server)
+
+
+def _run(server: Any, uri: str, log_path: Path, experiment_id: str) -> None:
+    """Start ``server``, print its chart URL and wait; exit 1 if it fails or stops by itself."""
+    try:
+        server.start()
+    except RuntimeError as err:
+        detail = _last_line(log_path)
+        raise fail(f"{err}{' Last log line: ' + detail if detail else ''}", 1) from None
+    typer.echo(f"MLflow UI: {chart_url(server.uri, experiment_id)}")
+    sys.stdout.flush()
+    typer.echo(f"Serving {uri} on {server.uri}; Ctrl-C to stop.", err=True)
+    while server.process.poll() is None:
+        time.sleep(0.5)
+    detail = _last_line(log_path)
+    raise fail(
+        f"mlflow server exited with code {server.process.returncode}."
+        + (f" Last log line: {detail}" if detail else ""),
+        1,
+    )
 
 
 @app.command(

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from kithara_ops.errors import first_line
 from kithara_ops.interrupt import StopRequests, handling_signals
 from kithara_ops.ports import free_port, port_is_free
+from kithara_ops.tracking import params
 from kithara_ops.tracking.experiments import experiment_id, experiment_state
-from kithara_ops.tracking.params import EXPERIMENT_TAGS
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_experiment_id_finds_and_creates_only_when_asked(client):
 
     created = experiment_id(client, "new", create=True)
     assert isinstance(created, str)
-    assert client.get_experiment(created).tags.items() >= EXPERIMENT_TAGS.items()
+    assert client.get_experiment(created).tags.items() >= params.EXPERIMENT_TAGS.items()
     assert experiment_id(client, "new", create=True) == created
     assert experiment_id(client, "new") == created
     assert experiment_state(client, "new") == (created, "active")
@@ -130,3 +130,13 @@ def test_stop_requests_take_the_first_signal_and_a_second_ctrl_c_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+def test_mlflow_limits_are_mlflow_s_own():
+    from mlflow.utils import validation
+
+    assert params.MAX_PARAM_LENGTH == validation.MAX_PARAM_VAL_LENGTH
+    assert params.MAX_TAG_LENGTH == validation.MAX_TAG_VAL_LENGTH
+    assert params.MAX_METRICS_PER_BATCH == validation.MAX_METRICS_PER_BATCH
+    assert params.MAX_PARAMS_PER_BATCH == validation.MAX_PARAMS_TAGS_PER_BATCH
+    assert params._mlflow_limit("NO_SUCH_LIMIT", 42) == 42

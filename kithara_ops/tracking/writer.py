@@ -24,11 +24,9 @@ from mlflow.tracking import MlflowClient
 
 from kithara_ops.errors import first_line
 from kithara_ops.tracking.experiments import experiment_id
+from kithara_ops.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH
 
 log = logging.getLogger("kithara_ops.tracking")
-
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
 
 
 @dataclasses.dataclass
@@ -95,7 +93,7 @@ class RunWriter:
 
     # ------------------------------------------------------------------ caller side
     def log_params(self, params: dict[str, str]) -> None:
-        """Queue params (sent in batches of 100)."""
+        """Queue params (sent ``MAX_PARAMS_PER_BATCH`` at a time, MLflow's limit)."""
         items = list(params.items())
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._put("params", dict(items[i : i + MAX_PARAMS_PER_BATCH]))

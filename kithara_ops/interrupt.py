@@ -2,12 +2,53 @@
 
 The first signal only asks the loop to stop after the step in flight, so the state that is
 saved is a whole step's; a second Ctrl-C stops at once, as Python normally does.
+
+``handling_signals`` is how kithara-ops installs signal handlers anywhere (training here,
+``launch`` and ``ui`` on the command line): only from the main thread, and always putting the
+previous handlers back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
+from typing import Any
+
+
+@contextlib.contextmanager
+def handling_signals(
+    handler: Callable[[int, FrameType | None], Any] | int,
+    signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM),
+) -> Iterator[bool]:
+    """While active, ``handler`` handles ``signals``; on exit the previous handlers are back.
+
+    Python lets only the main thread install handlers; in any other thread this does nothing
+    and signals behave as usual, so code that may run in a thread (a Trainer in a notebook's
+    worker, a test runner) needs no check of its own.
+
+    Args:
+      handler: a function of ``(signum, frame)``, ``signal.SIG_IGN`` or ``signal.SIG_DFL``.
+      signals: the signals to handle.
+
+    Yields:
+      Whether the handler was installed (``False`` off the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous: dict[int, Any] = {}
+    try:
+        for signum in signals:
+            previous[signum] = signal.signal(signum, handler)
+        yield True
+    finally:
+        for signum, old in previous.items():
+            # None: the previous handler was not set from Python and cannot be put back;
+            # the default is the nearest thing that can.
+            signal.signal(signum, signal.SIG_DFL if old is None else old)
 
 
 class TrainingStopped(KeyboardInterrupt):
@@ -35,7 +76,7 @@ class StopRequests:
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._handling: contextlib.AbstractContextManager[bool] | None = None
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
@@ -43,11 +84,11 @@ class StopRequests:
         self.signum = signum
 
     def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self._handling = handling_signals(self._handle, (signal.SIGTERM, signal.SIGINT))
+        self._handling.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        if self._handling is not None:
+            handling, self._handling = self._handling, None
+            handling.__exit__(*exc)

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from kithara_ops.checkpoint import Checkpointer, signature
-from kithara_ops.errors import ConfigError
+from kithara_ops.errors import ConfigError, first_line
 from kithara_ops.optim.migrate import migrate_state
 from kithara_ops.run_record import RunRecord
 from kithara_ops.state import TrainState
@@ -75,10 +75,7 @@ def _read(fn, *args):
     except ConfigError:
         raise
     except Exception as err:
-        text = str(err).strip()
-        raise UnreadableCheckpoint(
-            text.splitlines()[0][:200] if text else type(err).__name__
-        ) from err
+        raise UnreadableCheckpoint(first_line(err)) from err
 
 
 def rename_keys(tree: Any, mapping: dict[str, str]) -> Any:

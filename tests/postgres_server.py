@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mlflow_server import free_port
+
+from kithara_ops.ports import free_port
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0

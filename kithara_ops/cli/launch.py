@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import typer
 
 from kithara_ops.cli.app import app, user_errors
 from kithara_ops.errors import ConfigError
+from kithara_ops.interrupt import handling_signals
+from kithara_ops.ports import free_port
 
 COMMANDS = ("train", "resume")
 """The commands ``launch`` can run in several processes."""
@@ -32,13 +33,6 @@ RESERVED = ("--coordinator", "--num-processes", "--process-id")
 GRACE_SECONDS = 30.0
 """How long processes get to stop cleanly (and save) before they are killed."""
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (for the coordinator)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_env(devices_per_process: int, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -116,32 +110,31 @@ def run_processes(commands: list[list[str]], env: dict[str, str]) -> int:
 def _supervise(commands: list[list[str]], env: dict[str, str], logs: list[IO[bytes]]) -> int:
     """``run_processes`` with each process but 0 writing to its log file."""
     processes: list[subprocess.Popen] = []
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        for rank, command in enumerate(commands):
-            out = logs[rank - 1] if rank else None
-            processes.append(subprocess.Popen(command, env=env, stdout=out, stderr=out))
-        while True:
-            codes = [process.poll() for process in processes]
-            failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
-                _stop(processes, signal.SIGTERM, grace=10.0)
-                if rank:
-                    _show_log(rank, code, logs[rank - 1])
-                return code if code > 0 else 128 - code  # killed by signal N: 128 + N
-            if all(code == 0 for code in codes):
-                return 0
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        _stop(processes, signal.SIGTERM)
-        return 130
-    except _Terminated:
-        _stop(processes, signal.SIGTERM)
-        return 143
-    finally:
-        _stop(processes, signal.SIGKILL)  # only if something above went wrong
-        signal.signal(signal.SIGTERM, previous)
+    with handling_signals(_on_sigterm, (signal.SIGTERM,)):
+        try:
+            for rank, command in enumerate(commands):
+                out = logs[rank - 1] if rank else None
+                processes.append(subprocess.Popen(command, env=env, stdout=out, stderr=out))
+            while True:
+                codes = [process.poll() for process in processes]
+                failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    rank, code = failed[0]
+                    _stop(processes, signal.SIGTERM, grace=10.0)
+                    if rank:
+                        _show_log(rank, code, logs[rank - 1])
+                    return code if code > 0 else 128 - code  # killed by signal N: 128 + N
+                if all(code == 0 for code in codes):
+                    return 0
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            _stop(processes, signal.SIGTERM)
+            return 130
+        except _Terminated:
+            _stop(processes, signal.SIGTERM)
+            return 143
+        finally:
+            _stop(processes, signal.SIGKILL)  # only if something above went wrong
 
 
 @app.command(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -22,13 +21,15 @@ from urllib.parse import unquote, urlparse
 import typer
 
 from kithara_ops.cli.app import app, fail, user_errors
-from kithara_ops.errors import ConfigError
+from kithara_ops.errors import ConfigError, first_line
+from kithara_ops.interrupt import handling_signals
+from kithara_ops.ports import LOOPBACK, free_port, port_is_free
 
 SOURCE = "Runs"
 SERVER = "Server"
 LISTED_EXPERIMENTS = 5
 """How many existing experiments an unknown-experiment error names."""
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 
 
 def chart_url(base: str, experiment_id: str) -> str:
@@ -56,13 +57,10 @@ def _local_store_path(uri: str) -> Path | None:
 
 
 def _check_port(port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            raise ConfigError(
-                f"Port {port} on {HOST} is in use: choose another --port or leave it out."
-            ) from None
+    if not port_is_free(port, HOST):
+        raise ConfigError(
+            f"Port {port} on {HOST} is in use: choose another --port or leave it out."
+        )
 
 
 @contextlib.contextmanager
@@ -84,41 +82,34 @@ def _experiment_id(uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from kithara_ops.tracking.experiments import experiment_state
+
     client = MlflowClient(uri)
     try:
         with _quick_http_failures():
-            experiment = client.get_experiment_by_name(name)
+            found, state = experiment_state(client, name)
             others = []
-            if experiment is None or experiment.lifecycle_stage != "active":
-                found = client.search_experiments(max_results=LISTED_EXPERIMENTS + 1)
-                others = [e.name for e in found if e.name != name]
+            if state != "active":
+                listed = client.search_experiments(max_results=LISTED_EXPERIMENTS + 1)
+                others = [e.name for e in listed if e.name != name]
     except MlflowException as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"Cannot read experiments from {uri}: {first}") from None
-    if experiment is not None and experiment.lifecycle_stage == "active":
-        return str(experiment.experiment_id)
-    state = "is deleted" if experiment is not None else "does not exist"
-    listed = ", ".join(repr(n) for n in others[:LISTED_EXPERIMENTS])
+        detail = first_line(err, limit=None)
+        raise ConfigError(f"Cannot read experiments from {uri}: {detail}") from None
+    if found is not None and state == "active":
+        return found
+    what = "is deleted" if state == "deleted" else "does not exist"
+    names = ", ".join(repr(n) for n in others[:LISTED_EXPERIMENTS])
     more = ", ..." if len(others) > LISTED_EXPERIMENTS else ""
-    hint = f"existing: {listed}{more}" if others else "it holds no other experiment"
-    raise ConfigError(f"Experiment {name!r} {state} in {uri} ({hint}): pass --experiment NAME.")
+    hint = f"existing: {names}{more}" if others else "it holds no other experiment"
+    raise ConfigError(f"Experiment {name!r} {what} in {uri} ({hint}): pass --experiment NAME.")
 
 
 class _Stop(BaseException):
     """Raised in the main thread by SIGINT or SIGTERM: stop the server and exit 0."""
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        raise _Stop(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop(signum)
 
 
 def _stop_group(server: Any, grace: float = 5.0) -> None:
@@ -155,30 +146,38 @@ def _serve(uri: str, port: int | None, experiment_id: str) -> None:
     with tempfile.TemporaryDirectory(prefix="kithara-ui-") as tmp:
         log_path = Path(tmp) / "server.log"
         server = LocalServer(backend_store_uri=uri, port=port, log_path=log_path)
-        with _stop_on_signals():
+        # What the signals fall back to once serving ends is SIG_IGN, so that a second
+        # Ctrl-C waits for the server's process group to stop instead of leaving it running.
+        with handling_signals(signal.SIG_IGN):
             try:
-                try:
-                    server.start()
-                except RuntimeError as err:
-                    detail = _last_line(log_path)
-                    raise fail(f"{err}{' Last log line: ' + detail if detail else ''}", 1) from None
-                typer.echo(f"MLflow UI: {chart_url(server.uri, experiment_id)}")
-                sys.stdout.flush()
-                typer.echo(f"Serving {uri} on {server.uri}; Ctrl-C to stop.", err=True)
-                while server.process.poll() is None:
-                    time.sleep(0.5)
-                detail = _last_line(log_path)
-                raise fail(
-                    f"mlflow server exited with code {server.process.returncode}."
-                    + (f" Last log line: {detail}" if detail else ""),
-                    1,
-                )
+                # The server must start under a Python handler: a process started while
+                # SIG_IGN is set inherits it, and may ignore the SIGTERM meant to stop it.
+                with handling_signals(_raise_stop):
+                    _run(server, uri, log_path, experiment_id)
             except _Stop:
                 pass
             finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal waits for the stop
-                    signal.signal(sig, signal.SIG_IGN)
                 _stop_group(server)
+
+
+def _run(server: Any, uri: str, log_path: Path, experiment_id: str) -> None:
+    """Start ``server``, print its chart URL and wait; exit 1 if it fails or stops by itself."""
+    try:
+        server.start()
+    except RuntimeError as err:
+        detail = _last_line(log_path)
+        raise fail(f"{err}{' Last log line: ' + detail if detail else ''}", 1) from None
+    typer.echo(f"MLflow UI: {chart_url(server.uri, experiment_id)}")
+    sys.stdout.flush()
+    typer.echo(f"Serving {uri} on {server.uri}; Ctrl-C to stop.", err=True)
+    while server.process.poll() is None:
+        time.sleep(0.5)
+    detail = _last_line(log_path)
+    raise fail(
+        f"mlflow server exited with code {server.process.returncode}."
+        + (f" Last log line: {detail}" if detail else ""),
+        1,
+    )
 
 
 @app.command(
@@ -230,7 +229,6 @@ def ui(
     """Open the MLflow UI on an experiment's runs, compared as charts."""
     import mlflow
 
-    from kithara_ops.tracking.server import free_port
     from kithara_ops.tracking.tracker import DEFAULT_EXPERIMENT
 
     uri = tracking_uri or mlflow.get_tracking_uri()

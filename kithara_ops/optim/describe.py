@@ -134,12 +134,13 @@ def optimizer_label(opt: Any) -> str:
     return describe_optimizer(opt)["label"]
 
 
-def optimizer_params(description: dict[str, Any], max_len: int = 6000) -> dict[str, str]:
+def optimizer_params(description: dict[str, Any], max_len: int | None = None) -> dict[str, str]:
     """Flat string params for MLflow, with the same keys for both families.
 
     Args:
       description: what ``describe_optimizer`` returned.
-      max_len: longest value; longer values are cut to fit and end in ``...``.
+      max_len: longest value (default: MLflow's param limit); longer values are cut to
+        fit and end in ``...``.
 
     Returns:
       ``optimizer.family``, ``optimizer.name``, ``optimizer.learning_rate``,
@@ -159,7 +160,10 @@ def optimizer_params(description: dict[str, Any], max_len: int = 6000) -> dict[s
     params["optimizer.chain"] = description.get("chain_text", "")
     for i, element in enumerate(description.get("chain", [])):
         params[f"optimizer.chain.{i}"] = _element_text(element)
-    return {key: _shorten(value_text(value), max_len) for key, value in params.items()}
+    from kithara_ops.tracking.params import MAX_PARAM_LENGTH
+
+    limit = MAX_PARAM_LENGTH if max_len is None else max_len
+    return {key: _shorten(value_text(value), limit) for key, value in params.items()}
 
 
 def _keras_config(opt: keras.optimizers.Optimizer) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import keras
 import optax
 
-from kithara_ops.errors import ConfigError
+from kithara_ops.errors import ConfigError, first_line
 from kithara_ops.optim.spec_checks import (
     MAX_NESTING,
     abstract_base,
@@ -296,8 +296,9 @@ def _build(node: ast.expr, spec: str) -> Any:
 
 
 def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    """The error's type and first line: a library's message names what it refused."""
+    line = first_line(err, limit=None)
+    return f"{type(err).__name__}: {line}" if str(err).strip() else line
 
 
 def check_optimizer(optimizer: Any, spec: str) -> Any:

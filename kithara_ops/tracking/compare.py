@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kithara_ops.errors import ConfigError
+from kithara_ops.tracking.experiments import experiment_state
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -118,10 +119,10 @@ def compare_runs(
 
 
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str | None) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is not None and found.lifecycle_stage == "active":
-        return found.experiment_id
-    if found is not None:
+    found, state = experiment_state(client, name)
+    if state == "active":
+        return found
+    if state == "deleted":
         raise ConfigError(f"experiment {name!r} is deleted; restore it or pick another.")
     import mlflow
 

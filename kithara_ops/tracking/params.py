@@ -1,7 +1,8 @@
 """What a run logs as MLflow params and tags, as plain strings within MLflow's limits.
 
 The keys are the same for every run, whatever the optimizer family, so that the MLflow runs
-table lines runs up column by column.
+table lines runs up column by column. MLflow's limits on values and on batch requests are
+defined here once, for everything in kithara-ops that logs.
 """
 
 from __future__ import annotations
@@ -13,10 +14,27 @@ import jax
 
 from kithara_ops.callbacks import RunInfo
 
-MAX_PARAM_LENGTH = 6000
-"""MLflow's limit on a param value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``)."""
-MAX_TAG_LENGTH = 8000
-"""MLflow's limit on a tag value."""
+
+def _mlflow_limit(name: str, fallback: int) -> int:
+    """MLflow's own value of the limit ``mlflow.utils.validation.<name>``, so that a release
+    that changes it is followed; ``fallback`` if the installed MLflow does not define it."""
+    try:
+        from mlflow.utils import validation
+    except ImportError:  # not part of MLflow's documented API: it may move
+        return fallback
+    value = getattr(validation, name, None)
+    return value if isinstance(value, int) and value > 0 else fallback
+
+
+# The fallbacks are the values of MLflow 2.x and 3.x.
+MAX_PARAM_LENGTH = _mlflow_limit("MAX_PARAM_VAL_LENGTH", 6000)
+"""MLflow's limit on a param value, in characters (``MAX_PARAM_VAL_LENGTH``)."""
+MAX_TAG_LENGTH = _mlflow_limit("MAX_TAG_VAL_LENGTH", 8000)
+"""MLflow's limit on a tag value, in characters (``MAX_TAG_VAL_LENGTH``)."""
+MAX_METRICS_PER_BATCH = _mlflow_limit("MAX_METRICS_PER_BATCH", 1000)
+"""The most metric points one ``log_batch`` request may carry."""
+MAX_PARAMS_PER_BATCH = _mlflow_limit("MAX_PARAMS_TAGS_PER_BATCH", 100)
+"""The most params (and tags, counted together) one ``log_batch`` request may carry."""
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 """Tags of experiments kithara-ops creates: the MLflow UI then treats runs as model training."""
 

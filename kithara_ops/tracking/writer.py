@@ -22,15 +22,14 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from kithara_ops.tracking.params import EXPERIMENT_TAGS
+from kithara_ops.errors import first_line
+from kithara_ops.tracking.experiments import experiment_id
+from kithara_ops.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH
 
 log = logging.getLogger("kithara_ops.tracking")
 
 RUN_UID_TAG = "kithara_ops.run_uid"
 """The tag holding a run's own identity (``RunInfo.run_uid``): a resume finds its run by it."""
-
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
 
 
 @dataclasses.dataclass
@@ -104,7 +103,7 @@ class RunWriter:
 
     # ------------------------------------------------------------------ caller side
     def log_params(self, params: dict[str, str]) -> None:
-        """Queue params (sent in batches of 100)."""
+        """Queue params (sent ``MAX_PARAMS_PER_BATCH`` at a time, MLflow's limit)."""
         items = list(params.items())
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._put("params", dict(items[i : i + MAX_PARAMS_PER_BATCH]))
@@ -227,14 +226,10 @@ class RunWriter:
         return points, taken
 
     def _start_run(self) -> None:
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            experiment_id = self.client.create_experiment(self.experiment, tags=EXPERIMENT_TAGS)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment = experiment_id(self.client, self.experiment, create=True)
         if self.find_existing:
             found = self.client.search_runs(
-                [experiment_id], f"tags.`{RUN_UID_TAG}` = '{self.run_uid}'", max_results=1
+                [experiment], f"tags.`{RUN_UID_TAG}` = '{self.run_uid}'", max_results=1
             )
             if found:
                 self.run_id = found[0].info.run_id
@@ -245,7 +240,7 @@ class RunWriter:
         tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
         if self.run_uid:
             tags[RUN_UID_TAG] = self.run_uid
-        run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags or None)
+        run = self.client.create_run(experiment, run_name=self.run_name, tags=tags or None)
         self.run_id = run.info.run_id
         for callback in self.on_run_ready:
             callback(self.run_id)
@@ -289,12 +284,11 @@ class RunWriter:
 
     def _warn_once(self, err: Exception) -> None:
         if not self._warned:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             log.warning(
                 "MLflow at %s is not responding (%s); training goes on and metrics are kept "
                 "until it comes back.",
                 self.tracking_uri,
-                first[:200],
+                first_line(err),
             )
             self._warned = True
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -112,7 +113,10 @@ def run_child(
         command += ["--cache-dir", str(cache_dir)]
     if resume:
         command.append("--resume")
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    # The only cache a child uses is the one this benchmark names, never one it inherits.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(

@@ -122,7 +122,7 @@ def run_trainer(optimizer: Callable) -> Callable[[Case, list], Outcome]:
         return {
             "step_seconds": clock.step_seconds,
             "first_step_seconds": result.compile_seconds,
-            "compilations": trainer._train_step._cache_size(),
+            "compilations": trainer.steps.train_step._cache_size(),
             "loss": result.loss,
         }
 

@@ -10,6 +10,13 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiled executables are kept on disk and shared by every test, by the CLI processes the
+# tests start (they inherit the environment) and by the next run of the suite: most tests
+# compile the same tiny steps.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kithara-ops-tests-jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # Runs the tests make go to a store of their own, never to a server the shell points at.
 os.environ["MLFLOW_TRACKING_URI"] = (
     f"sqlite:///{tempfile.mkdtemp(prefix='kithara-tests-')}/mlflow.db"

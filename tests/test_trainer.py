@@ -252,8 +252,8 @@ def test_eval_reports_loss_and_perplexity_and_compiles_each_step_once(
         assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert recorder.evals[6]["eval_loss"] < recorder.evals[2]["eval_loss"]
     assert result.eval_loss == recorder.evals[6]["eval_loss"]
-    assert trainer._train_step._cache_size() == 1
-    assert trainer._eval_step._cache_size() == 1
+    assert trainer.steps.train_step._cache_size() == 1
+    assert trainer.steps.eval_step._cache_size() == 1
 
 
 def test_dropout_randomness_comes_from_the_seed(make_model, stdlib_data):

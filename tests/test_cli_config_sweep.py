@@ -31,7 +31,7 @@ def final_params(checkpoint_dir):
     abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
     )
-    state = checkpointer.restore_state(step, abstract)
+    state = checkpointer.restore(step, abstract)
     return {k: np.asarray(v) for k, v in state["params"].items()}
 
 

@@ -12,9 +12,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import json
 import math
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +31,7 @@ from kithara_ops.config_fields import (
     option,
     parse_mesh_shape,
 )
+from kithara_ops.config_file import read_values
 from kithara_ops.distributed import check_options
 from kithara_ops.errors import ConfigError
 
@@ -296,27 +295,16 @@ def field_types() -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a ``RunConfig`` from a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file."""
+    """Read a ``RunConfig`` from a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file.
+
+    The file is read within limits (size, nesting, no YAML aliases; see ``config_file``),
+    and its keys must be ``RunConfig`` fields.
+
+    Raises:
+      ConfigError: one line naming the file, what is wrong and the fix.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"Config file {str(path)!r} does not exist: check the path.")
-    if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} is not a file.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"Config file {str(path)!r} is not UTF-8 text.") from None
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            values = tomllib.loads(text)
-        elif suffix == ".json":
-            values = json.loads(text)
-        else:
-            values = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(f"Config file {str(path)!r} is not valid: {first}") from None
+    values = read_values(path)
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a mapping of option: value.")
     return RunConfig.from_dict(values)

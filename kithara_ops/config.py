@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import functools
+import inspect
 import math
-import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from kithara_ops.config_fields import (
+    CKPT,
+    DIST,
+    LOOP,
+    MODEL,
+    OPTIM,
+    SHARD,
+    TRACK,
+    attributes_doc,
+    option,
+    parse_mesh_shape,
+)
+from kithara_ops.config_file import read_values
 from kithara_ops.distributed import check_options
 from kithara_ops.errors import ConfigError
-
-Sharding = Literal["dp", "fsdp"]
-Precision = Literal["float32", "mixed_bfloat16"]
 
 LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
 """The fields that connect the processes of a multi-process run (see ``distributed``)."""
@@ -36,78 +47,152 @@ DEFAULT_STEPS = 200
 
 @dataclasses.dataclass
 class RunConfig:
-    """Everything that defines a run, as plain values (no live objects)."""
+    """Everything that defines a run, as plain values (no live objects).
 
-    model: str = "tiny"
-    """Built-in size (``tiny``, ``small``) or a ``module:function`` returning a ``keras.Model``."""
-    data: str = "stdlib"
-    """Training data source: ``stdlib``, ``synthetic``, a text file/dir/glob, or a ``.jsonl`` file."""
-    eval_data: str | None = None
-    """Evaluation data source (same forms as ``data``); ``None`` for no evaluation."""
-    optimizer: str = "optax.adamw"
-    """Optimizer spec: a name such as ``optax.adamw`` / ``keras.AdamW``, or a call expression."""
-    learning_rate: float = 1e-3
-    """Learning rate used when ``optimizer`` is a bare name."""
-    weight_decay: float | None = None
-    """Weight decay used when ``optimizer`` is a bare name (``None``: the optimizer's default)."""
-    steps: int | None = None
-    """Total optimizer steps of the run; ``None``: ``epochs`` passes, else ``DEFAULT_STEPS`` (200)."""
-    epochs: int | None = None
-    """Passes over the training data, used when ``steps`` is ``None``."""
-    batch_size: int = 8
-    """Global batch size in sequences (across all devices and processes)."""
-    seq_len: int = 128
-    """Tokens per sequence."""
-    sharding: Sharding = "dp"
-    """``dp``: replicated parameters, sharded batch. ``fsdp``: parameters and optimizer state sharded too."""
-    mesh_shape: tuple[int, int] | None = None
-    """``(data, fsdp)`` device mesh; ``None`` puts every device on the axis ``sharding`` names."""
-    min_shard_size: int = 4096
-    """Parameters with fewer elements stay replicated under ``fsdp`` (not worth a collective)."""
-    seed: int = 0
-    """Seeds parameter init, data order and the train step's RNG."""
-    log_every: int = 10
-    """Fetch metrics from the devices and report them every this many steps."""
-    eval_every: int | None = None
-    """Evaluate every this many steps (and at the end); ``None``: only at the end."""
-    eval_steps: int | None = None
-    """Batches per evaluation; ``None``: one full pass over ``eval_data``."""
-    grad_accum_steps: int = 1
-    """Split each batch into this many micro-batches and sum their gradients."""
-    precision: Precision = "float32"
-    """``mixed_bfloat16`` computes the built-in model in bfloat16 with float32 master weights."""
-    checkpoint_dir: str | None = None
-    """Directory for Orbax checkpoints; ``None``: no checkpoints."""
-    save_every: int | None = None
-    """Save a checkpoint every this many steps (and always at the end)."""
-    keep: int = 3
-    """How many checkpoints to keep."""
-    keep_best: bool = False
-    """Keep the ``keep`` checkpoints with the lowest ``eval_loss`` rather than the newest."""
-    tracking: bool = True
-    """Log the run to MLflow."""
-    tracking_uri: str | None = None
-    """MLflow tracking URI; ``None``: ``MLFLOW_TRACKING_URI``, else MLflow's local sqlite store."""
-    experiment: str | None = None
-    """MLflow experiment; ``None``: ``MLFLOW_EXPERIMENT_NAME``, else ``kithara-ops``."""
-    parent_run_id: str | None = None
-    """MLflow run to log this run under, as a child (``kithara-ops sweep`` sets it)."""
-    run_name: str | None = None
-    """MLflow run name; ``None``: the optimizer's short label (e.g. ``optax:clip+adamw lr=1e-3``)."""
-    system_metrics: bool = True
-    """Log MLflow system metrics (CPU, memory) alongside training metrics."""
-    log_model: bool = False
-    """Log the trained model with MLflow's Keras flavour at the end of the run."""
-    coordinator: str | None = None
-    """Multi-process runs: process 0's ``HOST:PORT``; ``None``: one process (or auto-detected)."""
-    num_processes: int | None = None
-    """Multi-process runs: how many processes take part (with ``coordinator``)."""
-    process_id: int | None = None
-    """Multi-process runs: this process's rank, from 0 (with ``coordinator``)."""
-    given: frozenset[str] = frozenset()
-    """Which of ``model``, ``data``, ``optimizer`` were given as Python objects: their field
-    then holds a label (``causal_lm``, ``Dataset``, ``optax:adamw lr=0.001``), not a spec that
-    ``build`` could rebuild from."""
+    Each field's help text lives in its ``option(...)`` declaration; the ``Attributes``
+    section below is generated from them, as are ``kithara-ops train``'s options.
+    """
+
+    model: str = option(
+        "tiny", "Built-in size (tiny, small) or a module:function returning a keras.Model.", MODEL
+    )
+    data: str = option(
+        "stdlib",
+        "Training data: stdlib, synthetic, a text file/dir/glob, or a .jsonl file.",
+        MODEL,
+    )
+    eval_data: str | None = option(
+        None, "Evaluation data, in the same forms as data; None: no evaluation.", MODEL
+    )
+    optimizer: str = option(
+        "optax.adamw",
+        "Optimizer spec: a name such as optax.adamw or keras.AdamW, or a call such as "
+        "'optax.adamw(1e-3)'.",
+        OPTIM,
+    )
+    learning_rate: float = option(1e-3, "Learning rate used when optimizer is a bare name.", OPTIM)
+    weight_decay: float | None = option(
+        None,
+        "Weight decay used when optimizer is a bare name; None: the optimizer's default.",
+        OPTIM,
+    )
+    steps: int | None = option(
+        None,
+        f"Total optimizer steps of the run; None: epochs passes over the data if epochs is "
+        f"set, else {DEFAULT_STEPS}.",
+        LOOP,
+        default_text=f"{DEFAULT_STEPS} unless --epochs",
+    )
+    epochs: int | None = option(
+        None, "Passes over the training data, used when steps is None.", LOOP
+    )
+    batch_size: int = option(
+        8, "Global batch size in sequences, across all devices and processes.", LOOP
+    )
+    seq_len: int = option(128, "Tokens per sequence.", MODEL)
+    sharding: Literal["dp", "fsdp"] = option(
+        "dp",
+        "dp: replicated parameters, sharded batch; fsdp: parameters and optimizer state "
+        "sharded too.",
+        SHARD,
+    )
+    mesh_shape: tuple[int, int] | None = option(
+        None,
+        "(data, fsdp) device mesh, written 2,4 or 2x4 on the command line; None: every "
+        "device on the axis sharding names.",
+        SHARD,
+        parser=parse_mesh_shape,
+        metavar="DATA,FSDP",
+    )
+    min_shard_size: int = option(
+        4096,
+        "Parameters with fewer elements stay replicated under fsdp (not worth a collective).",
+        SHARD,
+    )
+    seed: int = option(0, "Seeds parameter init, data order and the train step's RNG.", LOOP)
+    log_every: int = option(
+        10, "Fetch metrics from the devices and report them every this many steps.", LOOP
+    )
+    eval_every: int | None = option(
+        None, "Evaluate every this many steps (and at the end); None: only at the end.", LOOP
+    )
+    eval_steps: int | None = option(
+        None, "Batches per evaluation; None: one full pass over eval_data.", LOOP
+    )
+    grad_accum_steps: int = option(
+        1, "Split each batch into this many micro-batches and sum their gradients.", LOOP
+    )
+    precision: Literal["float32", "mixed_bfloat16"] = option(
+        "float32",
+        "float32, or mixed_bfloat16: the built-in model computes in bfloat16 with float32 "
+        "master weights.",
+        LOOP,
+    )
+    checkpoint_dir: str | None = option(
+        None,
+        "Directory for Orbax checkpoints (with the optimizer state); None: no checkpoints.",
+        CKPT,
+    )
+    save_every: int | None = option(
+        None,
+        "Save a checkpoint every this many steps (and always at the end); None: only at the end.",
+        CKPT,
+    )
+    keep: int = option(3, "How many checkpoints to keep.", CKPT)
+    keep_best: bool = option(
+        False,
+        "Keep the checkpoints with the lowest eval_loss rather than the newest ones.",
+        CKPT,
+        flags="--keep-best/--keep-newest",
+    )
+    tracking: bool = option(True, "Log the run to MLflow.", TRACK)
+    tracking_uri: str | None = option(
+        None,
+        "MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else MLflow's default, "
+        "sqlite:///mlflow.db in the current directory.",
+        TRACK,
+    )
+    experiment: str | None = option(
+        None, "MLflow experiment; None: $MLFLOW_EXPERIMENT_NAME, else kithara-ops.", TRACK
+    )
+    parent_run_id: str | None = option(
+        None,
+        "MLflow run to log this run under, as a child (kithara-ops sweep sets it).",
+        TRACK,
+        hidden=True,
+    )
+    run_name: str | None = option(
+        None,
+        "MLflow run name; None: the optimizer's short label (e.g. optax:clip+adamw lr=1e-3).",
+        TRACK,
+    )
+    system_metrics: bool = option(
+        True, "Log MLflow system metrics (CPU, memory) alongside training metrics.", TRACK
+    )
+    log_model: bool = option(
+        False, "Log the trained model with MLflow's Keras flavour at the end of the run.", TRACK
+    )
+    coordinator: str | None = option(
+        None,
+        "Multi-process runs: process 0's HOST:PORT (with num_processes and process_id); "
+        "None: one process (or auto-detected).",
+        DIST,
+    )
+    num_processes: int | None = option(
+        None, "Multi-process runs: how many processes take part (with coordinator).", DIST
+    )
+    process_id: int | None = option(
+        None,
+        "Multi-process runs: this process's rank, 0 to num_processes - 1 (with coordinator).",
+        DIST,
+    )
+    given: frozenset[str] = option(
+        frozenset(),
+        "Which of model, data, optimizer were given as Python objects: their field then holds "
+        "a label (causal_lm, Dataset, optax:adamw lr=0.001), not a spec that build could "
+        "rebuild from.",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
@@ -115,8 +200,8 @@ class RunConfig:
         _check_positive(self, "save_every", optional=True)
         _check_positive(self, "keep")
         _check_positive(self, "min_shard_size", minimum=0)
-        _check_choice(self, "sharding", ("dp", "fsdp"))
-        _check_choice(self, "precision", ("float32", "mixed_bfloat16"))
+        _check_choice(self, "sharding")
+        _check_choice(self, "precision")
         if self.optimizer == "":
             raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
         for name in ("model", "data", "optimizer"):
@@ -199,28 +284,27 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# The field list of the docstring comes from the fields' own help texts (no second copy).
+RunConfig.__doc__ = f"{inspect.cleandoc(RunConfig.__doc__ or '')}\n\n{attributes_doc(RunConfig)}\n"
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """``RunConfig``'s field types, evaluated (the annotations are strings in this module)."""
+    return typing.get_type_hints(RunConfig)
+
+
 def load_config(path: str | Path) -> RunConfig:
-    """Read a ``RunConfig`` from a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file."""
+    """Read a ``RunConfig`` from a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file.
+
+    The file is read within limits (size, nesting, no YAML aliases; see ``config_file``),
+    and its keys must be ``RunConfig`` fields.
+
+    Raises:
+      ConfigError: one line naming the file, what is wrong and the fix.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"Config file {str(path)!r} does not exist: check the path.")
-    if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} is not a file.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"Config file {str(path)!r} is not UTF-8 text.") from None
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            values = tomllib.loads(text)
-        elif suffix == ".json":
-            values = json.loads(text)
-        else:
-            values = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        first = str(err).splitlines()[0]
-        raise ConfigError(f"Config file {str(path)!r} is not valid: {first}") from None
+    values = read_values(path)
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a mapping of option: value.")
     return RunConfig.from_dict(values)
@@ -262,7 +346,8 @@ def _mesh_shape(value: Any) -> tuple[int, int] | None:
     return (value[0], value[1])
 
 
-def _check_choice(cfg: RunConfig, name: str, choices: tuple[str, ...]) -> None:
+def _check_choice(cfg: RunConfig, name: str) -> None:
+    choices = field_types()[name].__args__  # the field's Literal is the one list of choices
     value = getattr(cfg, name)
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")

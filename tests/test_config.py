@@ -8,6 +8,7 @@ import json
 import pytest
 
 from kithara_ops.config import RunConfig, load_config
+from kithara_ops.config_file import MAX_BYTES, MAX_DEPTH
 from kithara_ops.errors import ConfigError
 
 # --------------------------------------------------------------------------- validation
@@ -340,3 +341,72 @@ def test_upper_case_toml_suffix(tmp_path):
     path = tmp_path / "run.TOML"
     path.write_text("batch_size = 4\n")
     assert load_config(path).batch_size == 4
+
+
+# --------------------------------------------------------------------------- file limits
+
+
+def refusal(path) -> str:
+    """The one-line ``ConfigError`` message ``load_config(path)`` raises."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message and repr(str(path)) in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "steps: &s 10\n",  # an anchor alone
+        "base: &b {steps: 3}\nsteps: *b\n",
+        "<<: *missing\n",
+        "model: tiny\ndata: &d synthetic\neval_data: *d\n",
+    ],
+    ids=["anchor", "alias", "merge-of-undefined-alias", "reused-value"],
+)
+def test_yaml_anchors_and_aliases_are_refused(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    message = refusal(path)
+    assert "anchor or alias" in message and "write each value out in full" in message
+
+
+def test_file_over_the_size_limit_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"# " + b"x" * MAX_BYTES)
+    assert "larger than 1 MiB" in refusal(path)
+    at_limit = tmp_path / "ok.yaml"
+    at_limit.write_bytes(b"steps: 3\n#" + b"x" * (MAX_BYTES - 10))
+    assert at_limit.stat().st_size == MAX_BYTES
+    assert load_config(at_limit).steps == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("deep.yaml", "steps: " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1) + "\n"),
+        ("deep.toml", "steps = " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1) + "\n"),
+        ("deep.json", '{"steps": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+    ],
+)
+def test_deep_nesting_is_refused(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    assert "nest" in refusal(path)
+
+
+def test_a_run_config_nests_well_within_the_depth_limit(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(RunConfig(mesh_shape=(2, 4), steps=3).dump_yaml())
+    assert load_config(path).mesh_shape == (2, 4)
+
+
+def test_a_number_too_long_to_read_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: " + "9" * 5000 + "\n")
+    assert "number too long" in refusal(path)
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    assert "is not a file" in refusal(tmp_path)

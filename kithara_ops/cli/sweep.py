@@ -53,7 +53,7 @@ def sweep(
     of one MLflow parent run, then print how they compare."""
     from mlflow import MlflowClient
 
-    from kithara_ops.cli.train import _mesh_shape, resolve_config
+    from kithara_ops.cli.train import resolve_config
     from kithara_ops.optim.spec import build_optimizer
     from kithara_ops.tracking.compare import compare_runs, format_table
     from kithara_ops.tracking.params import EXPERIMENT_TAGS, shorten
@@ -68,16 +68,7 @@ def sweep(
     for forbidden in (*forbidden_options, "coordinator", "num_processes"):
         if params.get(forbidden):
             raise ConfigError(f"--{forbidden.replace('_', '-')} cannot be used with sweep.")
-    options = {
-        k: v
-        for k, v in params.items()
-        if k
-        not in ("config_file", "print_config", "quiet", "json_output", "resume", "reset_optimizer")
-    }
-    options["mesh_shape"] = _mesh_shape(options.get("mesh_shape"))
-    config = resolve_config(
-        params.get("config_file"), {k: options[k] for k in options if k in _config_fields()}
-    )
+    config = resolve_config(params.get("config_file"), params)
     if not config.tracking:
         raise ConfigError("sweep compares runs in MLflow: drop --no-tracking.")
     for spec in optimizers:
@@ -132,11 +123,3 @@ def sweep(
         typer.echo(f"parent run: {parent_id}")
     if failed:
         raise typer.Exit(1)
-
-
-def _config_fields() -> set[str]:
-    import dataclasses
-
-    from kithara_ops.config import RunConfig
-
-    return {f.name for f in dataclasses.fields(RunConfig)}

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from kithara_ops.errors import ConfigError
+from kithara_ops.errors import ConfigError, first_line
 
 MAX_BYTES = 1 << 20
 """Largest config file read (1 MiB); a run's config is a few hundred bytes."""
@@ -109,8 +109,7 @@ def read_values(path: Path) -> Any:
             "flat option: value lines."
         ) from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"Config file {name} is not valid: {first}") from None
+        raise ConfigError(f"Config file {name} is not valid: {first_line(err)}") from None
     except ValueError:  # an integer past Python's limit on digits converted from text
         raise ConfigError(
             f"Config file {name} is refused: it holds a number too long to read; write "

@@ -55,8 +55,9 @@ def sweep(
 
     from kithara_ops.cli.train import resolve_config
     from kithara_ops.optim.spec import build_optimizer
+    from kithara_ops.tracking import experiments
     from kithara_ops.tracking.compare import compare_runs, format_table
-    from kithara_ops.tracking.params import EXPERIMENT_TAGS, shorten
+    from kithara_ops.tracking.params import MAX_PARAM_LENGTH, MAX_PARAMS_PER_BATCH, shorten
     from kithara_ops.tracking.tracker import resolve_experiment
 
     if len(optimizers) < 2:
@@ -76,26 +77,24 @@ def sweep(
 
     client = MlflowClient(config.tracking_uri)
     experiment_name = resolve_experiment(config)
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment is not None
-        else client.create_experiment(experiment_name, tags=EXPERIMENT_TAGS)
-    )
+    experiment_id = experiments.experiment_id(client, experiment_name, create=True)
     parent = client.create_run(
         experiment_id,
         run_name=f"sweep of {len(optimizers)} optimizers",
         tags={"kithara_ops.sweep": "true"},
     )
     parent_id = parent.info.run_id
-    shared = {k: shorten(v, 6000) for k, v in config.to_dict().items() if k != "optimizer"}
+    shared = {
+        k: shorten(v, MAX_PARAM_LENGTH) for k, v in config.to_dict().items() if k != "optimizer"
+    }
     for i, spec in enumerate(optimizers):
-        shared[f"sweep.optimizer.{i}"] = shorten(spec, 6000)
+        shared[f"sweep.optimizer.{i}"] = shorten(spec, MAX_PARAM_LENGTH)
     from mlflow.entities import Param
 
     items = list(shared.items())
-    for i in range(0, len(items), 100):
-        client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in items[i : i + 100]])
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        batch = items[i : i + MAX_PARAMS_PER_BATCH]
+        client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in batch])
 
     def child(spec: str) -> int:
         command = [sys.executable, "-m", "kithara_ops.cli", "train", *ctx.args,

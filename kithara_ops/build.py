@@ -10,6 +10,7 @@ import keras
 
 from kithara_ops import data, distributed, models
 from kithara_ops.callbacks import Callback, TrainResult
+from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import LAUNCH_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.optim.spec import build_optimizer
@@ -23,7 +24,7 @@ def build_trainer(
     optimizer: Any = None,
     *,
     progress: bool = False,
-    checkpoints: Any = None,
+    checkpoints: Checkpointer | None = None,
 ) -> Trainer:
     """Everything a config names, built and handed to a ``Trainer``.
 
@@ -103,15 +104,15 @@ def resume(
         or ``coordinator``, ``num_processes`` and ``process_id`` to resume in several
         processes).
     """
-    from kithara_ops.checkpoint import Checkpointer
-
     # Before the checkpoint is read: a multi-process resume joins its peers first.
     distributed.initialize(**{name: overrides.get(name) for name in LAUNCH_FIELDS})
     if not Path(checkpoint_dir).is_dir():
         raise ConfigError(
             f"Checkpoint directory {str(checkpoint_dir)!r} does not exist: check the path."
         )
-    saved_config = _newest_config(checkpoint_dir)
+    # One manager for the whole resume: it reads the run's record, then saves the run.
+    checkpoints = Checkpointer(checkpoint_dir)
+    saved_config = _newest_config(checkpoints)
     changes = {**overrides, "checkpoint_dir": str(Path(checkpoint_dir))}
     if steps is not None:
         changes.update(steps=steps, epochs=None)
@@ -121,34 +122,26 @@ def resume(
         changes["optimizer"] = describe_optimizer(optimizer)["label"]
         changes["given"] = sorted({*saved_config.given, "optimizer"})
     config = saved_config.replace(**changes)
-    checkpoints = Checkpointer(
-        config.checkpoint_dir, config.save_every, config.keep, config.keep_best
-    )
+    checkpoints.configure(config.save_every, config.keep, config.keep_best)
     trainer = build_trainer(
         config, callbacks, optimizer, progress=progress, checkpoints=checkpoints
     )
     return trainer.train(resume=True, reset_optimizer=reset_optimizer)
 
 
-def _newest_config(checkpoint_dir: str | Path) -> RunConfig:
+def _newest_config(store: Checkpointer) -> RunConfig:
     """The config recorded by the newest checkpoint whose record reads back."""
-    from kithara_ops.checkpoint import Checkpointer
-
-    reader = Checkpointer(checkpoint_dir)
-    try:
-        steps = reader.steps()
-        if not steps:
-            raise ConfigError(
-                f"No checkpoint in {str(checkpoint_dir)!r}: check the directory (it must hold "
-                "numbered step folders)."
-            )
-        for step in reversed(steps):
-            try:
-                return reader.read_record(step).run_config()
-            except ConfigError:
-                raise
-            except Exception:  # a damaged record: the restore reports it and falls back too
-                continue
-        raise ConfigError(f"No readable checkpoint in {str(checkpoint_dir)!r}.")
-    finally:
-        reader.close()
+    steps = store.steps()
+    if not steps:
+        raise ConfigError(
+            f"No checkpoint in {str(store.directory)!r}: check the directory (it must hold "
+            "numbered step folders)."
+        )
+    for step in reversed(steps):
+        try:
+            return store.read_record(step).run_config()
+        except ConfigError:
+            raise
+        except Exception:  # a damaged record: the restore reports it and falls back too
+            continue
+    raise ConfigError(f"No readable checkpoint in {str(store.directory)!r}.")

@@ -52,9 +52,7 @@ class Checkpointer(Callback):
         async_save: bool = True,
     ):
         self.directory = Path(directory).absolute()
-        self.save_every = save_every
-        self.keep = keep
-        self.keep_best = keep_best
+        self.configure(save_every, keep, keep_best)
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
         # Handlers named up front, so records can be read before anything is restored.
         self.manager = ocp.CheckpointManager(
@@ -70,6 +68,10 @@ class Checkpointer(Callback):
         self._loss: float | None = None
         self._eval_loss: float | None = None
         self._eval_of: dict[int, float | None] = {}
+
+    def configure(self, save_every: int | None, keep: int, keep_best: bool) -> None:
+        """Set how often to save and what to keep (known only once a run's record is read)."""
+        self.save_every, self.keep, self.keep_best = save_every, keep, keep_best
 
     # ------------------------------------------------------------------ the sink
     def on_train_start(self, run: RunInfo) -> None:

@@ -8,6 +8,7 @@ optimizer adapter. It never branches on the optimizer family and never talks to 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -70,13 +71,17 @@ class StepBuilder:
         # Refreshing them from the state's key each step makes that key the single source of
         # randomness, which the checkpoint carries.
         self.seed_keys = [k for k in non_trainable_keys if k.endswith("seed_generator_state")]
+        # stateless_call hands its keywords to ``call`` itself: only a call that takes
+        # ``training`` may be given it.
+        self.passes_training = _takes(model.call, "training")
 
     def _forward(self, params, non_trainable, batch, training: bool):
+        kwargs = {"training": training} if self.passes_training else {}
         logits, new_non_trainable = self.model.stateless_call(
             [params[k] for k in self.param_keys],
             [non_trainable[k] for k in self.non_trainable_keys],
             batch["x"],
-            training=training,
+            **kwargs,
         )
         mask = batch.get("mask")
         if mask is None:
@@ -144,6 +149,15 @@ class StepBuilder:
         """Summed loss and token count of one eval batch (the model in inference mode)."""
         loss_sum, (count, _) = self._forward(params, non_trainable, batch, False)
         return loss_sum, count
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def split_micro_batches(batch: Batch, n: int) -> Batch:

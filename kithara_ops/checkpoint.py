@@ -27,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from kithara_ops.callbacks import Callback, RunInfo, StepRecord, TrainResult
+from kithara_ops.run_lock import DirectoryLock
 from kithara_ops.run_record import RunRecord, new_record
 
 log = logging.getLogger("kithara_ops.checkpoint")
@@ -70,9 +71,12 @@ class Checkpointer(Callback):
         self._loss: float | None = None
         self._eval_loss: float | None = None
         self._eval_of: dict[int, float | None] = {}
+        self.lock = DirectoryLock(self.directory)
 
     # ------------------------------------------------------------------ the sink
     def on_train_start(self, run: RunInfo) -> None:
+        if jax.process_index() == 0:
+            self.lock.acquire()
         self._run, self._last = run, None
         resumed = run.resumed_from
         self._loss = resumed.loss if resumed else None
@@ -95,8 +99,11 @@ class Checkpointer(Callback):
         saveable = last is not None and status in ("FINISHED", "KILLED")
         if saveable and not any(leaf.is_deleted() for leaf in jax.tree.leaves(last.state)):
             self.save(last.step, last.state, self._record(last))
-        self.manager.wait_until_finished()
-        self._rotate()
+        try:
+            self.manager.wait_until_finished()
+            self._rotate()
+        finally:
+            self.lock.release()
 
     def _record(self, step: StepRecord) -> RunRecord:
         run = self._run
@@ -141,7 +148,7 @@ class Checkpointer(Callback):
         else:
             steps.sort(reverse=True)
         for step in steps[self.keep :]:
-            self.manager.delete(step)
+            self.delete(step)
 
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
@@ -150,8 +157,20 @@ class Checkpointer(Callback):
 
     # ------------------------------------------------------------------ the store
     def steps(self) -> list[int]:
-        """Complete checkpoints, oldest first."""
-        return sorted(self.manager.all_steps())
+        """Complete checkpoints this directory holds, oldest first.
+
+        Only step folders with both items (``state`` and ``meta``) count: a numbered folder
+        of anything else is not a checkpoint, and is never read or deleted.
+        """
+        return sorted(s for s in self.manager.all_steps() if self._is_checkpoint(s))
+
+    def foreign(self) -> list[str]:
+        """Numbered folders that are not checkpoints (Orbax would count them as steps)."""
+        return [str(s) for s in sorted(self.manager.all_steps()) if not self._is_checkpoint(s)]
+
+    def _is_checkpoint(self, step: int) -> bool:
+        folder = self.directory / str(step)
+        return (folder / "state").is_dir() and (folder / "meta").is_dir()
 
     def read_record(self, step: int) -> RunRecord:
         """The ``RunRecord`` of one checkpoint (migrated if an older release wrote it)."""
@@ -170,7 +189,9 @@ class Checkpointer(Callback):
         return restored["state"]
 
     def delete(self, step: int) -> None:
-        """Delete one saved step."""
+        """Delete one saved checkpoint (a folder that is not a checkpoint is never deleted)."""
+        if not self._is_checkpoint(step):
+            raise ValueError(f"{self.directory / str(step)} is not a checkpoint: not deleting it")
         self.manager.delete(step)
 
 

@@ -8,7 +8,6 @@ only the events the loop hands it.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -34,8 +33,6 @@ from kithara_ops.sinks import Sinks, build_sinks
 from kithara_ops.state import TrainState, parked_on_host
 from kithara_ops.step import StepBuilder, compile_steps
 from kithara_ops.timing import Clock, every
-
-log = logging.getLogger("kithara_ops")
 
 
 class Trainer:
@@ -161,7 +158,9 @@ class Trainer:
         return self.config.total_steps(length)
 
     # ------------------------------------------------------------------------------ loop
-    def train(self, resume: bool | int = False, reset_optimizer: bool = False) -> TrainResult:
+    def train(
+        self, resume: bool | int = False, reset_optimizer: bool = False, overwrite: bool = False
+    ) -> TrainResult:
         """Train to ``total_steps()`` and return a ``TrainResult``.
 
         On return the Keras model's variables hold the trained values (and a Keras
@@ -174,6 +173,8 @@ class Trainer:
             continues from that checkpoint. ``steps`` stays the run's total.
           reset_optimizer: with ``resume``, keep the weights, step and data position but start
             a fresh optimizer state (for a deliberate change of optimizer).
+          overwrite: without ``resume``, delete the checkpoints ``checkpoint_dir`` already
+            holds (a fresh run into a directory with checkpoints is refused otherwise).
 
         Raises:
           TrainingStopped: after a clean stop on SIGTERM or Ctrl-C; the state was saved.
@@ -185,7 +186,7 @@ class Trainer:
             stream.peek(), data_parallel_size(self.mesh), self.config.grad_accum_steps
         )
         restored = resume_point(
-            self.sinks.checkpoints, self.state_template, resume, reset_optimizer
+            self.sinks.checkpoints, self.state_template, resume, reset_optimizer, overwrite
         )
         state = restored.state if restored else self.initial_state()
         start = int(state.step)

@@ -26,12 +26,12 @@ def final_params(checkpoint_dir):
     """The parameters of a directory's newest checkpoint, as numpy arrays."""
     checkpointer = Checkpointer(checkpoint_dir)
     step = checkpointer.steps()[-1]
-    metadata = checkpointer.manager.item_metadata(step)["state"]
+    metadata = checkpointer.saved_structure(step)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
     )
-    state = checkpointer.restore_state(step, abstract)
+    state = checkpointer.restore(step, abstract)
     return {k: np.asarray(v) for k, v in state["params"].items()}
 
 

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from kithara_ops.callbacks import Callback, RunInfo, StepRecord, TrainResult
 from kithara_ops.run_lock import DirectoryLock
 from kithara_ops.run_record import RunRecord, new_record
+from kithara_ops.state import all_finite
 
 log = logging.getLogger("kithara_ops.checkpoint")
 
@@ -118,10 +119,17 @@ class Checkpointer(Callback):
             eval_loss=self._eval_loss,
         )
 
-    def save(self, step: int, state: Any, record: RunRecord) -> None:
-        """Save ``state`` and its ``record`` as step ``step`` (a no-op if already saved)."""
+    def save(self, step: int, state: Any, record: RunRecord) -> bool:
+        """Save ``state`` and its ``record`` as step ``step``; whether it was saved.
+
+        A step already saved is not saved again, and a state holding a NaN or an infinity
+        is never saved: the checkpoints before it stay the run's good ones.
+        """
         if step in self.manager.all_steps():
-            return
+            return False
+        if not bool(all_finite(state)):
+            log.warning("Step %d's state is not finite: it was not checkpointed.", step)
+            return False
         # The previous save must be complete before it may be counted (Orbax waits for it
         # before starting another anyway).
         self.manager.wait_until_finished()
@@ -133,22 +141,30 @@ class Checkpointer(Callback):
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())
             ),
         )
+        return True
 
     def _rotate(self) -> None:
-        """Delete complete checkpoints beyond ``keep``: the oldest, or with ``keep_best`` the
-        highest ``eval_loss`` (those without one first)."""
+        """Delete complete checkpoints beyond ``keep``: the oldest, or with ``keep_best`` all
+        but the ``keep`` lowest ``eval_loss`` (those without one go first). The newest is
+        always kept besides: it is where a resume continues."""
         steps = self.steps()
         if len(steps) <= self.keep:
             return
+        kept = set(steps[-self.keep :])
         if self.keep_best:
             for step in steps:
                 if step not in self._eval_of:
                     self._eval_of[step] = _eval_loss_of(self, step)
-            steps.sort(key=lambda s: (self._eval_of[s] is None, self._eval_of[s] or 0.0, -s))
-        else:
-            steps.sort(reverse=True)
-        for step in steps[self.keep :]:
-            self.delete(step)
+            evals = self._eval_of
+            ranked = sorted(steps, key=lambda s: (evals[s] is None, evals[s] or 0.0, -s))
+            kept = {*ranked[: self.keep], steps[-1]}
+        for step in steps:
+            if step not in kept:
+                self.delete(step)
+
+    def wait(self) -> None:
+        """Wait for the saves in flight to be complete."""
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release the manager."""

@@ -74,6 +74,12 @@ class RunConfig:
     """Batches per evaluation; ``None``: one full pass over ``eval_data``."""
     grad_accum_steps: int = 1
     """Split each batch into this many micro-batches and sum their gradients."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient: ``stop`` the run at the next logging step (exit 1, the
+    state is not saved), or ``skip`` the step (nothing changes) until ``nonfinite_patience``
+    steps in a row."""
+    nonfinite_patience: int = 10
+    """With ``on_nonfinite=skip``: how many non-finite steps in a row stop the run."""
     precision: Precision = "float32"
     """``mixed_bfloat16`` computes the built-in model in bfloat16 with float32 master weights."""
     checkpoint_dir: str | None = None
@@ -117,6 +123,8 @@ class RunConfig:
         _check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding", ("dp", "fsdp"))
         _check_choice(self, "precision", ("float32", "mixed_bfloat16"))
+        _check_choice(self, "on_nonfinite", ("stop", "skip"))
+        _check_positive(self, "nonfinite_patience")
         if self.optimizer == "":
             raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
         for name in ("model", "data", "optimizer"):

@@ -50,6 +50,8 @@ class StepBuilder:
       non_trainable_keys: keys of ``state.non_trainable`` in the model's order.
       grad_accum_steps: micro-batches per step; gradients are summed over them.
       micro_batch_sharding: sharding of one micro-batch, so each stays split over all devices.
+      skip_nonfinite: a step whose loss or gradient norm is not finite leaves the parameters,
+        optimizer state and non-trainable variables as they were.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class StepBuilder:
         non_trainable_keys: list[str],
         grad_accum_steps: int = 1,
         micro_batch_sharding: jax.sharding.Sharding | None = None,
+        skip_nonfinite: bool = False,
     ):
         self.model = model
         self.adapter = adapter
@@ -67,6 +70,7 @@ class StepBuilder:
         self.non_trainable_keys = non_trainable_keys
         self.grad_accum_steps = grad_accum_steps
         self.micro_batch_sharding = micro_batch_sharding
+        self.skip_nonfinite = skip_nonfinite
         # Keras draws dropout noise from SeedGenerator states kept as non-trainable variables.
         # Refreshing them from the state's key each step makes that key the single source of
         # randomness, which the checkpoint carries.
@@ -125,9 +129,21 @@ class StepBuilder:
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
         params, opt_state, learning_rate = self.adapter.update(
             grads, state.opt_state, state.params, loss
         )
+        # Flagged here, on the devices: the host learns of it at the next logging step.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if self.skip_nonfinite:
+            # Like optax.apply_if_finite: a non-finite step changes nothing but the step
+            # count and the key, so the data and the randomness move on.
+            kept = (state.params, state.opt_state, state.non_trainable)
+            params, opt_state, non_trainable = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state, non_trainable),
+                kept,
+            )
         new_state = TrainState(
             step=state.step + 1,
             params=params,
@@ -137,9 +153,10 @@ class StepBuilder:
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": learning_rate,
             "tokens": count,
+            "finite": finite,
         }
         return new_state, metrics
 

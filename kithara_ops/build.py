@@ -102,7 +102,9 @@ def resume(
       progress: show a progress bar in the terminal.
       **overrides: other ``RunConfig`` fields to change (e.g. ``save_every``, ``log_every``,
         or ``coordinator``, ``num_processes`` and ``process_id`` to resume in several
-        processes).
+        processes). A run whose model came from a ``module:function`` factory needs
+        ``model="module:function"`` again: the checkpoint's record is never trusted to name
+        code to run.
     """
     # Before the checkpoint is read: a multi-process resume joins its peers first.
     distributed.initialize(**{name: overrides.get(name) for name in LAUNCH_FIELDS})
@@ -113,6 +115,14 @@ def resume(
     # One manager for the whole resume: it reads the run's record, then saves the run.
     checkpoints = Checkpointer(checkpoint_dir)
     saved_config = _newest_config(checkpoints)
+    if ":" in saved_config.model and saved_config.is_spec("model") and "model" not in overrides:
+        # A checkpoint may come from anywhere: the code it names is run only when asked again.
+        checkpoints.close()
+        raise ConfigError(
+            f"This run's model was built by the factory {saved_config.model!r}, and a "
+            f"checkpoint never runs code it names: pass it again, --model {saved_config.model} "
+            f"(Python: resume(..., model={saved_config.model!r}))."
+        )
     changes = {**overrides, "checkpoint_dir": str(Path(checkpoint_dir))}
     if steps is not None:
         changes.update(steps=steps, epochs=None)

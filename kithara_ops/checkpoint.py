@@ -27,7 +27,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from kithara_ops.callbacks import Callback, RunInfo, StepRecord, TrainResult
+from kithara_ops.run_lock import DirectoryLock
 from kithara_ops.run_record import RunRecord, new_record
+from kithara_ops.state import all_finite
 
 log = logging.getLogger("kithara_ops.checkpoint")
 
@@ -68,6 +70,7 @@ class Checkpointer(Callback):
         self._loss: float | None = None
         self._eval_loss: float | None = None
         self._eval_of: dict[int, float | None] = {}
+        self.lock = DirectoryLock(self.directory)
 
     def configure(self, save_every: int | None, keep: int, keep_best: bool) -> None:
         """Set how often to save and what to keep (known only once a run's record is read)."""
@@ -75,6 +78,8 @@ class Checkpointer(Callback):
 
     # ------------------------------------------------------------------ the sink
     def on_train_start(self, run: RunInfo) -> None:
+        if jax.process_index() == 0:
+            self.lock.acquire()
         self._run, self._last = run, None
         resumed = run.resumed_from
         self._loss = resumed.loss if resumed else None
@@ -97,8 +102,11 @@ class Checkpointer(Callback):
         saveable = last is not None and status in ("FINISHED", "KILLED")
         if saveable and not any(leaf.is_deleted() for leaf in jax.tree.leaves(last.state)):
             self.save(last.step, last.state, self._record(last))
-        self.manager.wait_until_finished()
-        self._rotate()
+        try:
+            self.manager.wait_until_finished()
+            self._rotate()
+        finally:
+            self.lock.release()
 
     def _record(self, step: StepRecord) -> RunRecord:
         run = self._run
@@ -113,10 +121,17 @@ class Checkpointer(Callback):
             eval_loss=self._eval_loss,
         )
 
-    def save(self, step: int, state: Any, record: RunRecord) -> None:
-        """Save ``state`` and its ``record`` as step ``step`` (a no-op if already saved)."""
+    def save(self, step: int, state: Any, record: RunRecord) -> bool:
+        """Save ``state`` and its ``record`` as step ``step``; whether it was saved.
+
+        A step already saved is not saved again, and a state holding a NaN or an infinity
+        is never saved: the checkpoints before it stay the run's good ones.
+        """
         if step in self.manager.all_steps():
-            return
+            return False
+        if not bool(all_finite(state)):
+            log.warning("Step %d's state is not finite: it was not checkpointed.", step)
+            return False
         # The previous save must be complete before it may be counted (Orbax waits for it
         # before starting another anyway).
         self.manager.wait_until_finished()
@@ -128,22 +143,30 @@ class Checkpointer(Callback):
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())
             ),
         )
+        return True
 
     def _rotate(self) -> None:
-        """Delete complete checkpoints beyond ``keep``: the oldest, or with ``keep_best`` the
-        highest ``eval_loss`` (those without one first)."""
+        """Delete complete checkpoints beyond ``keep``: the oldest, or with ``keep_best`` all
+        but the ``keep`` lowest ``eval_loss`` (those without one go first). The newest is
+        always kept besides: it is where a resume continues."""
         steps = self.steps()
         if len(steps) <= self.keep:
             return
+        kept = set(steps[-self.keep :])
         if self.keep_best:
             for step in steps:
                 if step not in self._eval_of:
                     self._eval_of[step] = _eval_loss_of(self, step)
-            steps.sort(key=lambda s: (self._eval_of[s] is None, self._eval_of[s] or 0.0, -s))
-        else:
-            steps.sort(reverse=True)
-        for step in steps[self.keep :]:
-            self.manager.delete(step)
+            evals = self._eval_of
+            ranked = sorted(steps, key=lambda s: (evals[s] is None, evals[s] or 0.0, -s))
+            kept = {*ranked[: self.keep], steps[-1]}
+        for step in steps:
+            if step not in kept:
+                self.delete(step)
+
+    def wait(self) -> None:
+        """Wait for the saves in flight to be complete."""
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
@@ -152,8 +175,20 @@ class Checkpointer(Callback):
 
     # ------------------------------------------------------------------ the store
     def steps(self) -> list[int]:
-        """Complete checkpoints, oldest first."""
-        return sorted(self.manager.all_steps())
+        """Complete checkpoints this directory holds, oldest first.
+
+        Only step folders with both items (``state`` and ``meta``) count: a numbered folder
+        of anything else is not a checkpoint, and is never read or deleted.
+        """
+        return sorted(s for s in self.manager.all_steps() if self._is_checkpoint(s))
+
+    def foreign(self) -> list[str]:
+        """Numbered folders that are not checkpoints (Orbax would count them as steps)."""
+        return [str(s) for s in sorted(self.manager.all_steps()) if not self._is_checkpoint(s)]
+
+    def _is_checkpoint(self, step: int) -> bool:
+        folder = self.directory / str(step)
+        return (folder / "state").is_dir() and (folder / "meta").is_dir()
 
     def read_record(self, step: int) -> RunRecord:
         """The ``RunRecord`` of one checkpoint (migrated if an older release wrote it)."""
@@ -172,7 +207,9 @@ class Checkpointer(Callback):
         return restored["state"]
 
     def delete(self, step: int) -> None:
-        """Delete one saved step."""
+        """Delete one saved checkpoint (a folder that is not a checkpoint is never deleted)."""
+        if not self._is_checkpoint(step):
+            raise ValueError(f"{self.directory / str(step)} is not a checkpoint: not deleting it")
         self.manager.delete(step)
 
 

@@ -122,6 +122,16 @@ class RunConfig:
     grad_accum_steps: int = option(
         1, "Split each batch into this many micro-batches and sum their gradients.", LOOP
     )
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop",
+        "A non-finite loss or gradient: stop the run at the next logging step (exit 1; that "
+        "state is not saved), or skip the step (nothing changes) until nonfinite_patience "
+        "steps in a row.",
+        LOOP,
+    )
+    nonfinite_patience: int = option(
+        10, "With on_nonfinite=skip: how many non-finite steps in a row stop the run.", LOOP
+    )
     precision: Literal["float32", "mixed_bfloat16"] = option(
         "float32",
         "float32, or mixed_bfloat16: the built-in model computes in bfloat16 with float32 "
@@ -202,6 +212,8 @@ class RunConfig:
         _check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding")
         _check_choice(self, "precision")
+        _check_choice(self, "on_nonfinite")
+        _check_positive(self, "nonfinite_patience")
         if self.optimizer == "":
             raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
         for name in ("model", "data", "optimizer"):

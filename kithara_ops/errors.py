@@ -1,7 +1,8 @@
-"""Errors that mean "the user asked for something that cannot work".
+"""The errors a user is told about in one line, and how to make that line.
 
-The CLI prints these as one line and exits with code 2; the Python API raises them as
-ordinary ``ValueError`` subclasses, so ``except ValueError`` keeps working for callers.
+``ConfigError`` means "the user asked for something that cannot work": the CLI exits with
+code 2; the Python API raises it as an ordinary ``ValueError`` subclass. ``Diverged`` means
+the run itself went wrong (its loss stopped being finite): the CLI exits with code 1.
 """
 
 
@@ -30,3 +31,24 @@ def first_line(err: BaseException, limit: int | None = 200) -> str:
         if line.strip():
             return line.strip()[:limit]
     return type(err).__name__
+
+
+class Diverged(RuntimeError):
+    """Raised by ``Trainer.train()`` when the run stopped on non-finite values.
+
+    Attributes:
+      step: the logging step at which it was noticed.
+      reason: what was seen, e.g. ``"loss nan"``.
+    """
+
+    def __init__(self, step: int, reason: str, last_good: int | None, directory: object = None):
+        where = (
+            f"the last good checkpoint is step {last_good} in {str(directory)!r}"
+            if last_good is not None
+            else "no checkpoint was saved"
+        )
+        super().__init__(
+            f"training diverged at step {step} ({reason}); {where}: lower the learning rate "
+            "or clip gradients, then resume, or pass --on-nonfinite skip."
+        )
+        self.step, self.reason = step, reason

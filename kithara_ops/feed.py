@@ -8,6 +8,7 @@ shape, because a new shape would silently recompile the train step.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 
 import jax
@@ -16,6 +17,19 @@ import numpy as np
 from kithara_ops.errors import ConfigError
 
 _DTYPES = {"x": np.int32, "y": np.int32, "mask": np.float32}
+
+
+def peek(data: Iterable[Mapping]) -> tuple[Mapping | None, Iterable[Mapping]]:
+    """``data``'s first batch (``None`` if empty), and the data to use from now on.
+
+    A re-iterable is returned as it is; a one-pass iterator is re-chained behind its first
+    batch, so looking loses nothing.
+    """
+    iterator = iter(data)
+    first = next(iterator, None)
+    if iterator is data and first is not None:
+        return first, itertools.chain([first], iterator)
+    return first, data
 
 
 def check_first_batch(batch: Mapping, data_parallel: int, grad_accum_steps: int) -> tuple:

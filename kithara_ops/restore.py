@@ -180,8 +180,13 @@ def resume_point(
     template: Callable[[], StateTemplate],
     resume: bool | int | None,
     reset_optimizer: bool = False,
+    overwrite: bool = False,
 ) -> Restored | None:
     """What a run starts from: ``None`` for a fresh start, else the restored checkpoint.
+
+    A checkpoint directory belongs to one run: a fresh start into a directory that holds
+    checkpoints is refused (they would be neither continued nor replaced), unless
+    ``overwrite`` deletes them first.
 
     Args:
       store: the run's checkpointer (``None`` without a checkpoint directory).
@@ -190,7 +195,10 @@ def resume_point(
         checkpoint, or a fresh start when the directory has none yet; a step number for
         that checkpoint.
       reset_optimizer: start a fresh optimizer state on the restored weights.
+      overwrite: with a fresh start, delete the directory's checkpoints first.
     """
+    if store is not None:
+        _check_directory(store, fresh=not resume, overwrite=overwrite)
     if resume is False or resume is None:
         return None
     if store is None:
@@ -199,6 +207,34 @@ def resume_point(
         log.info("No checkpoint in %s yet: starting at step 0.", store.directory)
         return None
     return restore_latest(store, template(), resume, reset_optimizer)
+
+
+def _check_directory(store: Checkpointer, fresh: bool, overwrite: bool) -> None:
+    """Refuse a directory a fresh run would not own; ``overwrite`` deletes its checkpoints."""
+    foreign = store.foreign()
+    if foreign:
+        raise ConfigError(
+            f"Checkpoint directory {str(store.directory)!r} holds numbered folders that are not "
+            f"checkpoints ({', '.join(foreign[:3])}): move them out or use another directory."
+        )
+    steps = store.steps()
+    if not fresh or not steps:
+        return
+    if overwrite:
+        log.warning("Deleting the checkpoints %s of %s (overwrite).", steps, store.directory)
+        for step in steps:
+            store.delete(step)
+        return
+    try:
+        owner = store.read_record(steps[-1])
+        who = f"run {owner.run_uid[:8]} ({owner.optimizer.get('label', '?')})"
+    except Exception:
+        who = "another run"
+    raise ConfigError(
+        f"Checkpoint directory {str(store.directory)!r} holds {who} up to step {steps[-1]}: "
+        "pass --resume (resume=True) to continue it, --overwrite (overwrite=True) to replace "
+        "it, or use another directory."
+    )
 
 
 def restore_latest(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
 
@@ -48,6 +49,17 @@ def variable_keys(variables: list[keras.Variable]) -> list[str]:
         seen[var.path] = n + 1
         keys.append(var.path if n == 0 else f"{var.path}#{n}")
     return keys
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value of ``tree`` is finite (one device reduction)."""
+    checks = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def key_groups(model: keras.Model, adapter: Any) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ optimizer adapter. It never branches on the optimizer family and never talks to 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,8 @@ class StepBuilder:
       non_trainable_keys: keys of ``state.non_trainable`` in the model's order.
       grad_accum_steps: micro-batches per step; gradients are summed over them.
       micro_batch_sharding: sharding of one micro-batch, so each stays split over all devices.
+      skip_nonfinite: a step whose loss or gradient norm is not finite leaves the parameters,
+        optimizer state and non-trainable variables as they were.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class StepBuilder:
         non_trainable_keys: list[str],
         grad_accum_steps: int = 1,
         micro_batch_sharding: jax.sharding.Sharding | None = None,
+        skip_nonfinite: bool = False,
     ):
         self.model = model
         self.adapter = adapter
@@ -66,17 +70,22 @@ class StepBuilder:
         self.non_trainable_keys = non_trainable_keys
         self.grad_accum_steps = grad_accum_steps
         self.micro_batch_sharding = micro_batch_sharding
+        self.skip_nonfinite = skip_nonfinite
         # Keras draws dropout noise from SeedGenerator states kept as non-trainable variables.
         # Refreshing them from the state's key each step makes that key the single source of
         # randomness, which the checkpoint carries.
         self.seed_keys = [k for k in non_trainable_keys if k.endswith("seed_generator_state")]
+        # stateless_call hands its keywords to ``call`` itself: only a call that takes
+        # ``training`` may be given it.
+        self.passes_training = _takes(model.call, "training")
 
     def _forward(self, params, non_trainable, batch, training: bool):
+        kwargs = {"training": training} if self.passes_training else {}
         logits, new_non_trainable = self.model.stateless_call(
             [params[k] for k in self.param_keys],
             [non_trainable[k] for k in self.non_trainable_keys],
             batch["x"],
-            training=training,
+            **kwargs,
         )
         mask = batch.get("mask")
         if mask is None:
@@ -120,9 +129,21 @@ class StepBuilder:
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
         params, opt_state, learning_rate = self.adapter.update(
             grads, state.opt_state, state.params, loss
         )
+        # Flagged here, on the devices: the host learns of it at the next logging step.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if self.skip_nonfinite:
+            # Like optax.apply_if_finite: a non-finite step changes nothing but the step
+            # count and the key, so the data and the randomness move on.
+            kept = (state.params, state.opt_state, state.non_trainable)
+            params, opt_state, non_trainable = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state, non_trainable),
+                kept,
+            )
         new_state = TrainState(
             step=state.step + 1,
             params=params,
@@ -132,9 +153,10 @@ class StepBuilder:
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": learning_rate,
             "tokens": count,
+            "finite": finite,
         }
         return new_state, metrics
 
@@ -144,6 +166,15 @@ class StepBuilder:
         """Summed loss and token count of one eval batch (the model in inference mode)."""
         loss_sum, (count, _) = self._forward(params, non_trainable, batch, False)
         return loss_sum, count
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def split_micro_batches(batch: Batch, n: int) -> Batch:

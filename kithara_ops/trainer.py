@@ -7,8 +7,6 @@ only the events the loop hands it.
 
 from __future__ import annotations
 
-import itertools
-import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -22,7 +20,8 @@ from kithara_ops import distributed, feed
 from kithara_ops import state as state_lib
 from kithara_ops.callbacks import Callback, CallbackList, RunInfo, StepRecord, TrainResult
 from kithara_ops.config import RunConfig
-from kithara_ops.errors import ConfigError
+from kithara_ops.errors import ConfigError, Diverged
+from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
 from kithara_ops.optim import as_adapter
@@ -34,8 +33,6 @@ from kithara_ops.sinks import Sinks, build_sinks
 from kithara_ops.state import TrainState, parked_on_host
 from kithara_ops.step import StepBuilder, compile_steps
 from kithara_ops.timing import Clock, every
-
-log = logging.getLogger("kithara_ops")
 
 
 class Trainer:
@@ -108,19 +105,11 @@ class Trainer:
         elif options:
             config = config.replace(**options)
         if "data" in config.given:  # the config records the batch shape the data really has
-            first = self._peek_train_data()
+            first, self.train_data = feed.peek(self.train_data)
             if isinstance(first, Mapping) and "x" in first:
                 rows, length = np.shape(first["x"])[:2]
                 config = config.replace(batch_size=int(rows), seq_len=int(length))
         return config
-
-    def _peek_train_data(self) -> Any:
-        """The first training batch; a one-pass iterator is re-chained so none is lost."""
-        iterator = iter(self.train_data)
-        first = next(iterator, None)
-        if iterator is self.train_data and first is not None:
-            self.train_data = itertools.chain([first], iterator)
-        return first
 
     def _compile(self) -> None:
         """Build the pure steps and wrap them with every sharding explicit."""
@@ -135,6 +124,7 @@ class Trainer:
             self.key_groups["non_trainable"],
             accum,
             micro_batch_sharding=micro if accum > 1 else None,
+            skip_nonfinite=self.config.on_nonfinite == "skip",
         )
         self.batch_sharding = batch_sharding(self.mesh)
         self.steps = compile_steps(builder, self.state_shardings, self.batch_sharding)
@@ -161,7 +151,9 @@ class Trainer:
         return self.config.total_steps(length)
 
     # ------------------------------------------------------------------------------ loop
-    def train(self, resume: bool | int = False, reset_optimizer: bool = False) -> TrainResult:
+    def train(
+        self, resume: bool | int = False, reset_optimizer: bool = False, overwrite: bool = False
+    ) -> TrainResult:
         """Train to ``total_steps()`` and return a ``TrainResult``.
 
         On return the Keras model's variables hold the trained values (and a Keras
@@ -174,9 +166,13 @@ class Trainer:
             continues from that checkpoint. ``steps`` stays the run's total.
           reset_optimizer: with ``resume``, keep the weights, step and data position but start
             a fresh optimizer state (for a deliberate change of optimizer).
+          overwrite: without ``resume``, delete the checkpoints ``checkpoint_dir`` already
+            holds (a fresh run into a directory with checkpoints is refused otherwise).
 
         Raises:
           TrainingStopped: after a clean stop on SIGTERM or Ctrl-C; the state was saved.
+          Diverged: the loss or gradients stopped being finite (``on_nonfinite``); the
+            non-finite state was not saved.
         """
         started = time.perf_counter()
         total = self.total_steps()
@@ -185,7 +181,7 @@ class Trainer:
             stream.peek(), data_parallel_size(self.mesh), self.config.grad_accum_steps
         )
         restored = resume_point(
-            self.sinks.checkpoints, self.state_template, resume, reset_optimizer
+            self.sinks.checkpoints, self.state_template, resume, reset_optimizer, overwrite
         )
         state = restored.state if restored else self.initial_state()
         start = int(state.step)
@@ -203,15 +199,18 @@ class Trainer:
         eval_loss = restored.record.eval_loss if restored else None
         self.callbacks.on_train_start(self._run_info(start, total, restored))
         clock = Clock(tokens_per_step=shape[0] * shape[1], since=started)
+        guard = NonfiniteGuard(self.config.on_nonfinite, self.config.nonfinite_patience)
         with StopRequests() as stop, parked_on_host(self._held_variables()):
             try:
-                trained = self._steps(state, batches, total, clock)
+                trained = self._steps(state, batches, total, clock, guard)
                 for step, state, metrics, position in trained:
                     stopping = self._stop_signal(stop, step, total)
                     if every(self.config.log_every, step, total) or stopping:
                         logged = clock.host_metrics(metrics, step)
-                        last_loss = logged.get("loss")
+                        diverged, last_loss = guard.read(logged), logged.get("loss")
                         self.callbacks.on_log(step, logged)
+                        if diverged:
+                            raise self._diverged(step, diverged)
                     # Evaluated before the step is reported, so its checkpoint records it.
                     due = every(self.config.eval_every, step, total, only_last=True)
                     if self.eval_data is not None and due and not stopping:
@@ -224,23 +223,18 @@ class Trainer:
                 self._write_back(state)
                 self.state = state
                 result = TrainResult(
-                    step=step,
-                    loss=last_loss,
-                    eval_loss=eval_loss,
-                    seconds=clock.elapsed(),
-                    compile_seconds=clock.compile_seconds,
-                    metrics=clock.last,
+                    step, last_loss, eval_loss, clock.elapsed(), clock.compile_seconds, clock.last
                 )
                 status = "FINISHED"
                 return result
-            except KeyboardInterrupt:
-                status = "KILLED"
+            except (KeyboardInterrupt, Diverged) as stopped:
+                status = "DIVERGED" if isinstance(stopped, Diverged) else "KILLED"
                 raise
             finally:
                 self.callbacks.on_train_end(status, result)
 
     def _steps(
-        self, state: TrainState, batches: Iterator, total: int, clock: Clock
+        self, state: TrainState, batches: Iterator, total: int, clock: Clock, guard: Any
     ) -> Iterator[tuple[int, TrainState, dict, Any]]:
         """Run the compiled step to ``total``: ``(step, state, device metrics, position)``."""
         step = int(state.step)
@@ -249,6 +243,7 @@ class Trainer:
             state, metrics = self.steps.train_step(state, batch)
             step += 1
             clock.stepped(metrics, step)
+            guard.stepped(metrics)
             yield step, state, metrics, position.get("iterator")
 
     def _run_info(self, start: int, total: int, restored: Restored | None) -> RunInfo:
@@ -266,6 +261,11 @@ class Trainer:
             resumed_from=restored.record if restored else None,
             optimizer_change=restored.optimizer_change if restored else None,
         )
+
+    def _diverged(self, step: int, reason: str) -> Diverged:
+        store = self.sinks.checkpoints
+        saved = (store.wait() or store.steps()) if store is not None else []
+        return Diverged(step, reason, saved[-1] if saved else None, store and store.directory)
 
     def _stop_signal(self, stop: StopRequests, step: int, total: int) -> int | None:
         """The signal to stop on after this step; several processes agree at logging steps."""

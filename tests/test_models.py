@@ -220,6 +220,19 @@ def everything(**kwargs):
 
 def not_a_model(vocab_size):
     return {"vocab_size": vocab_size}
+
+
+def annotated_int(vocab_size) -> int:
+    CALLS.append("annotated_int")
+    return 3
+
+
+class NotAModel:
+    def __init__(self, vocab_size):
+        CALLS.append("NotAModel")
+
+
+from os import getcwd as reexported  # noqa: E402
 """
 
 
@@ -279,3 +292,56 @@ def test_resolve_missing_function(factory_module):
 def test_resolve_non_model_result(factory_module):
     with pytest.raises(ConfigError, match=r"not_a_model'.*returned builtins\.dict"):
         resolve_model(f"{factory_module}:not_a_model", vocab_size=VOCAB, seq_len=8)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("sys:exit", r"standard-library module 'sys'"),
+        ("os:system", r"standard-library module 'os'"),
+        ("os.path:join", r"standard-library module 'os'"),
+        ("builtins:print", r"standard-library module 'builtins'"),
+        ("subprocess:run", r"standard-library module 'subprocess'"),
+        ("shutil:rmtree", r"standard-library module 'shutil'"),
+    ],
+)
+def test_factories_from_the_standard_library_are_refused_unimported(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_model(spec, vocab_size=VOCAB, seq_len=8)
+
+
+@pytest.mark.parametrize(
+    ("attr", "message"),
+    [
+        ("reexported", r"names posix's getcwd, which the module only imported"),
+        ("NotAModel", r"class NotAModel, which is not a keras.Model"),
+        ("annotated_int", r"annotated to return int, not a keras.Model"),
+    ],
+    ids=["reexported", "class", "annotated"],
+)
+def test_callables_that_cannot_be_factories_are_refused_before_a_call(
+    factory_module, attr, message
+):
+    with pytest.raises(ConfigError, match=message):
+        resolve_model(f"{factory_module}:{attr}", vocab_size=VOCAB, seq_len=8)
+    assert importlib.import_module(factory_module).CALLS == []
+
+
+def test_resume_never_runs_the_factory_a_checkpoint_names(factory_module, tmp_path):
+    from kithara_ops import RunConfig, resume
+    from kithara_ops.build import build_trainer
+
+    spec = f"{factory_module}:only_vocab"
+    config = RunConfig(
+        model=spec, data="synthetic", seq_len=8, batch_size=8, steps=2, tracking=False,
+        checkpoint_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    build_trainer(config).train()
+    calls = importlib.import_module(factory_module).CALLS
+    assert len(calls) == 1
+    with pytest.raises(ConfigError, match=rf"factory '{spec}'.*--model {spec}") as refused:
+        resume(tmp_path / "run", steps=3)
+    assert "\n" not in str(refused.value)
+    assert len(calls) == 1  # refused before anything was called
+    result = resume(tmp_path / "run", steps=3, model=spec)
+    assert result.step == 3 and len(calls) == 2

@@ -34,6 +34,13 @@ def resume(
     optimizer: Annotated[
         str | None, typer.Option(help="Continue with this optimizer spec instead of the saved one.")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="The run's module:function model factory, named again (a checkpoint never "
+            "runs code it names)."
+        ),
+    ] = None,
     reset_optimizer: ResetOptimizer = False,
     quiet: Quiet = False,
     json_output: JsonOutput = False,
@@ -60,5 +67,6 @@ def resume(
         coordinator=coordinator,
         num_processes=num_processes,
         process_id=process_id,
+        **({"model": model} if model else {}),
     )
     print_summary(result, as_json=json_output)

@@ -76,6 +76,15 @@ def train(
         ),
     ] = False,
     reset_optimizer: ResetOptimizer = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Delete the checkpoints --checkpoint-dir holds and start afresh (a fresh run "
+            "into a directory with checkpoints is refused otherwise).",
+            rich_help_panel=CKPT,
+        ),
+    ] = False,
     quiet: Quiet = False,
     json_output: JsonOutput = False,
     **options: Any,
@@ -90,6 +99,8 @@ def train(
         return
     if (resume or reset_optimizer) and config.checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir DIR: the directory to resume from.")
+    if overwrite and resume:
+        raise ConfigError("--overwrite starts afresh and --resume continues: pass one of them.")
     trainer = build_trainer(config, progress=not (quiet or json_output))
-    result = trainer.train(resume=resume, reset_optimizer=reset_optimizer)
+    result = trainer.train(resume=resume, reset_optimizer=reset_optimizer, overwrite=overwrite)
     print_summary(result, as_json=json_output)

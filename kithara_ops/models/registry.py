@@ -7,6 +7,7 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -175,6 +176,18 @@ def layout_rules_of(model: keras.Model) -> LayoutRules:
 
 
 def _load_factory(spec: str, module_name: str, attr: str) -> Callable[..., Any]:
+    """Import and check the factory a spec names, without calling it.
+
+    A model spec runs code, so only a user's own factory qualifies: not a standard-library
+    or builtin module, not a function that module merely imported from elsewhere, not a class
+    that is no ``keras.Model``, not a function annotated to return something else.
+    """
+    root = module_name.split(".")[0]
+    if root in sys.stdlib_module_names or root in sys.builtin_module_names:
+        raise ConfigError(
+            f"Model spec {spec!r} names the standard-library module {root!r}: a model factory "
+            "is your own function returning a keras.Model, e.g. my_models:build."
+        )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -204,7 +217,36 @@ def _load_factory(spec: str, module_name: str, attr: str) -> Callable[..., Any]:
         raise ConfigError(
             f"{spec!r} is a {type(obj).__name__}, not a function returning a keras.Model."
         )
+    _check_factory(spec, root, obj)
     return obj
+
+
+def _check_factory(spec: str, root: str, factory: Any) -> None:
+    """Refuse a callable that cannot be a model factory, before it is called."""
+    defined_in = getattr(factory, "__module__", None) or ""
+    if defined_in.split(".")[0] != root:
+        raise ConfigError(
+            f"Model spec {spec!r} names {defined_in or 'a builtin'}'s "
+            f"{getattr(factory, '__name__', 'callable')}, which the module only imported: "
+            "name a factory defined in your own package."
+        )
+    if inspect.isclass(factory):
+        if not issubclass(factory, keras.Model):
+            raise ConfigError(
+                f"Model spec {spec!r} names the class {factory.__qualname__}, which is not a "
+                "keras.Model: name a keras.Model subclass or a function returning one."
+            )
+        return
+    try:
+        returns = inspect.signature(factory).return_annotation
+    except (TypeError, ValueError):
+        return
+    known = inspect.isclass(returns) and returns is not inspect.Signature.empty
+    if known and not issubclass(returns, keras.Model):
+        raise ConfigError(
+            f"Model spec {spec!r} is annotated to return {returns.__qualname__}, not a "
+            "keras.Model: name a function that returns the model."
+        )
 
 
 def _accepted_kwargs(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:

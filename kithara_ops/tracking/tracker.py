@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -48,6 +47,7 @@ class MlflowTracker(Callback):
         self._model = None
         self._monitor = None
         self.experiment = resolve_experiment(config)
+        self._last_logged: tuple[int, dict[str, float]] = (0, {})
 
     @property
     def run_id(self) -> str | None:
@@ -124,12 +124,20 @@ class MlflowTracker(Callback):
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.writer is None:
             return
-        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        self.writer.log_metrics(step, finite, int(time.time() * 1000))
+        # NaN and infinities are logged as they are: MLflow keeps NaN, and a diverged run's
+        # curve must show where it diverged rather than end at its last finite point.
+        self.writer.log_metrics(step, metrics, int(time.time() * 1000))
+        self._last_logged = (step, metrics)
 
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
         if self.writer is None:
             return
+        if status == "DIVERGED":
+            step, metrics = self._last_logged
+            seen = ", ".join(f"{k} {metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
+            self.writer.set_tags({"kithara_ops.diverged_at_step": str(step),
+                                  "kithara_ops.stop_reason": f"non-finite values: {seen}"})  # fmt: skip
+            status = "FAILED"
         with tempfile.TemporaryDirectory() as tmp:
             if self.config.log_model and status == "FINISHED":
                 self._queue_model(Path(tmp) / "model")

@@ -57,14 +57,22 @@ class Checkpointer(Callback):
         self.configure(save_every, keep, keep_best)
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
         # Handlers named up front, so records can be read before anything is restored.
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
-        )
+        # Orbax warns of every numbered folder without its metadata as it opens a
+        # directory; those are told apart here (``foreign``), in one line where it matters.
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                },
+            )
+        finally:
+            absl.setLevel(level)
         self._run: RunInfo | None = None
         self._last: StepRecord | None = None
         self._loss: float | None = None

@@ -572,7 +572,8 @@ def test_keep_best_keeps_the_lowest_eval_loss(make_model, tmp_path, eval_data):
     best = min(evals, key=evals.get)
     assert best == 4 and evals[8] > evals[6] > evals[4]  # not simply the newest
     with opened(tmp_path) as checkpointer:
-        assert checkpointer.steps() == [best]
+        # The best by eval_loss, and the newest: where a resume continues.
+        assert checkpointer.steps() == [best, 8]
         assert checkpointer.read_record(best).eval_loss == evals[best]
 
 
@@ -584,4 +585,4 @@ def test_final_checkpoint_records_the_final_eval_loss(make_model, tmp_path, eval
         kept = checkpointer.steps()
         recorded = {step: checkpointer.read_record(step).eval_loss for step in kept}
     assert recorded == {step: evals[step] for step in kept}
-    assert kept == [4]
+    assert kept == [4, 6]

@@ -185,8 +185,8 @@ class Checkpointer(Callback):
     def steps(self) -> list[int]:
         """Complete checkpoints this directory holds, oldest first.
 
-        Only step folders with both items (``state`` and ``meta``) count: a numbered folder
-        of anything else is not a checkpoint, and is never read or deleted.
+        Only step folders a save wrote to count (complete or damaged): a numbered folder of
+        anything else is not a checkpoint, and is never read or deleted.
         """
         return sorted(s for s in self.manager.all_steps() if self._is_checkpoint(s))
 
@@ -195,8 +195,12 @@ class Checkpointer(Callback):
         return [str(s) for s in sorted(self.manager.all_steps()) if not self._is_checkpoint(s)]
 
     def _is_checkpoint(self, step: int) -> bool:
+        # Any trace of a save (Orbax's step metadata or one of the two items) makes a folder
+        # ours, damaged or not: a damaged one is reported and passed over, and may be
+        # replaced; a folder with none of them was never written here.
         folder = self.directory / str(step)
-        return (folder / "state").is_dir() and (folder / "meta").is_dir()
+        marks = ("_CHECKPOINT_METADATA", "state", "meta")
+        return any((folder / mark).exists() for mark in marks)
 
     def read_record(self, step: int) -> RunRecord:
         """The ``RunRecord`` of one checkpoint (migrated if an older release wrote it)."""

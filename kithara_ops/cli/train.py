@@ -91,7 +91,7 @@ def train(
 ) -> None:
     """Train a model: the built-in tiny transformer on the stdlib corpus by default."""
     from kithara_ops.build import build_trainer
-    from kithara_ops.cli.progress import print_summary
+    from kithara_ops.cli.progress import print_summary, stdout_for_json
 
     config = resolve_config(config_file, options)
     if print_config:
@@ -101,6 +101,7 @@ def train(
         raise ConfigError("--resume needs --checkpoint-dir DIR: the directory to resume from.")
     if overwrite and resume:
         raise ConfigError("--overwrite starts afresh and --resume continues: pass one of them.")
-    trainer = build_trainer(config, progress=not (quiet or json_output))
-    result = trainer.train(resume=resume, reset_optimizer=reset_optimizer, overwrite=overwrite)
+    with stdout_for_json(json_output):
+        trainer = build_trainer(config, progress=not (quiet or json_output))
+        result = trainer.train(resume=resume, reset_optimizer=reset_optimizer, overwrite=overwrite)
     print_summary(result, as_json=json_output)

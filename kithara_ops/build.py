@@ -8,11 +8,12 @@ from typing import Any
 
 import keras
 
-from kithara_ops import data, distributed, models
+from kithara_ops import data, distributed, feed, models, preflight
 from kithara_ops.callbacks import Callback, TrainResult
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import LAUNCH_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
+from kithara_ops.models.registry import output_vocab_size
 from kithara_ops.optim.spec import build_optimizer
 from kithara_ops.sinks import build_sinks
 from kithara_ops.trainer import Trainer
@@ -32,7 +33,9 @@ def build_trainer(
     ``distributed.auto_detect`` recognises) joins its peers first, before any JAX work.
     Data is read before the model is built so a bad path fails in a second, not after
     compilation. ``keras.utils.set_random_seed(config.seed)`` makes the initial weights a
-    function of the seed alone.
+    function of the seed alone. The ``preflight`` checks run before anything is created or
+    compiled: the tracking URI's scheme, the checkpoint directory (a writable directory with
+    room for two checkpoints), and the first batch's token ids against the model's vocabulary.
 
     Args:
       config: the run's config; ``model``, ``data`` and ``optimizer`` must be specs.
@@ -49,6 +52,10 @@ def build_trainer(
                 f"This run's {field} was a Python object ({getattr(config, field)}), which a "
                 f"config cannot rebuild: pass the {field} yourself (Trainer(...).train(resume=True))."
             )
+    if config.tracking:
+        preflight.check_tracking_uri(config.tracking_uri)
+    if config.checkpoint_dir:
+        preflight.check_checkpoint_path(config.checkpoint_dir)
     if optimizer is None:
         optimizer = build_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
     tokenizer = data.ByteTokenizer()
@@ -71,6 +78,11 @@ def build_trainer(
         seq_len=config.seq_len,
         dtype=config.precision if config.precision != "float32" else None,
     )
+    first, train_data = feed.peek(train_data)  # a Dataset is re-iterable: nothing is consumed
+    if first is not None:
+        preflight.check_token_ids(first, output_vocab_size(model, config.seq_len))
+    if config.checkpoint_dir:
+        preflight.check_checkpoint_room(config.checkpoint_dir, model)
     sinks = build_sinks(config, callbacks, progress=progress, checkpoints=checkpoints)
     return Trainer(model, optimizer, train_data, eval_data=eval_data, config=config, sinks=sinks)
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -66,10 +71,45 @@ def result_dict(result: TrainResult) -> dict:
     }
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts and lists too) replaced by ``None``.
+
+    JSON has no NaN: ``json.dumps`` would write ``NaN``, which strict parsers refuse.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy and JAX scalars
+        return finite_or_none(value.item())
+    return value
+
+
+@contextlib.contextmanager
+def stdout_for_json(as_json: bool) -> Iterator[None]:
+    """With ``as_json``, send everything printed to stdout to stderr while the block runs.
+
+    ``--json`` promises one JSON document on stdout; libraries print there too (MLflow's
+    "View run ... at: URL" when a run on a tracking server ends), so while the run is built
+    and trained stdout is stderr, and only the summary printed afterwards reaches stdout.
+    """
+    if not as_json:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
 def print_summary(result: TrainResult, as_json: bool, console: Console | None = None) -> None:
-    """Print the run's outcome as a small table, or one JSON object with ``as_json``."""
+    """Print the run's outcome as a small table, or one JSON object with ``as_json``.
+
+    The JSON object has ``null`` where a value is not finite (a diverged loss), so any JSON
+    parser reads it.
+    """
     if as_json:
-        print(json.dumps(result_dict(result)))
+        print(json.dumps(finite_or_none(result_dict(result)), allow_nan=False))
         return
     console = console or Console()
     table = Table(title="kithara-ops run", show_header=False)

@@ -54,19 +54,20 @@ def resume(
     model, data and optimizer are rebuilt from the run's saved config.
     """
     from kithara_ops.build import resume as resume_run
-    from kithara_ops.cli.progress import print_summary
+    from kithara_ops.cli.progress import print_summary, stdout_for_json
     from kithara_ops.optim.spec import build_optimizer
 
     built = build_optimizer(optimizer) if optimizer else None
-    result = resume_run(
-        checkpoint_dir,
-        steps,
-        built,
-        reset_optimizer=reset_optimizer,
-        progress=not (quiet or json_output),
-        coordinator=coordinator,
-        num_processes=num_processes,
-        process_id=process_id,
-        **({"model": model} if model else {}),
-    )
+    with stdout_for_json(json_output):
+        result = resume_run(
+            checkpoint_dir,
+            steps,
+            built,
+            reset_optimizer=reset_optimizer,
+            progress=not (quiet or json_output),
+            coordinator=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            **({"model": model} if model else {}),
+        )
     print_summary(result, as_json=json_output)

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+import typer.core
+
+try:  # Typer 0.2x carries its own copy of click, with its own exception classes.
+    from typer._click.exceptions import UsageError as _TyperUsageError
+except ImportError:  # pragma: no cover - a Typer built on the click package
+    _TyperUsageError = click.UsageError
 
 from kithara_ops.cli.app import app, user_errors
 from kithara_ops.cli.options import (
@@ -26,6 +33,25 @@ from kithara_ops.errors import ConfigError
 CONFIG = "Config"
 
 
+class OneLineErrors(typer.core.TyperCommand):
+    """A command whose option errors (``--steps abc``, a typo) are one ``Error:`` line, exit 2.
+
+    Click would print a usage block and a framed message; a script reading stderr, like a
+    person, needs the one line that says what is wrong (click's own text, with its
+    did-you-mean). Only the command line's own parse is changed: a caller that parses the
+    options itself (``sweep`` passing options on) still gets the ``UsageError``.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if parent is None or parent.resilient_parsing:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except (click.UsageError, _TyperUsageError) as err:
+            typer.echo(f"Error: {' '.join(err.format_message().split())}", err=True)
+            raise typer.Exit(2) from None
+
+
 def resolve_config(config_file: Path | None, options: dict[str, Any]) -> RunConfig:
     """The run's config: the file's values (if any), then the options given, then defaults.
 
@@ -38,6 +64,7 @@ def resolve_config(config_file: Path | None, options: dict[str, Any]) -> RunConf
 
 
 @app.command(
+    cls=OneLineErrors,
     epilog=(
         "Examples:\n\n"
         "  kithara-ops train\n\n"
@@ -45,7 +72,7 @@ def resolve_config(config_file: Path | None, options: dict[str, Any]) -> RunConf
         "  kithara-ops train --optimizer keras.AdamW --learning-rate 3e-4 --steps 500\n\n"
         "  kithara-ops train --model small --sharding fsdp --batch-size 16\n\n"
         "  kithara-ops launch --num-processes 2 -- train --sharding fsdp"
-    )
+    ),
 )
 @with_config_options(after="print_config")
 @user_errors
@@ -91,7 +118,7 @@ def train(
 ) -> None:
     """Train a model: the built-in tiny transformer on the stdlib corpus by default."""
     from kithara_ops.build import build_trainer
-    from kithara_ops.cli.progress import print_summary
+    from kithara_ops.cli.progress import print_summary, stdout_for_json
 
     config = resolve_config(config_file, options)
     if print_config:
@@ -101,6 +128,7 @@ def train(
         raise ConfigError("--resume needs --checkpoint-dir DIR: the directory to resume from.")
     if overwrite and resume:
         raise ConfigError("--overwrite starts afresh and --resume continues: pass one of them.")
-    trainer = build_trainer(config, progress=not (quiet or json_output))
-    result = trainer.train(resume=resume, reset_optimizer=reset_optimizer, overwrite=overwrite)
+    with stdout_for_json(json_output):
+        trainer = build_trainer(config, progress=not (quiet or json_output))
+        result = trainer.train(resume=resume, reset_optimizer=reset_optimizer, overwrite=overwrite)
     print_summary(result, as_json=json_output)

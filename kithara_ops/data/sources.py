@@ -52,8 +52,9 @@ def read_documents(spec: str) -> list[Document]:
         The documents in a deterministic order.
 
     Raises:
-        ConfigError: The path does not exist, the glob matches no file, a JSONL line is
-            invalid, or the corpus holds no text.
+        ConfigError: The path does not exist, the glob matches no file, a file named
+            (directly or by the glob) is binary, a JSONL line is invalid, or the corpus
+            holds no text.
     """
     if spec == "stdlib":
         docs = _stdlib_documents()
@@ -90,10 +91,16 @@ def _file_documents(path: Path, *, sniff: bool = False) -> list[Document]:
     if path.suffix == ".jsonl":
         return _jsonl_documents(path)
     raw = path.read_bytes()
-    # Inside a directory, binary files (images, archives) would only add noise bytes;
-    # a NUL byte in the first block is the usual cheap test for "not text".
-    if sniff and b"\0" in raw[:_SNIFF_BYTES]:
-        return []
+    # A NUL byte in the first block is the usual cheap test for "not text". Inside a
+    # directory, binary files (images, archives) are skipped; one named on its own is a
+    # mistake worth a message, not a corpus of noise bytes.
+    if b"\0" in raw[:_SNIFF_BYTES]:
+        if sniff:
+            return []
+        raise ConfigError(
+            f"Data file {str(path)!r} is binary, not text (it holds NUL bytes): pass a UTF-8 "
+            "text file, a .jsonl file or a directory of them."
+        )
     return [Document(raw.decode("utf-8", errors="replace"))]
 
 

@@ -160,6 +160,35 @@ def resolve_model(
     return model
 
 
+def output_vocab_size(model: keras.Model, seq_len: int) -> int | None:
+    """The vocabulary a model predicts: the last dimension of its logits, without computing them.
+
+    The output's shape comes from ``jax.eval_shape`` on a ``(1, seq_len)`` int32 batch, which
+    traces the model once but runs nothing on the devices.
+
+    Args:
+        model: A built model mapping token ids ``(batch, seq)`` to logits.
+        seq_len: Tokens per sequence.
+
+    Returns:
+        The last dimension of the output, or ``None`` when the output is not one
+        ``(batch, seq, vocab)`` array of known size (nothing to check then).
+    """
+    import jax
+
+    def forward(token_ids):
+        return model(token_ids)
+
+    try:
+        out = jax.eval_shape(forward, jax.ShapeDtypeStruct((1, seq_len), np.int32))
+    except Exception:  # a model that cannot be traced this way is checked by the step itself
+        return None
+    shape = getattr(out, "shape", None)
+    if shape is None or len(shape) != 3 or not isinstance(shape[-1], int):
+        return None
+    return int(shape[-1])
+
+
 def layout_rules_of(model: keras.Model) -> LayoutRules:
     """The model's FSDP layout rules (``model.get_layout_rules()``), or ``[]`` if it has none.
 

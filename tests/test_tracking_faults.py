@@ -21,7 +21,7 @@ from kithara_ops.tracking import RunWriter
 
 FAST = ["--model", "tiny", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8"]
 FLUSH_TIMEOUT = 6.0
-MARGIN = 6.0  # the process's own exit after the wait: interpreter shutdown, JAX teardown
+MARGIN = 3.0  # from the checkpoint's folder appearing to the wait's start, on a busy machine
 
 
 class HungServer(http.server.ThreadingHTTPServer):
@@ -88,16 +88,27 @@ def cli_env(**extra):
     return env
 
 
-def train(cwd, *args):
+def train(cwd, *args, **env):
     """A ``kithara-ops train`` process; its stderr lines are collected as they come."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "kithara_ops.cli", "train", *FAST, "--quiet", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=cli_env(**env),
     )  # fmt: skip
-    proc.lines = []
-    proc.reader = threading.Thread(target=lambda: proc.lines.extend(proc.stderr), daemon=True)
+    proc.lines, proc.times = [], []
+
+    def read():
+        for line in proc.stderr:
+            proc.times.append(time.monotonic())
+            proc.lines.append(line)
+
+    proc.reader = threading.Thread(target=read, daemon=True)
     proc.reader.start()
     return proc
+
+
+def when(proc, text):
+    """When the first stderr line holding ``text`` came (``time.monotonic()``)."""
+    return next(t for t, line in zip(proc.times, proc.lines, strict=False) if text in line)
 
 
 def finish(proc, timeout=300):
@@ -138,12 +149,13 @@ def test_a_hung_server_costs_at_most_the_flush_timeout_at_the_end(tmp_path, crea
         try:
             assert wait_for(lambda: saved(ckpt, 3) or proc.poll() is not None)
             saved_at = time.monotonic()
-            code, stderr = finish(proc, FLUSH_TIMEOUT + MARGIN + 30)
-            waited = time.monotonic() - saved_at
+            code, stderr = finish(proc, 120)
         finally:
             finish(proc, 1)
     assert code == 0, stderr
     assert saved(ckpt, 3)
+    # The wait ends with the line naming the spool; the process then exits as any run does.
+    waited = when(proc, "are saved in") - saved_at
     assert waited < FLUSH_TIMEOUT + MARGIN, (waited, stderr)
     assert len(spools(tmp_path)) == 1, stderr
     assert "Traceback" not in stderr
@@ -158,10 +170,11 @@ def test_a_hung_server_costs_at_most_the_flush_timeout_at_the_end(tmp_path, crea
 )
 def test_a_signal_during_the_flush_ends_the_wait_at_once(tmp_path, signals, code):
     ckpt = tmp_path / "ckpt"
+    flush_timeout = 120.0  # the end would wait this long without the signal
     with HungServer() as server:
         proc = train(tmp_path, "--steps", "3", "--checkpoint-dir", str(ckpt),
-                     "--tracking-uri", server.uri, "--no-system-metrics")  # fmt: skip
-        proc_env_timeout = 120.0  # the flush would wait this long without the signal
+                     "--tracking-uri", server.uri, "--no-system-metrics",
+                     KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT=str(flush_timeout))  # fmt: skip
         try:
             # The checkpoint is written first; the notice comes once the flush has waited.
             assert wait_for(lambda: any("Waiting up to" in line for line in proc.lines))
@@ -170,14 +183,15 @@ def test_a_signal_during_the_flush_ends_the_wait_at_once(tmp_path, signals, code
             for signum in signals:
                 proc.send_signal(signum)
                 time.sleep(0.05)
-            exit_code, stderr = finish(proc, proc_env_timeout)
-            took = time.monotonic() - sent
+            exit_code, stderr = finish(proc, flush_timeout)
+            exited = time.monotonic() - sent
         finally:
             finish(proc, 1)
     assert exit_code == code, stderr
-    assert took < 5.0, (took, stderr)
+    assert exited < 30.0, (exited, stderr)  # the interpreter's own exit takes seconds here
     assert saved(ckpt, 3)
     if len(signals) == 1:  # a second Ctrl-C may cut the spooling short; never the checkpoint
+        assert when(proc, "are saved in") - sent < 2.0, stderr
         assert len(spools(tmp_path)) == 1, stderr
 
 

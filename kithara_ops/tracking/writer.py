@@ -292,7 +292,9 @@ class RunWriter:
         """Whether an error while opening the run means it can never be opened."""
         # A local store that cannot even be opened (a path that cannot be a directory, a
         # file that is not a database) stays so; a remote store's client opens nothing.
-        return is_permanent(err) or (self.client is None and is_local_store(self.tracking_uri))
+        # A locked database (another process migrating it) is the one passing failure here.
+        opening_local = self.client is None and is_local_store(self.tracking_uri)
+        return is_permanent(err) or (opening_local and "locked" not in str(err))
 
     def _start_run(self) -> None:
         experiment = experiment_id(self.client, self.experiment, create=True)

@@ -105,11 +105,13 @@ class CancelOnSignal:
     Attributes:
       event: set by the first signal.
       signum: that signal's number, ``None`` while no signal came.
+      active: whether the handlers are installed (only from the main thread).
     """
 
     def __init__(self):
         self.event = threading.Event()
         self.signum: int | None = None
+        self.active = False
         self._handling: contextlib.AbstractContextManager[bool] | None = None
 
     def _handle(self, signum, frame) -> None:
@@ -121,7 +123,7 @@ class CancelOnSignal:
 
     def __enter__(self) -> CancelOnSignal:
         self._handling = handling_signals(self._handle, (signal.SIGTERM, signal.SIGINT))
-        self._handling.__enter__()
+        self.active = self._handling.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -182,7 +182,7 @@ class MlflowTracker(Callback):
             monitor = self._stop_monitor()
             if self.config.log_model and status == "FINISHED":
                 self._queue_model(Path(tmp) / "model")
-            notice = threading.Timer(_SAY_WAITING_AFTER, self._say_waiting, (deadline,))
+            notice = threading.Timer(_SAY_WAITING_AFTER, self._say_waiting, (deadline, stop.active))
             notice.daemon = True
             notice.start()
             try:
@@ -202,12 +202,14 @@ class MlflowTracker(Callback):
             # must say so. A failed or stopped run's own error is already on its way out.
             raise TrainingStopped(stop.signum, result.step if result is not None else 0)
 
-    def _say_waiting(self, deadline: float) -> None:
+    def _say_waiting(self, deadline: float, interruptible: bool) -> None:
         log.warning(
-            "Waiting up to %.0f s more for MLflow at %s to take the run's last records "
-            "(SIGTERM or Ctrl-C stops waiting and saves them to a spool file).",
+            "Waiting up to %.0f s more for MLflow at %s to take the run's last records%s.",
             max(deadline - time.monotonic(), 0.0),
             self.writer.tracking_uri,
+            " (SIGTERM or Ctrl-C stops waiting and saves them to a spool file)"
+            if interruptible
+            else "",
         )
 
     def _stop_monitor(self) -> threading.Thread | None:

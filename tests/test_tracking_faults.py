@@ -232,8 +232,11 @@ def test_the_checkpoint_is_written_before_mlflow_is_flushed(tmp_path, make_model
 
 
 def test_an_experiment_name_mlflow_refuses_is_one_warning_and_training_goes_on(tmp_path):
+    # A long flush timeout: opening a fresh SQLite store can take seconds on a busy machine,
+    # and the refusal ends the wait by itself.
     proc = train(tmp_path, "--steps", "3", "--tracking-uri", f"sqlite:///{tmp_path}/runs.db",
-                 "--experiment", "x" * 600, "--no-system-metrics")  # fmt: skip
+                 "--experiment", "x" * 600, "--no-system-metrics",
+                 KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT="120")  # fmt: skip
     code, stderr = finish(proc)
     assert code == 0, stderr
     refusals = [line for line in stderr.splitlines() if "cannot take this run" in line]
@@ -247,7 +250,7 @@ def test_a_store_that_cannot_be_opened_is_one_line_and_training_goes_on(tmp_path
     (tmp_path / "not-a-dir").write_text("")
     db = tmp_path / "not-a-dir" / "runs.db"
     proc = train(tmp_path, "--steps", "3", "--tracking-uri", f"sqlite:///{db}",
-                 "--no-system-metrics")  # fmt: skip
+                 "--no-system-metrics", KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT="120")  # fmt: skip
     code, stderr = finish(proc)
     assert code == 0, stderr
     naming = [line for line in stderr.splitlines() if str(db) in line]

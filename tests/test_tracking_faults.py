@@ -304,3 +304,19 @@ def test_reattaching_to_a_hung_server_never_blocks_the_caller(tmp_path):
         delivery = writer.finish("FINISHED", 1.0)
         assert time.monotonic() - started < 3.0
     assert delivery.pending_points == 1 and delivery.spool.is_file()
+
+
+def test_a_reattached_run_is_announced_from_the_writer_thread(tmp_path):
+    # The system-metrics monitor of a resumed run starts from this call, not on the caller's
+    # thread: it reads the run first, which must never hold up training.
+    uri = f"sqlite:///{tmp_path}/runs.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    client.set_terminated(run_id, "KILLED")
+    ready = []
+    writer = RunWriter(uri, "resumed", run_id=run_id, spool_dir=tmp_path / "spool")
+    writer.on_run_ready.append(lambda rid: ready.append((rid, threading.current_thread().name)))
+    writer.log_metrics(1, {"loss": 1.0}, 0)
+    delivery = writer.finish("FINISHED", 60.0)
+    assert ready == [(run_id, "mlflow-writer")]
+    assert delivery.delivered_points == 1 and client.get_run(run_id).info.status == "FINISHED"

@@ -92,3 +92,41 @@ class StopRequests:
         if self._handling is not None:
             handling, self._handling = self._handling, None
             handling.__exit__(*exc)
+
+
+class CancelOnSignal:
+    """While active, the first SIGTERM or SIGINT sets ``event`` so a wait can end at once.
+
+    For waits that may outlast a user's patience or a scheduler's grace period (the end of a
+    run waiting for a tracking server): the first signal records ``signum`` and sets
+    ``event``, which the waiting code checks; a second Ctrl-C raises ``KeyboardInterrupt``, as
+    ``StopRequests`` does. Off the main thread this does nothing and signals behave as usual.
+
+    Attributes:
+      event: set by the first signal.
+      signum: that signal's number, ``None`` while no signal came.
+      active: whether the handlers are installed (only from the main thread).
+    """
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self.active = False
+        self._handling: contextlib.AbstractContextManager[bool] | None = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user insists
+        if self.signum is None:
+            self.signum = signum
+        self.event.set()
+
+    def __enter__(self) -> CancelOnSignal:
+        self._handling = handling_signals(self._handle, (signal.SIGTERM, signal.SIGINT))
+        self.active = self._handling.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handling is not None:
+            handling, self._handling = self._handling, None
+            handling.__exit__(*exc)

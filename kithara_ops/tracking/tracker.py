@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import jax
 
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult
 from kithara_ops.config import RunConfig
+from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
 from kithara_ops.tracking.params import run_params, run_tags, without_credentials
 from kithara_ops.tracking.writer import Delivery, RunWriter
@@ -20,6 +23,34 @@ from kithara_ops.tracking.writer import Delivery, RunWriter
 log = logging.getLogger("kithara_ops.tracking")
 
 DEFAULT_EXPERIMENT = "kithara-ops"
+
+FLUSH_TIMEOUT_ENV = "KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT"
+"""The environment variable that sets ``MlflowTracker``'s default ``flush_timeout`` (seconds)."""
+
+DEFAULT_FLUSH_TIMEOUT = 60.0
+
+# After this many seconds of waiting at the end, the user is told what the wait is for.
+_SAY_WAITING_AFTER = 5.0
+
+
+def default_flush_timeout() -> float:
+    """``KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT`` when it is a number of seconds >= 0, else 60."""
+    value = os.environ.get(FLUSH_TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_FLUSH_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds >= 0 and math.isfinite(seconds):
+        return seconds
+    log.warning(
+        "%s=%r is not a number of seconds; the default %.0f s is used.",
+        FLUSH_TIMEOUT_ENV,
+        value,
+        DEFAULT_FLUSH_TIMEOUT,
+    )
+    return DEFAULT_FLUSH_TIMEOUT
 
 
 def resolve_experiment(config: RunConfig) -> str:
@@ -33,19 +64,26 @@ class MlflowTracker(Callback):
     Only process 0 of a multi-process run talks to MLflow. All writes go through a
     background ``RunWriter``, so a slow or absent server never holds up a step.
 
+    At the end (after the checkpointer has saved the final step) it waits at most
+    ``flush_timeout`` seconds in all for the writer and the system-metrics monitor, then
+    spools what is left. A SIGTERM or Ctrl-C during that wait ends it at once; what is queued
+    is spooled, and a run that had finished raises ``TrainingStopped`` for that signal.
+
     Args:
       config: the run's config (tracking URI, experiment, run name, system metrics, model).
-      flush_timeout: seconds to wait at the end for queued records before spooling them.
+      flush_timeout: seconds to wait at the end for queued records before spooling them;
+        default ``$KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT``, else 60.
     """
 
-    def __init__(self, config: RunConfig, flush_timeout: float = 60.0):
+    def __init__(self, config: RunConfig, flush_timeout: float | None = None):
         self.config = config
-        self.flush_timeout = flush_timeout
+        self.flush_timeout = default_flush_timeout() if flush_timeout is None else flush_timeout
         self.writer: RunWriter | None = None
         self.delivery: Delivery | None = None
         self.description: dict | None = None
         self._model = None
         self._monitor = None
+        self._ending = False
         self.experiment = resolve_experiment(config)
         self._last_logged: tuple[int, dict[str, float]] = (0, {})
 
@@ -99,11 +137,11 @@ class MlflowTracker(Callback):
             find_existing=True,
         )
         if self.config.system_metrics:
+            # Started by the writer once it has reattached: the monitor reads the run when it
+            # starts, and that must not hold up the first step when the server is slow.
             self.writer.on_run_ready.append(
                 lambda run_id: self._start_system_metrics(run_id, resume=True)
             )
-            if record.mlflow_run_id:
-                self._start_system_metrics(record.mlflow_run_id, resume=True)
         tags = {"kithara_ops.resumed_from_step": str(from_step)}
         if run.optimizer_change is not None:
             # The optimizer params keep the first optimizer; the change is told here.
@@ -132,20 +170,58 @@ class MlflowTracker(Callback):
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
         if self.writer is None:
             return
+        self._ending = True
         if status == "DIVERGED":
             step, metrics = self._last_logged
             seen = ", ".join(f"{k} {metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
             self.writer.set_tags({"kithara_ops.diverged_at_step": str(step),
                                   "kithara_ops.stop_reason": f"non-finite values: {seen}"})  # fmt: skip
             status = "FAILED"
-        with tempfile.TemporaryDirectory() as tmp:
+        deadline = time.monotonic() + self.flush_timeout
+        with CancelOnSignal() as stop, tempfile.TemporaryDirectory() as tmp:
+            monitor = self._stop_monitor()
             if self.config.log_model and status == "FINISHED":
                 self._queue_model(Path(tmp) / "model")
-            self.delivery = self.writer.finish(status, self.flush_timeout)
-        if self._monitor is not None:
-            self._monitor.finish()
+            notice = threading.Timer(_SAY_WAITING_AFTER, self._say_waiting, (deadline, stop.active))
+            notice.daemon = True
+            notice.start()
+            try:
+                left = max(deadline - time.monotonic(), 0.0)
+                self.delivery = self.writer.finish(status, left, stop.event)
+                while monitor is not None and monitor.is_alive() and not stop.event.is_set():
+                    if (left := deadline - time.monotonic()) <= 0:
+                        break  # abandoned: a daemon thread, it cannot keep the process alive
+                    monitor.join(min(left, 0.05))
+            finally:
+                notice.cancel()
         if result is not None:
             result.run_id = self.run_id
+        if stop.signum is not None and status == "FINISHED":
+            # The run had finished and its final checkpoint is saved (the checkpointer ends
+            # first); the signal still says the process was told to stop, and its exit code
+            # must say so. A failed or stopped run's own error is already on its way out.
+            raise TrainingStopped(stop.signum, result.step if result is not None else 0)
+
+    def _say_waiting(self, deadline: float, interruptible: bool) -> None:
+        log.warning(
+            "Waiting up to %.0f s more for MLflow at %s to take the run's last records%s.",
+            max(deadline - time.monotonic(), 0.0),
+            self.writer.tracking_uri,
+            " (SIGTERM or Ctrl-C stops waiting and saves them to a spool file)"
+            if interruptible
+            else "",
+        )
+
+    def _stop_monitor(self) -> threading.Thread | None:
+        """Stop the system-metrics monitor on a thread of its own, returned to wait on."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return None
+        # MLflow's monitor sends its last samples with a client of its own, which retries for
+        # minutes against a dead server: the end of the run waits for it only until its deadline.
+        thread = threading.Thread(target=monitor.finish, name="mlflow-system-metrics", daemon=True)
+        thread.start()
+        return thread
 
     def _queue_model(self, path: Path) -> None:
         """Save the trained model in MLflow's Keras format and queue it as ``model/``."""
@@ -159,6 +235,8 @@ class MlflowTracker(Callback):
         self.writer.log_artifacts(str(path), "model")
 
     def _start_system_metrics(self, run_id: str, resume: bool = False) -> None:
+        if self._ending:  # the run is over; a monitor started now would never be stopped
+            return
         try:
             from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -6,25 +6,32 @@ with ``log_batch``. When the tracking server is slow or down, the thread keeps t
 warns once, and retries with backoff; points are delivered when the server returns. What
 is still queued when the run must end is written to a spool file (JSON lines) that
 ``replay_spool`` sends later, so nothing is lost.
+
+A refusal is not an outage (see ``faults``): a record MLflow refuses is reported once per
+kind and dropped; a run it refuses (a store that cannot be opened, a deleted run, an
+experiment name it will not take) is reported once, and the run's records go to the spool.
+Even opening the store happens on the writer thread, so training never waits on it.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from kithara_ops.errors import first_line
 from kithara_ops.tracking.experiments import experiment_id
+from kithara_ops.tracking.faults import RunRefused, is_local_store, is_permanent, refuses_run
 from kithara_ops.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH
+from kithara_ops.tracking.spool import save_undelivered
 
 log = logging.getLogger("kithara_ops.tracking")
 
@@ -41,12 +48,26 @@ class Delivery:
       delivered_points: metric points written.
       pending_points: metric points not written when the run ended.
       spool: the file holding what was not written, if anything.
+      dropped: records MLflow refused (reported when first refused, then left out).
+      refused: why MLflow refused the whole run, if it did.
     """
 
     run_id: str | None
     delivered_points: int
     pending_points: int
     spool: Path | None
+    dropped: int = 0
+    refused: str | None = None
+
+
+_WHAT = {
+    "params": "params",
+    "tags": "tags",
+    "text": "text artifact",
+    "artifacts": "artifacts",
+    "metrics": "metric points",
+    "end": "final status",
+}
 
 
 class RunWriter:
@@ -78,8 +99,10 @@ class RunWriter:
         run_uid: str | None = None,
         find_existing: bool = False,
     ):
-        self.client = MlflowClient(tracking_uri)
-        self.tracking_uri = self.client.tracking_uri
+        # The client is made on the writer thread: opening a SQLite store creates or migrates
+        # its tables, and a store that cannot be opened must not stop the run from starting.
+        self.client: MlflowClient | None = None
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.experiment = experiment
         self.run_name = run_name
         self.run_id = run_id
@@ -90,6 +113,8 @@ class RunWriter:
         self.retry_max_wait = retry_max_wait
         self.flush_interval = flush_interval
         self.delivered_points = 0
+        self.dropped = 0
+        self.refused: str | None = None
         self.on_run_ready: list = []
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -98,6 +123,8 @@ class RunWriter:
         self._attached = run_id is None  # an existing run is checked before the first write
         self._logged_through: dict[str, int] = {}
         self._warned = False
+        self._refused_kinds: set[str] = set()
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self._thread.start()
 
@@ -125,32 +152,40 @@ class RunWriter:
         points = [(k, float(v), timestamp_ms, int(step)) for k, v in metrics.items()]
         self._put("metrics", points)
 
-    def finish(self, status: str, timeout: float = 60.0) -> Delivery:
-        """Queue the end of the run, wait up to ``timeout`` s for delivery, spool the rest."""
+    def finish(
+        self, status: str, timeout: float = 60.0, cancel: threading.Event | None = None
+    ) -> Delivery:
+        """Queue the end of the run, wait for delivery, and spool what is left.
+
+        Args:
+          status: the run's final MLflow status (``FINISHED``, ``FAILED``, ``KILLED``).
+          timeout: the most seconds to wait, however slow or silent the server is.
+          cancel: stop waiting as soon as this is set (a signal during the wait).
+        """
         self._put("end", {"status": status})
+        deadline = time.monotonic() + timeout
         with self._cond:
-            self._closing_deadline = time.monotonic() + timeout
+            self._closing_deadline = deadline
             self._cond.notify_all()
-        self._thread.join(timeout + 5.0)
+        # Short waits rather than one join: the thread may be stuck in a request that never
+        # returns, and ``cancel`` must be seen within a moment of being set.
+        while not self._done.is_set() and (left := deadline - time.monotonic()) > 0:
+            if cancel is not None and cancel.is_set():
+                break
+            self._done.wait(min(left, 0.05))
         with self._cond:
             # A request may still be in flight in a stuck thread; it may yet arrive, so the
             # spool can repeat its points, but it can never lose them.
             self._abandoned = True
+            self._closing_deadline = min(deadline, time.monotonic())
+            self._cond.notify_all()
             pending = list(self._queue)
             self._queue.clear()
         points = sum(len(p) for kind, p in pending if kind == "metrics")
         spool = self._spool(pending) if pending else None
-        if spool is not None:
-            log.warning(
-                "MLflow at %s could not be reached: %d metric points and %d other records were "
-                "not delivered and are saved in %s (send them later with "
-                "kithara_ops.tracking.replay_spool).",
-                self.tracking_uri,
-                points,
-                len(pending) - sum(k == "metrics" for k, _ in pending),
-                spool,
-            )
-        return Delivery(self.run_id, self.delivered_points, points, spool)
+        return Delivery(
+            self.run_id, self.delivered_points, points, spool, self.dropped, self.refused
+        )
 
     def _put(self, kind: str, payload: Any) -> None:
         with self._cond:
@@ -159,6 +194,12 @@ class RunWriter:
 
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:
+        try:
+            self._deliver()
+        finally:
+            self._done.set()
+
+    def _deliver(self) -> None:
         backoff = 0.25
         while True:
             with self._cond:
@@ -171,13 +212,26 @@ class RunWriter:
                 taken = 1
                 if kind == "metrics":
                     payload, taken = self._peek_metrics()
+            opening = True
             try:
-                if self.run_id is None:
-                    self._start_run()
-                elif not self._attached:
-                    self._attach()
+                self._open_run()
+                opening = False
                 self._write(kind, payload)
-            except Exception as err:  # the server is down, slow or refusing: keep and retry
+            except Exception as err:
+                if (opening and self._refuses_store(err)) or refuses_run(err):
+                    self._refuse_run(err)
+                    return  # the queue stays; finish() spools it
+                if is_permanent(err):  # this record, and only it, will never be taken
+                    self._refuse_record(kind, err)
+                    with self._cond:
+                        if self._abandoned:
+                            return
+                        for _ in range(taken):
+                            self._queue.popleft()
+                    if kind == "end":
+                        return
+                    continue
+                # The server is down or slow: keep the record and retry.
                 self._warn_once(err)
                 with self._cond:
                     if self._past_deadline():
@@ -225,6 +279,23 @@ class RunWriter:
             taken += 1
         return points, taken
 
+    def _open_run(self) -> None:
+        """Open the store and create or reattach to the run, whichever is not done yet."""
+        if self.client is None:
+            self.client = MlflowClient(self.tracking_uri)
+        if self.run_id is None:
+            self._start_run()
+        elif not self._attached:
+            self._attach()
+
+    def _refuses_store(self, err: Exception) -> bool:
+        """Whether an error while opening the run means it can never be opened."""
+        # A local store that cannot even be opened (a path that cannot be a directory, a
+        # file that is not a database) stays so; a remote store's client opens nothing.
+        # A locked database (another process migrating it) is the one passing failure here.
+        opening_local = self.client is None and is_local_store(self.tracking_uri)
+        return is_permanent(err) or (opening_local and "locked" not in str(err))
+
     def _start_run(self) -> None:
         experiment = experiment_id(self.client, self.experiment, create=True)
         if self.find_existing:
@@ -234,8 +305,6 @@ class RunWriter:
             if found:
                 self.run_id = found[0].info.run_id
                 self._attach()
-                for callback in self.on_run_ready:
-                    callback(self.run_id)
                 return
         tags = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
         if self.run_uid:
@@ -248,6 +317,8 @@ class RunWriter:
     def _attach(self) -> None:
         """Continue an existing run: RUNNING again, and note the steps each metric holds."""
         run = self.client.get_run(self.run_id)
+        if run.info.lifecycle_stage == "deleted":
+            raise RunRefused(f"the run {self.run_id} was deleted")
         for key in run.data.metrics:
             if not key.startswith("system/"):
                 steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
@@ -255,6 +326,8 @@ class RunWriter:
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
         self._attached = True
+        for callback in self.on_run_ready:
+            callback(self.run_id)
 
     def _write(self, kind: str, payload: Any) -> None:
         client, run_id = self.client, self.run_id
@@ -292,44 +365,33 @@ class RunWriter:
             )
             self._warned = True
 
-    def _spool(self, pending: list) -> Path:
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spool_dir / f"{self.run_id or 'unstarted'}-{int(time.time())}.jsonl"
-        with path.open("w") as f:
-            header = {
-                "tracking_uri": self.tracking_uri,
-                "experiment": self.experiment,
-                "run_name": self.run_name,
-                "run_id": self.run_id,
-            }
-            f.write(json.dumps({"kind": "run", "payload": header}) + "\n")
-            for kind, payload in pending:
-                f.write(json.dumps({"kind": kind, "payload": payload}) + "\n")
-        return path
+    def _refuse_run(self, err: Exception) -> None:
+        self.refused = first_line(err)
+        log.warning(
+            "MLflow at %s cannot take this run (%s); training goes on untracked, and what it "
+            "logs is saved to a spool file at the end.",
+            self.tracking_uri,
+            self.refused,
+        )
 
+    def _refuse_record(self, kind: str, err: Exception) -> None:
+        self.dropped += 1
+        if kind not in self._refused_kinds:
+            self._refused_kinds.add(kind)
+            log.warning(
+                "MLflow at %s refused the run's %s (%s); they are left out, the rest is logged.",
+                self.tracking_uri,
+                _WHAT.get(kind, kind),
+                first_line(err),
+            )
 
-def replay_spool(
-    path: str | Path, tracking_uri: str | None = None, timeout: float = 120.0
-) -> Delivery:
-    """Send a spool file's records to MLflow, in order, into the run they belong to.
-
-    Args:
-      path: a spool file written when a run ended with MLflow unreachable.
-      tracking_uri: override the URI recorded in the file.
-    """
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    header = lines[0]["payload"]
-    writer = RunWriter(
-        tracking_uri or header["tracking_uri"],
-        header["experiment"],
-        run_name=header["run_name"],
-        run_id=header["run_id"],
-        spool_dir=Path(path).parent,
-    )
-    status = "FINISHED"
-    for record in lines[1:]:
-        if record["kind"] == "end":
-            status = record["payload"]["status"]
-            continue
-        writer._put(record["kind"], record["payload"])
-    return writer.finish(status, timeout)
+    def _spool(self, pending: list) -> Path | None:
+        header = {
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "run_name": self.run_name,
+            "run_id": self.run_id,
+        }
+        # Not the URI again when the run was refused: that line already named the store.
+        where = "MLflow" if self.refused else f"MLflow at {self.tracking_uri}"
+        return save_undelivered(self.spool_dir, header, pending, where)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
+import click
 import typer
 
 from kithara_ops._backend import require_jax_backend
@@ -19,6 +20,14 @@ require_jax_backend()
 
 from kithara_ops.errors import ConfigError, Diverged  # noqa: E402
 from kithara_ops.interrupt import TrainingStopped  # noqa: E402
+
+try:  # Typer 0.2x carries its own copy of click, with its own exception classes.
+    from typer._click.exceptions import UsageError as _TyperUsageError
+except ImportError:  # pragma: no cover - a Typer built on the click package
+    _TyperUsageError = click.UsageError
+
+USAGE_ERRORS = (click.UsageError, _TyperUsageError)
+"""A bad option or value as the command-line parser reports it, whichever click raised it."""
 
 app = typer.Typer(
     name="kithara-ops",

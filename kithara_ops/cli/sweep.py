@@ -11,18 +11,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from kithara_ops.cli.app import app, user_errors
+from kithara_ops.cli.app import USAGE_ERRORS, app, user_errors
 from kithara_ops.errors import ConfigError
 
 
 def _train_options(args: list[str]) -> dict:
     """Parse pass-through options with ``train``'s own parser (so they mean the same)."""
-    import click
-
     command = typer.main.get_command(app).commands["train"]
     try:
         context = command.make_context("train", list(args), resilient_parsing=False)
-    except click.UsageError as err:
+    except USAGE_ERRORS as err:
         raise ConfigError(f"{err.format_message()} (in the options passed to train)") from None
     return context.params
 

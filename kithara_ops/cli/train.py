@@ -9,16 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 import typer.core
 
-try:  # Typer 0.2x carries its own copy of click, with its own exception classes.
-    from typer._click.exceptions import UsageError as _TyperUsageError
-except ImportError:  # pragma: no cover - a Typer built on the click package
-    _TyperUsageError = click.UsageError
-
-from kithara_ops.cli.app import app, user_errors
+from kithara_ops.cli.app import USAGE_ERRORS, app, user_errors
 from kithara_ops.cli.options import (
     JsonOutput,
     Quiet,
@@ -47,7 +41,7 @@ class OneLineErrors(typer.core.TyperCommand):
             return super().make_context(info_name, args, parent=parent, **extra)
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
-        except (click.UsageError, _TyperUsageError) as err:
+        except USAGE_ERRORS as err:
             typer.echo(f"Error: {' '.join(err.format_message().split())}", err=True)
             raise typer.Exit(2) from None
 

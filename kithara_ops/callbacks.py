@@ -146,5 +146,13 @@ class CallbackList(Callback):
             cb.on_step(record)
 
     def on_train_end(self, status, result):
+        # Every sink ends, even after one failed (a signal that cut the MLflow flush short
+        # must not leave the progress bar running); the first failure is raised after.
+        failure = None
         for cb in self.callbacks:
-            cb.on_train_end(status, result)
+            try:
+                cb.on_train_end(status, result)
+            except BaseException as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure

@@ -20,6 +20,20 @@ def run(*args):
     return runner.invoke(app, list(args))
 
 
+def test_train_as_the_readme_runs_it_shows_progress_and_a_summary(tmp_path):
+    # No --quiet, no --json: the progress bar and the summary table, as a user first sees them.
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    done = subprocess.run(
+        [sys.executable, "-m", "kithara_ops.cli", "train", *FAST, "--steps", "4", "--log-every",
+         "2", "--no-tracking"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "train" in done.stderr and "4/4" in done.stderr  # the bar, on stderr
+    assert "final loss" in done.stdout and "steps" in done.stdout
+
+
 def test_train_in_a_real_process_prints_json_and_lowers_the_loss(tmp_path):
     exe = shutil.which("kithara-ops")
     command = [exe] if exe else [sys.executable, "-m", "kithara_ops.cli"]

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kithara_ops.callbacks import Callback, RunInfo, TrainResult
+from kithara_ops.callbacks import Callback, RunInfo, StepRecord, TrainResult
 
 
 class ProgressBar(Callback):
@@ -38,8 +38,8 @@ class ProgressBar(Callback):
         )
         self.progress.start()
 
-    def on_step(self, step, state) -> None:
-        self.progress.update(self.task, completed=step)
+    def on_step(self, record: StepRecord) -> None:
+        self.progress.update(self.task, completed=record.step)
 
     def on_log(self, step, metrics) -> None:
         text = f"loss {metrics['loss']:.4f}"

@@ -1,0 +1,128 @@
+"""Checkpoint reliability: checksums of the arrays, damaged records, time-based saves, and a
+save that cannot be written."""
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import keras
+import numpy as np
+import optax
+import pytest
+from conftest import BATCH, SEQ_LEN
+
+from kithara_ops import Callback, ConfigError, Trainer, data, models
+from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.errors import CheckpointWriteError
+from kithara_ops.restore import restore_latest
+
+FAST = ["--model", "tiny", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8"]
+
+
+def trainer_for(**options):
+    """A Trainer of the tiny model on synthetic data, seed 0, untracked."""
+    options.setdefault("system_metrics", False)
+    options.setdefault("tracking", False)
+    keras.utils.set_random_seed(0)
+    model = models.causal_lm("tiny", seq_len=SEQ_LEN)
+    train_data = data.load("synthetic", seq_len=SEQ_LEN, batch_size=BATCH, seed=0)
+    return Trainer(model, optax.adamw(1e-3), train_data, **options)
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A straight run of 4 steps saved at 2 and 4: its directory and final parameters."""
+    directory = tmp_path_factory.mktemp("integrity") / "ckpt"
+    trainer = trainer_for(steps=4, save_every=2, checkpoint_dir=str(directory))
+    trainer.train()
+    return directory, host(trainer.state.params)
+
+
+def copy_of(saved, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(saved[0], target)
+    return target
+
+
+def flip_bytes(directory, step):
+    """Flip 16 bytes in the middle of the largest array data file of a checkpoint."""
+    files = [p for p in (directory / str(step) / "state").rglob("*") if p.parent.name == "d"]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    raw = bytearray(largest.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 16] = bytes(b ^ 0xFF for b in raw[middle : middle + 16])
+    largest.write_bytes(bytes(raw))
+
+
+def edit_record(directory, step, change):
+    path = directory / str(step) / "meta" / "metadata"
+    values = json.loads(path.read_text())
+    change(values)
+    path.write_text(json.dumps(values))
+
+
+# ------------------------------------------------------------------------------- checksums
+def test_flipped_bytes_in_an_array_fall_back_to_the_checkpoint_before(saved, tmp_path, caplog):
+    directory = copy_of(saved, tmp_path)
+    flip_bytes(directory, 4)
+    trainer = trainer_for(steps=4, save_every=2, checkpoint_dir=str(directory))
+    with caplog.at_level(logging.WARNING, logger="kithara_ops.checkpoint"):
+        trainer.train(resume=True)
+    assert any("step 4" in w and "cannot be read" in w for w in warnings_of(caplog))
+    assert_trees_equal(host(trainer.state.params), saved[1])
+
+    flip_bytes(directory, 4)  # the step 4 written again, damaged again
+    with pytest.raises(ConfigError, match="^Checkpoint step 4 cannot be read") as err:
+        trainer_for(steps=6, checkpoint_dir=str(directory)).train(resume=4)
+    assert "\n" not in str(err.value)
+
+
+def test_an_array_that_does_not_match_its_checksum_is_unreadable(saved, tmp_path, caplog):
+    directory = copy_of(saved, tmp_path)
+    key = "params/causal_lm/lm_head/kernel"
+    edit_record(directory, 4, lambda v: v["checksums"].update({key: v["checksums"][key] ^ 1}))
+    with pytest.raises(ConfigError) as err:
+        trainer_for(steps=6, checkpoint_dir=str(directory)).train(resume=4)
+    assert f"array {key} does not match its checksum" in str(err.value)
+    assert "\n" not in str(err.value)
+
+    trainer = trainer_for(steps=4, checkpoint_dir=str(directory))
+    with caplog.at_level(logging.WARNING, logger="kithara_ops.checkpoint"):
+        trainer.train(resume=True)
+    assert any("does not match its checksum" in w for w in warnings_of(caplog))
+    assert_trees_equal(host(trainer.state.params), saved[1])
+
+
+def test_a_record_without_checksums_restores_unverified(saved, tmp_path):
+    directory = copy_of(saved, tmp_path)
+
+    def as_version_1(values):
+        values["version"] = 1
+        del values["checksums"]
+
+    edit_record(directory, 4, as_version_1)
+    trainer = trainer_for(steps=4, checkpoint_dir=str(directory))
+    with contextlib.closing(Checkpointer(directory)) as store:
+        assert store.read_record(4).checksums is None
+        restored = restore_latest(store, trainer.state_template(), 4, False)
+    assert restored.step == 4
+    assert_trees_equal(host(restored.state.params), saved[1])

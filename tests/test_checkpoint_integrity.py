@@ -126,3 +126,88 @@ def test_a_record_without_checksums_restores_unverified(saved, tmp_path):
         restored = restore_latest(store, trainer.state_template(), 4, False)
     assert restored.step == 4
     assert_trees_equal(host(restored.state.params), saved[1])
+
+
+# -------------------------------------------------------------------------- damaged records
+DAMAGE = {"truncated": lambda text: text[: len(text) // 2], "garbage": lambda text: "\x00@#!%"}
+
+
+@pytest.fixture(scope="module")
+def built_run(tmp_path_factory):
+    """A run built from its config (as the CLI builds it), saved at steps 2 and 4."""
+    from kithara_ops.build import build_trainer
+    from kithara_ops.config import RunConfig
+
+    directory = tmp_path_factory.mktemp("built") / "ckpt"
+    config = RunConfig(
+        model="tiny",
+        data="synthetic",
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        steps=4,
+        save_every=2,
+        checkpoint_dir=str(directory),
+        tracking=False,
+        system_metrics=False,
+    )
+    build_trainer(config).train()
+    return directory
+
+
+def damage_record(directory, step, how):
+    path = directory / str(step) / "meta" / "metadata"
+    path.write_text(DAMAGE[how](path.read_text()))
+
+
+def assert_continued_from_step_2(directory):
+    """Step 4 was trained again from step 2: its record reads back, and step 6 was saved."""
+    with contextlib.closing(Checkpointer(directory)) as store:
+        assert store.steps()[-2:] == [4, 6]
+        assert store.read_record(4).step == 4 and store.read_record(6).step == 6
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_a_damaged_newest_record_falls_back_in_train(saved, tmp_path, caplog, how):
+    directory = copy_of(saved, tmp_path)
+    damage_record(directory, 4, how)
+    trainer = trainer_for(steps=6, save_every=2, checkpoint_dir=str(directory))
+    with caplog.at_level(logging.WARNING, logger="kithara_ops.checkpoint"):
+        trainer.train(resume=True)
+    assert any("step 4" in w and "cannot be read" in w for w in warnings_of(caplog))
+    assert int(trainer.state.step) == 6
+    assert_continued_from_step_2(directory)
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return subprocess.run(
+        [sys.executable, "-m", "kithara_ops.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "how"),
+    [("resume", "garbage"), ("resume", "truncated"), ("train", "truncated")],
+)
+def test_a_damaged_newest_record_falls_back_on_the_command_line(
+    built_run, tmp_path, command, how
+):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(built_run, directory)
+    damage_record(directory, 4, how)
+    if command == "resume":
+        args = ["resume", str(directory), "--steps", "6", "--json"]
+    else:
+        args = ["train", *FAST, "--checkpoint-dir", str(directory), "--steps", "6"]
+        args += ["--save-every", "2", "--no-tracking", "--resume", "--json"]
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "step 4" in done.stderr and "cannot be read" in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 6
+    assert_continued_from_step_2(directory)

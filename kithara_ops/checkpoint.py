@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +117,13 @@ class Checkpointer(Callback):
     def on_step(self, record: StepRecord) -> None:
         self._last = record
         due = bool(self.save_every) and record.step % self.save_every == 0
+        began = time.perf_counter()
         saved = (due or self._time_is_up(record)) and self.save(
             record.step, record.state, self._record(record)
         )
         if saved:
-            self._saved_at = record.seconds
+            # Counted from when the save let the loop go on: a slow save is no training time.
+            self._saved_at = record.seconds + time.perf_counter() - began
 
     def _time_is_up(self, record: StepRecord) -> bool:
         """Whether ``save_every_minutes`` have passed since the last save.
@@ -220,7 +225,7 @@ class Checkpointer(Callback):
         last = f"step {kept[-1]} is the last complete one" if kept else "none is complete"
         return CheckpointWriteError(
             f"checkpoint step {step} could not be written to {str(self.directory)!r} "
-            f"({first_line(err)}); {last}: free space or fix the directory, then resume."
+            f"({_cause(err)}); {last}: free space or fix the directory, then resume."
         )
 
     def _rotate(self) -> None:
@@ -300,6 +305,23 @@ class Checkpointer(Callback):
         if not self._is_checkpoint(step):
             raise ValueError(f"{self.directory / str(step)} is not a checkpoint: not deleting it")
         self.manager.delete(step)
+
+
+def _cause(err: BaseException) -> str:
+    """Why a write failed, shortly: the operating system's reason when there is one.
+
+    TensorStore's errors start with the whole key and file path and give the reason last
+    (``... No space left on device [os_error_code='28']``); Python's give it as ``strerror``.
+    """
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        code = re.search(r"os_error_code='?(\d+)|OS error (\d+)", str(seen))
+        if code:
+            return os.strerror(int(code.group(1) or code.group(2)))
+        seen = seen.__cause__ or seen.__context__
+    return first_line(err, 160)
 
 
 def checksums(tree: Any) -> dict[str, int]:

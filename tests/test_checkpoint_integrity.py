@@ -91,7 +91,7 @@ def test_flipped_bytes_in_an_array_fall_back_to_the_checkpoint_before(saved, tmp
     assert_trees_equal(host(trainer.state.params), saved[1])
 
     flip_bytes(directory, 4)  # the step 4 written again, damaged again
-    with pytest.raises(ConfigError, match="^Checkpoint step 4 cannot be read") as err:
+    with pytest.raises(ConfigError, match=r"^Checkpoint step 4 cannot be read") as err:
         trainer_for(steps=6, checkpoint_dir=str(directory)).train(resume=4)
     assert "\n" not in str(err.value)
 
@@ -194,9 +194,7 @@ def run_cli(*args, cwd):
     ("command", "how"),
     [("resume", "garbage"), ("resume", "truncated"), ("train", "truncated")],
 )
-def test_a_damaged_newest_record_falls_back_on_the_command_line(
-    built_run, tmp_path, command, how
-):
+def test_a_damaged_newest_record_falls_back_on_the_command_line(built_run, tmp_path, command, how):
     directory = tmp_path / "ckpt"
     shutil.copytree(built_run, directory)
     damage_record(directory, 4, how)
@@ -211,3 +209,79 @@ def test_a_damaged_newest_record_falls_back_on_the_command_line(
     assert "step 4" in done.stderr and "cannot be read" in done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 6
     assert_continued_from_step_2(directory)
+
+
+# ------------------------------------------------------------------------ time-based saves
+class SleepAfter(Callback):
+    """Sleeps after the given steps (after the checkpointer has seen them)."""
+
+    def __init__(self, steps, seconds):
+        self.steps, self.seconds = set(steps), seconds
+
+    def on_step(self, record):
+        if record.step in self.steps:
+            time.sleep(self.seconds)
+
+
+def test_save_every_minutes_saves_when_the_time_is_up(tmp_path):
+    directory = tmp_path / "ckpt"
+    # 0.04 minutes is 2.4 s: only the steps after a 3.5 s pause are late enough to save.
+    trainer = trainer_for(
+        steps=7,
+        save_every_minutes=0.04,
+        keep=10,
+        checkpoint_dir=str(directory),
+        callbacks=[SleepAfter({3, 5}, 3.5)],
+    )
+    trainer.train()
+    with contextlib.closing(Checkpointer(directory)) as store:
+        saved_steps = set(store.steps())
+    # Step 1 may save too when compiling took longer than 2.4 s; 7 is the final save.
+    assert {4, 6, 7} <= saved_steps and not {2, 5} & saved_steps, saved_steps
+
+
+def test_save_every_minutes_must_be_positive():
+    from kithara_ops.config import RunConfig
+
+    with pytest.raises(ConfigError, match="save_every_minutes must be > 0"):
+        RunConfig(save_every_minutes=0)
+    assert RunConfig(save_every_minutes="1.5").save_every_minutes == 1.5
+
+
+# -------------------------------------------------------------------------- a failed save
+@contextlib.contextmanager
+def small_disk(directory, size):
+    """``directory`` as a tmpfs of ``size`` bytes (root only), unmounted afterwards."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    directory.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def test_a_save_that_runs_out_of_space_stops_the_run_and_keeps_the_last_one(saved, tmp_path):
+    one_checkpoint = sum(p.stat().st_size for p in (saved[0] / "2").rglob("*") if p.is_file())
+    # Room for the first checkpoint, not for a second one.
+    with small_disk(tmp_path / "ckpt", int(one_checkpoint * 1.5)) as directory:
+        trainer = trainer_for(steps=8, save_every=2, checkpoint_dir=str(directory))
+        with pytest.raises(CheckpointWriteError) as err:
+            trainer.train()
+        message = str(err.value)
+        assert "\n" not in message
+        assert str(directory) in message and "step 2 is the last complete one" in message
+        assert "(No space left on device)" in message, message
+        assert not list(directory.glob("*.orbax-checkpoint-tmp*"))
+        assert not (directory / ".kithara-ops.lock").exists()
+        with contextlib.closing(Checkpointer(directory)) as store:
+            assert store.steps() == [2]
+            restored = restore_latest(store, trainer_for(steps=8).state_template(), True, False)
+        assert restored.step == 2

@@ -285,3 +285,21 @@ def test_a_save_that_runs_out_of_space_stops_the_run_and_keeps_the_last_one(save
             assert store.steps() == [2]
             restored = restore_latest(store, trainer_for(steps=8).state_template(), True, False)
         assert restored.step == 2
+
+
+def test_the_command_line_reports_a_failed_save_in_one_line(saved, tmp_path):
+    one_checkpoint = sum(p.stat().st_size for p in (saved[0] / "2").rglob("*") if p.is_file())
+    with small_disk(tmp_path / "small", int(one_checkpoint * 1.5)) as mounted:
+        directory = mounted / "ckpt"
+        args = ["train", *FAST, "--checkpoint-dir", str(directory), "--steps", "8"]
+        done = run_cli(*args, "--save-every", "2", "--no-tracking", "--json", cwd=tmp_path)
+        assert done.returncode == 1, done.stderr
+        errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+        assert errors == [
+            f"Error: checkpoint step 4 could not be written to {str(directory)!r} (No space "
+            "left on device); step 2 is the last complete one: free space or fix the "
+            "directory, then resume."
+        ]
+        assert not list(directory.glob("*.orbax-checkpoint-tmp*"))
+        with contextlib.closing(Checkpointer(directory)) as store:
+            assert store.steps() == [2]

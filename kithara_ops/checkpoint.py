@@ -124,6 +124,11 @@ class Checkpointer(Callback):
         if saved:
             # Counted from when the save let the loop go on: a slow save is no training time.
             self._saved_at = record.seconds + time.perf_counter() - began
+        if record.step == self._run.total_steps or record.stopping:
+            # The run's last step is saved and written here rather than at the end, so that a
+            # save that fails fails the step: the run then ends FAILED for every sink.
+            self.save(record.step, record.state, self._record(record))
+            self._finish_writes()
 
     def _time_is_up(self, record: StepRecord) -> bool:
         """Whether ``save_every_minutes`` have passed since the last save.

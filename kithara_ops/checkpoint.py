@@ -8,7 +8,13 @@ One ``CheckpointManager`` step directory per save, holding two items:
 
 Orbax writes each save to a temporary directory and renames it when complete, so a save that
 dies half-way is never listed as a checkpoint. Saves are asynchronous: the loop goes on while
-the previous save is written.
+the previous save is written; a save that fails in the background (a full disk, a directory
+gone) stops the run at the next save or at the end as ``CheckpointWriteError``, and its
+temporary directory is removed.
+
+Orbax verifies no array data when it reads a checkpoint, so each record holds a checksum of
+every array of the state (``checksums``), computed on the devices at save time; a restore
+compares the arrays it read against them (see ``restore``).
 
 ``Checkpointer`` is both the sink that saves (it reads only the events the Trainer hands it)
 and the store a resume reads through (``steps``, ``read_record``, ``saved_structure``,
@@ -19,14 +25,21 @@ run's settings (they are in the checkpoint's record) and set them afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from kithara_ops.callbacks import Callback, RunInfo, StepRecord, TrainResult
+from kithara_ops.errors import CheckpointWriteError, first_line
 from kithara_ops.run_lock import DirectoryLock
 from kithara_ops.run_record import RunRecord, new_record
 from kithara_ops.state import all_finite
@@ -40,6 +53,8 @@ class Checkpointer(Callback):
     Args:
       directory: the checkpoint directory (created if missing).
       save_every: steps between saves (``None``: only the final save).
+      save_every_minutes: minutes between saves, besides ``save_every`` (``None``: the
+        run's ``config.save_every_minutes``).
       keep: how many checkpoints to keep (oldest deleted first; or worst, with ``keep_best``).
       keep_best: keep the ``keep`` checkpoints with the lowest ``eval_loss`` instead.
       async_save: write in the background while training goes on.
@@ -52,9 +67,11 @@ class Checkpointer(Callback):
         keep: int = 3,
         keep_best: bool = False,
         async_save: bool = True,
+        save_every_minutes: float | None = None,
     ):
         self.directory = Path(directory).absolute()
         self.configure(save_every, keep, keep_best)
+        self.save_every_minutes = save_every_minutes
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
         # Handlers named up front, so records can be read before anything is restored.
         # Orbax warns of every numbered folder without its metadata as it opens a
@@ -78,6 +95,10 @@ class Checkpointer(Callback):
         self._loss: float | None = None
         self._eval_loss: float | None = None
         self._eval_of: dict[int, float | None] = {}
+        self._minutes: float | None = None
+        self._saved_at = 0.0  # seconds since train start of the last save
+        self._writing: int | None = None  # the step a background save is writing
+        self._failed = False
         self.lock = DirectoryLock(self.directory)
 
     def configure(self, save_every: int | None, keep: int, keep_best: bool) -> None:
@@ -89,6 +110,8 @@ class Checkpointer(Callback):
         if jax.process_index() == 0:
             self.lock.acquire()
         self._run, self._last = run, None
+        self._minutes = self.save_every_minutes or getattr(run.config, "save_every_minutes", None)
+        self._saved_at, self._failed = 0.0, False
         resumed = run.resumed_from
         self._loss = resumed.loss if resumed else None
         self._eval_loss = resumed.eval_loss if resumed else None
@@ -101,18 +124,50 @@ class Checkpointer(Callback):
 
     def on_step(self, record: StepRecord) -> None:
         self._last = record
-        if self.save_every and record.step % self.save_every == 0:
+        due = bool(self.save_every) and record.step % self.save_every == 0
+        began = time.perf_counter()
+        saved = (due or self._time_is_up(record)) and self.save(
+            record.step, record.state, self._record(record)
+        )
+        if saved:
+            # Counted from when the save let the loop go on: a slow save is no training time.
+            self._saved_at = record.seconds + time.perf_counter() - began
+        if record.step == self._run.total_steps or record.stopping:
+            # The run's last step is saved and written here rather than at the end, so that a
+            # save that fails fails the step: the run then ends FAILED for every sink.
             self.save(record.step, record.state, self._record(record))
+            self._finish_writes()
+
+    def _time_is_up(self, record: StepRecord) -> bool:
+        """Whether ``save_every_minutes`` have passed since the last save.
+
+        A save is collective, so every process must decide alike although their clocks
+        differ: with several processes the decision is taken at logging steps only (where
+        the processes meet anyway) from process 0's clock, and broadcast to the others.
+        """
+        if not self._minutes:
+            return False
+        if jax.process_count() == 1:
+            return record.seconds - self._saved_at >= 60.0 * self._minutes
+        if record.step % self._run.config.log_every:
+            return False
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        late = np.int32(record.seconds - self._saved_at >= 60.0 * self._minutes)
+        return bool(multihost_utils.broadcast_one_to_all(late))
 
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
-        # The last state seen is saved unless a failed step already consumed (donated) it.
+        # The last state seen is saved unless a failed step already consumed (donated) it,
+        # or a save already failed (the directory cannot be written).
         last = self._last
-        saveable = last is not None and status in ("FINISHED", "KILLED")
-        if saveable and not any(leaf.is_deleted() for leaf in jax.tree.leaves(last.state)):
-            self.save(last.step, last.state, self._record(last))
+        saveable = last is not None and status in ("FINISHED", "KILLED") and not self._failed
         try:
-            self.manager.wait_until_finished()
-            self._rotate()
+            if saveable and not any(leaf.is_deleted() for leaf in jax.tree.leaves(last.state)):
+                self.save(last.step, last.state, self._record(last))
+            if not self._failed:
+                self._finish_writes()
+                self._rotate()
         finally:
             self.lock.release()
 
@@ -137,21 +192,54 @@ class Checkpointer(Callback):
         """
         if step in self.manager.all_steps():
             return False
-        if not bool(all_finite(state)):
+        # One fetch from the devices for both: a save waits for the step anyway.
+        finite, sums = jax.device_get((all_finite(state), _checksum_leaves(state)))
+        if not bool(finite):
             log.warning("Step %d's state is not finite: it was not checkpointed.", step)
             return False
+        record = dataclasses.replace(record, checksums=_named(state, sums))
         # The previous save must be complete before it may be counted (Orbax waits for it
         # before starting another anyway).
-        self.manager.wait_until_finished()
+        self._finish_writes()
         self._rotate()
         self._eval_of[step] = record.eval_loss
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())
-            ),
-        )
+        self._writing = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())
+                ),
+            )
+        except Exception as err:
+            raise self._write_error(err) from err
         return True
+
+    def _finish_writes(self) -> None:
+        """Wait for the save in flight; its failure (raised here by Orbax) stops the run."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._write_error(err) from err
+        self._writing = None
+
+    def _write_error(self, err: Exception) -> CheckpointWriteError:
+        """The one-line error of a failed save, once its leftovers are removed."""
+        self._failed = True
+        step, self._writing = self._writing, None
+        if jax.process_index() == 0:
+            # Orbax leaves a failed save's temporary folder behind; it is no checkpoint.
+            for leftover in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            kept = self.steps()
+        except Exception:  # the directory itself may be gone
+            kept = []
+        last = f"step {kept[-1]} is the last complete one" if kept else "none is complete"
+        return CheckpointWriteError(
+            f"checkpoint step {step} could not be written to {str(self.directory)!r} "
+            f"({_cause(err)}); {last}: free space or fix the directory, then resume."
+        )
 
     def _rotate(self) -> None:
         """Delete complete checkpoints beyond ``keep``: the oldest, or with ``keep_best`` all
@@ -173,13 +261,20 @@ class Checkpointer(Callback):
                 self.delete(step)
 
     def wait(self) -> None:
-        """Wait for the saves in flight to be complete."""
-        self.manager.wait_until_finished()
+        """Wait for the saves in flight to be complete.
+
+        Raises:
+          CheckpointWriteError: a background save failed.
+        """
+        if not self._failed:
+            self._finish_writes()
 
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
     # ------------------------------------------------------------------ the store
     def steps(self) -> list[int]:
@@ -205,7 +300,11 @@ class Checkpointer(Callback):
     def read_record(self, step: int) -> RunRecord:
         """The ``RunRecord`` of one checkpoint (migrated if an older release wrote it)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return RunRecord.from_json(dict(restored["meta"]))
+        values = restored["meta"]
+        if not isinstance(values, dict) or "step" not in values:
+            # Damage, not a user's mistake: a resume passes over it like unreadable files.
+            raise ValueError(f"the record of step {step} is not a run record")
+        return RunRecord.from_json(dict(values))
 
     def saved_structure(self, step: int) -> Any:
         """The saved state's tree of array metadata (shape, dtype), without reading arrays."""
@@ -223,6 +322,65 @@ class Checkpointer(Callback):
         if not self._is_checkpoint(step):
             raise ValueError(f"{self.directory / str(step)} is not a checkpoint: not deleting it")
         self.manager.delete(step)
+
+
+def _cause(err: BaseException) -> str:
+    """Why a write failed, shortly: the operating system's reason when there is one.
+
+    TensorStore's errors start with the whole key and file path and give the reason last
+    (``... No space left on device [os_error_code='28']``); Python's give it as ``strerror``.
+    """
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        code = re.search(r"os_error_code='?(\d+)|OS error (\d+)", str(seen))
+        if code:
+            return os.strerror(int(code.group(1) or code.group(2)))
+        seen = seen.__cause__ or seen.__context__
+    return first_line(err, 160)
+
+
+def checksums(tree: Any) -> dict[str, int]:
+    """``{normalised leaf path: checksum}`` of every array of ``tree``, computed on the devices.
+
+    Only one 32-bit number per array leaves the devices. Integer sums wrap around the same
+    way in any order, so the checksum does not depend on how the array is sharded.
+    """
+    return _named(tree, jax.device_get(_checksum_leaves(tree)))
+
+
+def _named(tree: Any, sums: list) -> dict[str, int]:
+    paths = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return {path: int(value) for path, value in zip(paths, sums, strict=True)}
+
+
+@jax.jit
+def _checksum_leaves(tree: Any) -> list[jax.Array]:
+    return [_checksum(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def _checksum(leaf: jax.Array) -> jax.Array:
+    """``sum(bits[i] * (2i + 1)) mod 2**32`` over the array's elements viewed as unsigned
+    integers: a flipped bit changes it (the weights are odd), and so do swapped elements.
+
+    The flat index is built from iotas in the array's own shape: a reshape to one dimension
+    would gather a sharded array.
+    """
+    if leaf.dtype == jnp.bool_:
+        bits = leaf.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[leaf.dtype.itemsize]
+        # 64-bit values become two 32-bit words (a trailing axis of 2).
+        bits = jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(
+            stride % 2**32
+        )
+        stride *= bits.shape[axis]
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
 def _eval_loss_of(store: Checkpointer, step: int) -> float | None:

@@ -148,6 +148,12 @@ class RunConfig:
         "Save a checkpoint every this many steps (and always at the end); None: only at the end.",
         CKPT,
     )
+    save_every_minutes: float | None = option(
+        None,
+        "Save a checkpoint when this many minutes have passed since the last save, alongside "
+        "save_every; None: no time-based saves.",
+        CKPT,
+    )
     keep: int = option(3, "How many checkpoints to keep.", CKPT)
     keep_best: bool = option(
         False,
@@ -208,6 +214,8 @@ class RunConfig:
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
         _check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
         _check_positive(self, "save_every", optional=True)
+        if self.save_every_minutes is not None:
+            self.save_every_minutes = _number(self, "save_every_minutes", 0.0, inclusive=False)
         _check_positive(self, "keep")
         _check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding")

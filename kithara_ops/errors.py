@@ -2,7 +2,8 @@
 
 ``ConfigError`` means "the user asked for something that cannot work": the CLI exits with
 code 2; the Python API raises it as an ordinary ``ValueError`` subclass. ``Diverged`` means
-the run itself went wrong (its loss stopped being finite): the CLI exits with code 1.
+the run itself went wrong (its loss stopped being finite), ``CheckpointWriteError`` that a
+checkpoint could not be written: the CLI exits with code 1 for both.
 """
 
 
@@ -52,3 +53,11 @@ class Diverged(RuntimeError):
             "or clip gradients, then resume, or pass --on-nonfinite skip."
         )
         self.step, self.reason = step, reason
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a directory removed or read-only).
+
+    The message names the directory and the cause in one line; the checkpoints saved before
+    are kept, and the run can resume from the last complete one. The CLI exits with code 1.
+    """

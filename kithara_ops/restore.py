@@ -6,7 +6,8 @@ or started afresh), never the Trainer. Variable keys are matched by position (Ke
 a rebuilt model's layers differently); the optimizer state is compared with what the current
 optimizer would create, and a mismatch is an error that names both optimizers, unless the
 caller asked for a fresh optimizer state or the two states can be translated
-(``optim.migrate``).
+(``optim.migrate``). The arrays read are compared with the checksums their record holds: a
+damaged array is an unreadable checkpoint, like a missing file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import jax
 
-from kithara_ops.checkpoint import Checkpointer, signature
+from kithara_ops.checkpoint import Checkpointer, checksums, signature
 from kithara_ops.errors import ConfigError, first_line
 from kithara_ops.optim.migrate import migrate_state
 from kithara_ops.run_record import RunRecord
@@ -78,6 +79,20 @@ def _read(fn, *args):
         raise UnreadableCheckpoint(first_line(err)) from err
 
 
+def _verified(step: int, state: Any, record: RunRecord) -> Any:
+    """``state`` as read (saved keys), once its arrays match the record's checksums.
+
+    A record written before checksums were taken (``checksums`` is ``None``) is not verified.
+    """
+    if record.checksums is None:
+        return state
+    for path, value in checksums(state).items():
+        expected = record.checksums.get(path)
+        if expected is not None and expected != value:
+            raise UnreadableCheckpoint(f"step {step}: array {path} does not match its checksum")
+    return state
+
+
 def rename_keys(tree: Any, mapping: dict[str, str]) -> Any:
     """Rename dict keys found in ``mapping`` at any depth of a pytree."""
     if isinstance(tree, TrainState):
@@ -134,8 +149,8 @@ def restore(
             f"{different[0][0]}): resume with the model the run was started with."
         )
     if saved_opt == wanted_opt:
-        state = rename_keys(_read(store.restore, step, abstract), to_current)
-        return Restored(state, record)
+        state = _verified(step, _read(store.restore, step, abstract), record)
+        return Restored(rename_keys(state, to_current), record)
 
     # The optimizer state differs: read it as saved (replicated), then migrate or reset it.
     replicated = jax.sharding.NamedSharding(
@@ -146,7 +161,7 @@ def restore(
         saved_structure["opt_state"],
     )
     partial = dataclasses.replace(abstract, opt_state=as_saved)
-    state = rename_keys(_read(store.restore, step, partial), to_current)
+    state = rename_keys(_verified(step, _read(store.restore, step, partial), record), to_current)
     params_order = template.key_groups["params"]
     if not reset_optimizer:
         migrated = migrate_state(

@@ -10,7 +10,9 @@ written by an older release.
 Versions:
   0: release 0.1.0, an untyped dict (``data.consumed``, ``mlflow.run_id``, objects in the
      config marked as ``"<label>"``).
-  1: this dataclass.
+  1: this dataclass, without ``checksums``.
+  2: with ``checksums``; a version-1 record reads with ``checksums=None`` and its
+     checkpoint restores unverified.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 from kithara_ops.config import OBJECT_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 """The version ``to_json`` writes; ``from_json`` reads it and every older one."""
 
 
@@ -51,6 +53,9 @@ class RunRecord:
         ``run_uid`` and leave this ``None``.
       saved_at: UTC time of the save, ISO 8601.
       versions: versions of the libraries the checkpoint depends on.
+      checksums: ``{leaf path: checksum}`` of the saved state's arrays (``checkpoint.
+        checksums``), compared when the state is read back; ``None`` for a record written
+        before version 2, whose state is not verified.
     """
 
     step: int
@@ -64,6 +69,7 @@ class RunRecord:
     mlflow_run_id: str | None = None
     saved_at: str = ""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    checksums: dict[str, int] | None = None
 
     def run_config(self) -> RunConfig:
         """The saved config as a ``RunConfig``."""
@@ -90,6 +96,8 @@ class RunRecord:
             )
         if version == 0:
             values = migrate_v0(values)
+        if version <= 1:
+            values = migrate_v1(values)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
@@ -157,6 +165,11 @@ def migrate_v0(meta: dict[str, Any]) -> dict[str, Any]:
         "saved_at": meta.get("saved_at", ""),
         "versions": meta.get("versions") or {},
     }
+
+
+def migrate_v1(values: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 record as version-2 fields: no checksums were taken, so none are claimed."""
+    return {**values, "checksums": None}
 
 
 def new_run_uid() -> str:

@@ -18,7 +18,7 @@ from kithara_ops._backend import require_jax_backend
 
 require_jax_backend()
 
-from kithara_ops.errors import ConfigError, Diverged  # noqa: E402
+from kithara_ops.errors import CheckpointWriteError, ConfigError, Diverged  # noqa: E402
 from kithara_ops.interrupt import TrainingStopped  # noqa: E402
 
 try:  # Typer 0.2x carries its own copy of click, with its own exception classes.
@@ -46,8 +46,8 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``ConfigError`` into a one-line message and exit code 2, ``Diverged`` into one line
-    and exit code 1; a stop on a signal into 128 + the signal's number (130 for Ctrl-C, 143
+    """Turn ``ConfigError`` into a one-line message and exit code 2, ``Diverged`` and
+    ``CheckpointWriteError`` into one line and exit code 1; a stop on a signal into 128 + the signal's number (130 for Ctrl-C, 143
     for SIGTERM), as shells report it."""
 
     @functools.wraps(command)
@@ -56,8 +56,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except ConfigError as err:
             raise fail(str(err)) from None
-        except Diverged as diverged:
-            raise fail(str(diverged), 1) from None
+        except (Diverged, CheckpointWriteError) as failed:
+            raise fail(str(failed), 1) from None
         except TrainingStopped as stopped:
             typer.echo(f"{stopped}; the state was saved where the run checkpoints.", err=True)
             raise typer.Exit(128 + stopped.signum) from None

@@ -5,6 +5,7 @@ Public API:
   RunConfig, load_config: the one configuration object of a run.
   Callback, RunInfo: the interface the Trainer reports through.
   ConfigError: raised for bad user input (the CLI exits with code 2 on it).
+  CheckpointWriteError: raised when a checkpoint cannot be written (exit code 1).
   Diverged: raised when a run's loss or gradients stopped being finite (exit code 1).
   describe_optimizer: what a Keras or Optax optimizer is, as a JSON-safe dict.
   resume: continue a checkpointed run, rebuilding it from its saved config.
@@ -18,7 +19,7 @@ require_jax_backend()
 from kithara_ops.build import resume  # noqa: E402
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult  # noqa: E402
 from kithara_ops.config import RunConfig, load_config  # noqa: E402
-from kithara_ops.errors import ConfigError, Diverged  # noqa: E402
+from kithara_ops.errors import CheckpointWriteError, ConfigError, Diverged  # noqa: E402
 from kithara_ops.interrupt import TrainingStopped  # noqa: E402
 from kithara_ops.optim.describe import describe_optimizer  # noqa: E402
 from kithara_ops.trainer import Trainer  # noqa: E402
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Callback",
+    "CheckpointWriteError",
     "ConfigError",
     "Diverged",
     "RunConfig",

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from kithara_ops.callbacks import Callback, RunInfo, StepRecord, TrainResult
 from kithara_ops.errors import CheckpointWriteError, first_line
+from kithara_ops.integrity import by_path, checksum_arrays
 from kithara_ops.run_lock import DirectoryLock
 from kithara_ops.run_record import RunRecord, new_record
 from kithara_ops.state import all_finite
@@ -193,11 +193,11 @@ class Checkpointer(Callback):
         if step in self.manager.all_steps():
             return False
         # One fetch from the devices for both: a save waits for the step anyway.
-        finite, sums = jax.device_get((all_finite(state), _checksum_leaves(state)))
+        finite, sums = jax.device_get((all_finite(state), checksum_arrays(state)))
         if not bool(finite):
             log.warning("Step %d's state is not finite: it was not checkpointed.", step)
             return False
-        record = dataclasses.replace(record, checksums=_named(state, sums))
+        record = dataclasses.replace(record, checksums=by_path(state, sums))
         # The previous save must be complete before it may be counted (Orbax waits for it
         # before starting another anyway).
         self._finish_writes()
@@ -341,71 +341,9 @@ def _cause(err: BaseException) -> str:
     return first_line(err, 160)
 
 
-def checksums(tree: Any) -> dict[str, int]:
-    """``{normalised leaf path: checksum}`` of every array of ``tree``, computed on the devices.
-
-    Only one 32-bit number per array leaves the devices. Integer sums wrap around the same
-    way in any order, so the checksum does not depend on how the array is sharded.
-    """
-    return _named(tree, jax.device_get(_checksum_leaves(tree)))
-
-
-def _named(tree: Any, sums: list) -> dict[str, int]:
-    paths = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    return {path: int(value) for path, value in zip(paths, sums, strict=True)}
-
-
-@jax.jit
-def _checksum_leaves(tree: Any) -> list[jax.Array]:
-    return [_checksum(leaf) for leaf in jax.tree.leaves(tree)]
-
-
-def _checksum(leaf: jax.Array) -> jax.Array:
-    """``sum(bits[i] * (2i + 1)) mod 2**32`` over the array's elements viewed as unsigned
-    integers: a flipped bit changes it (the weights are odd), and so do swapped elements.
-
-    The flat index is built from iotas in the array's own shape: a reshape to one dimension
-    would gather a sharded array.
-    """
-    if leaf.dtype == jnp.bool_:
-        bits = leaf.astype(jnp.uint32)
-    else:
-        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[leaf.dtype.itemsize]
-        # 64-bit values become two 32-bit words (a trailing axis of 2).
-        bits = jax.lax.bitcast_convert_type(leaf, unsigned).astype(jnp.uint32)
-    index = jnp.zeros(bits.shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(bits.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(
-            stride % 2**32
-        )
-        stride *= bits.shape[axis]
-    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
-
-
 def _eval_loss_of(store: Checkpointer, step: int) -> float | None:
     """A saved step's ``eval_loss``, ``None`` if it has none or its record is unreadable."""
     try:
         return store.read_record(step).eval_loss
     except Exception:  # an unreadable record ranks last and goes first
         return None
-
-
-def signature(tree: Any) -> dict[str, tuple]:
-    """``{normalised leaf path: (shape, dtype)}``; the same for a live tree and Orbax metadata.
-
-    Orbax stores NamedTuples as dicts and tuples as lists, so paths are compared by their
-    keys and indices only.
-    """
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
-
-
-def _path(path) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-    return "/".join(parts)

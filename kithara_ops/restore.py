@@ -19,8 +19,9 @@ from typing import Any
 
 import jax
 
-from kithara_ops.checkpoint import Checkpointer, checksums, signature
+from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.errors import ConfigError, first_line
+from kithara_ops.integrity import checksums, signature
 from kithara_ops.optim.migrate import migrate_state
 from kithara_ops.run_record import RunRecord
 from kithara_ops.state import TrainState

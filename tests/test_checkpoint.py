@@ -16,7 +16,8 @@ from conftest import BATCH, SEQ_LEN
 from mlflow import MlflowClient
 
 from kithara_ops import Callback, ConfigError, Trainer, data, describe_optimizer, models
-from kithara_ops.checkpoint import Checkpointer, signature
+from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.integrity import signature
 from kithara_ops.restore import restore_latest
 from kithara_ops.run_record import RECORD_VERSION
 

@@ -51,7 +51,15 @@ def test_every_field_but_given_is_a_train_option():
     assert set(cli_fields()) == set(OPTION_FIELDS)
     assert set(OPTION_FIELDS) <= set(train)
     assert "given" not in train
-    own = {"config_file", "print_config", "resume", "reset_optimizer", "quiet", "json_output"}
+    own = {
+        "config_file",
+        "print_config",
+        "resume",
+        "reset_optimizer",
+        "overwrite",
+        "quiet",
+        "json_output",
+    }
     assert set(train) - set(OPTION_FIELDS) == own
 
 

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from kithara_ops import Callback, Diverged, Trainer, data
 from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.tracking.compare import compare_runs
 
 
 class Recorder(Callback):
@@ -70,6 +71,14 @@ def test_a_diverging_run_stops_and_keeps_only_finite_checkpoints(make_model, tmp
     assert run.data.tags["kithara_ops.diverged_at_step"] == str(step)
     history = client.get_metric_history(run.info.run_id, "nonfinite_steps")
     assert history[-1].step == step and history[-1].value >= 1
+    # Next to a run that trained, compare ranks the diverged one last and says so.
+    Trainer(
+        make_model(), optax.sgd(0.1), synthetic(), steps=4, log_every=2, experiment="diverging",
+        system_metrics=False,
+    ).train()  # fmt: skip
+    ranked = compare_runs("diverging")
+    assert [r.status for r in ranked] == ["FINISHED", f"DIVERGED@{step}"]
+    assert math.isnan(ranked[1].final)
 
 
 def test_skip_leaves_the_state_unchanged_on_non_finite_steps(make_model):

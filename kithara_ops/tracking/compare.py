@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from kithara_ops.errors import ConfigError
 from kithara_ops.tracking.experiments import experiment_state
+from kithara_ops.tracking.params import DIVERGED_TAG
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,7 +41,8 @@ class RunSummary:
         run_id: The MLflow run ID.
         run_name: The MLflow run name.
         label: The ``optimizer.label`` tag, or the run name when the tag is missing.
-        status: The MLflow run status, e.g. ``FINISHED`` or ``RUNNING``.
+        status: The MLflow run status, e.g. ``FINISHED`` or ``RUNNING``; ``DIVERGED@N`` for a
+            run stopped at step N because its loss or gradients stopped being finite.
         optimizer: The ``optimizer.name`` param, e.g. ``adamw``.
         learning_rate: The ``optimizer.learning_rate`` param (a number or a schedule's text).
         steps: The last step at which the metric was logged.
@@ -112,7 +114,9 @@ def compare_runs(
     sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
 
     def order(summary: RunSummary) -> tuple[bool, float]:
-        missing = summary.final is None or math.isnan(summary.final)
+        # Diverged runs and runs without the metric go last, whatever their last finite value.
+        missing = summary.final is None or not math.isfinite(summary.final)
+        missing = missing or summary.status.startswith("DIVERGED")
         return missing, 0.0 if missing else sign * summary.final
 
     return sorted(summaries, key=order)
@@ -166,7 +170,7 @@ def _summary(client: MlflowClient, run: Run, metric: str) -> RunSummary:
         run_id=run.info.run_id,
         run_name=name,
         label=tags.get(LABEL_TAG) or name,
-        status=run.info.status,
+        status=(f"DIVERGED@{tags[DIVERGED_TAG]}" if DIVERGED_TAG in tags else run.info.status),
         optimizer=params.get("optimizer.name"),
         learning_rate=params.get("optimizer.learning_rate"),
         tokens_per_second=latest.get("tokens_per_second"),

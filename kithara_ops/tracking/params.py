@@ -35,6 +35,9 @@ MAX_METRICS_PER_BATCH = _mlflow_limit("MAX_METRICS_PER_BATCH", 1000)
 """The most metric points one ``log_batch`` request may carry."""
 MAX_PARAMS_PER_BATCH = _mlflow_limit("MAX_PARAMS_TAGS_PER_BATCH", 100)
 """The most params (and tags, counted together) one ``log_batch`` request may carry."""
+DIVERGED_TAG = "kithara_ops.diverged_at_step"
+"""The tag a run stopped for non-finite values carries: the step it was noticed at."""
+
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 """Tags of experiments kithara-ops creates: the MLflow UI then treats runs as model training."""
 

@@ -17,7 +17,12 @@ from kithara_ops.callbacks import Callback, RunInfo, TrainResult
 from kithara_ops.config import RunConfig
 from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
-from kithara_ops.tracking.params import run_params, run_tags, without_credentials
+from kithara_ops.tracking.params import (
+    DIVERGED_TAG,
+    run_params,
+    run_tags,
+    without_credentials,
+)
 from kithara_ops.tracking.writer import Delivery, RunWriter
 
 log = logging.getLogger("kithara_ops.tracking")
@@ -174,7 +179,7 @@ class MlflowTracker(Callback):
         if status == "DIVERGED":
             step, metrics = self._last_logged
             seen = ", ".join(f"{k} {metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
-            self.writer.set_tags({"kithara_ops.diverged_at_step": str(step),
+            self.writer.set_tags({DIVERGED_TAG: str(step),
                                   "kithara_ops.stop_reason": f"non-finite values: {seen}"})  # fmt: skip
             status = "FAILED"
         deadline = time.monotonic() + self.flush_timeout

@@ -290,17 +290,21 @@ def test_a_save_that_runs_out_of_space_stops_the_run_and_keeps_the_last_one(save
 
 def test_the_command_line_reports_a_failed_save_in_one_line(saved, tmp_path):
     one_checkpoint = sum(p.stat().st_size for p in (saved[0] / "2").rglob("*") if p.is_file())
-    with small_disk(tmp_path / "small", int(one_checkpoint * 1.5)) as mounted:
+    # Room for two checkpoints, which the pre-flight check asks for, not for a third.
+    with small_disk(tmp_path / "small", int(one_checkpoint * 2.4)) as mounted:
         directory = mounted / "ckpt"
         args = ["train", *FAST, "--checkpoint-dir", str(directory), "--steps", "8"]
         done = run_cli(*args, "--save-every", "2", "--no-tracking", "--json", cwd=tmp_path)
         assert done.returncode == 1, done.stderr
-        errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+        # Orbax's own threads may still be writing log text to stderr: the line is found
+        # wherever it starts, and must be there exactly once.
+        lines = done.stderr.splitlines()
+        errors = [line[line.index("Error: ") :] for line in lines if "Error: " in line]
         assert errors == [
-            f"Error: checkpoint step 4 could not be written to {str(directory)!r} (No space "
-            "left on device); step 2 is the last complete one: free space or fix the "
+            f"Error: checkpoint step 6 could not be written to {str(directory)!r} (No space "
+            "left on device); step 4 is the last complete one: free space or fix the "
             "directory, then resume."
-        ]
+        ], done.stderr[-3000:]
         assert not list(directory.glob("*.orbax-checkpoint-tmp*"))
         with contextlib.closing(Checkpointer(directory)) as store:
-            assert store.steps() == [2]
+            assert store.steps() == [2, 4]

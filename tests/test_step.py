@@ -201,7 +201,8 @@ def test_train_step_is_one_sgd_step_on_the_independent_gradient():
     np.testing.assert_allclose(float(metrics["grad_norm"]), grad_norm, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["learning_rate"]), 0.1, rtol=1e-7)
     assert float(metrics["tokens"]) == float(np.asarray(batch["mask"]).sum())
-    assert set(metrics) == {"loss", "grad_norm", "learning_rate", "tokens"}
+    assert bool(metrics["finite"])
+    assert set(metrics) == {"loss", "grad_norm", "learning_rate", "tokens", "finite"}
 
 
 def test_train_step_gradient_agrees_with_finite_differences():

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import keras
-
 from kithara_ops import data, distributed, feed, models, preflight
+from kithara_ops._backend import seed_keras
 from kithara_ops.callbacks import Callback, TrainResult
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import LAUNCH_FIELDS, RunConfig
@@ -32,7 +31,7 @@ def build_trainer(
     A multi-process run (``coordinator``, ``num_processes``, ``process_id``, or a cluster
     ``distributed.auto_detect`` recognises) joins its peers first, before any JAX work.
     Data is read before the model is built so a bad path fails in a second, not after
-    compilation. ``keras.utils.set_random_seed(config.seed)`` makes the initial weights a
+    compilation. ``seed_keras(config.seed)`` makes the initial weights a
     function of the seed alone. The ``preflight`` checks run before anything is created or
     compiled: the tracking URI's scheme, the checkpoint directory (a writable directory with
     room for two checkpoints), and the first batch's token ids against the model's vocabulary.
@@ -71,7 +70,7 @@ def build_trainer(
             shuffle=False,
             repeat=False,
         )
-    keras.utils.set_random_seed(config.seed)
+    seed_keras(config.seed)
     model = models.resolve_model(
         config.model,
         vocab_size=tokenizer.vocab_size,

@@ -20,7 +20,7 @@ from kithara_ops import distributed, feed
 from kithara_ops import state as state_lib
 from kithara_ops.callbacks import Callback, CallbackList, RunInfo, StepRecord, TrainResult
 from kithara_ops.config import RunConfig
-from kithara_ops.errors import ConfigError, Diverged
+from kithara_ops.errors import ConfigError, Diverged, StoreFailed
 from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
@@ -215,8 +215,12 @@ class Trainer:
                     due = every(self.config.eval_every, step, total, only_last=True)
                     if self.eval_data is not None and due and not stopping:
                         eval_loss = self._evaluate(state, step)
-                    record = StepRecord(step, state, position, clock.elapsed(), bool(stopping))
-                    self.callbacks.on_step(record)
+                    failed = self._sink_failure(step, total)
+                    halt = bool(stopping or failed)
+                    self.callbacks.on_step(StepRecord(step, state, position, clock.elapsed(), halt))
+                    if failed:
+                        self._write_back(state)
+                        raise self._store_failed(step, failed)
                     if stopping:
                         self._write_back(state)
                         raise TrainingStopped(stopping, step)
@@ -262,10 +266,38 @@ class Trainer:
             optimizer_change=restored.optimizer_change if restored else None,
         )
 
-    def _diverged(self, step: int, reason: str) -> Diverged:
+    def _last_checkpoint(self) -> int | None:
+        """The newest complete checkpoint's step, once the save in flight is written."""
         store = self.sinks.checkpoints
         saved = (store.wait() or store.steps()) if store is not None else []
-        return Diverged(step, reason, saved[-1] if saved else None, store and store.directory)
+        return saved[-1] if saved else None
+
+    def _diverged(self, step: int, reason: str) -> Diverged:
+        store = self.sinks.checkpoints
+        return Diverged(step, reason, self._last_checkpoint(), store and store.directory)
+
+    def _store_failed(self, step: int, failure: Exception) -> StoreFailed:
+        saved = self._last_checkpoint()
+        where = (
+            f"step {saved} is checkpointed in {str(self.sinks.checkpoints.directory)!r}"
+            if saved is not None
+            else "no checkpoint was saved"
+        )
+        return StoreFailed(
+            f"{failure}; the run stopped after step {step} and {where}: fix the store or "
+            "choose another, then resume."
+        )
+
+    def _sink_failure(self, step: int, total: int) -> Exception | None:
+        """A sink's reason to stop; with several processes, agreed at logging steps."""
+        failure = self.callbacks.failure()
+        if jax.process_count() == 1:
+            return failure
+        if step % self.config.log_every and step != total:
+            return None
+        if distributed.agreed_signal(1 if failure is not None else None) is None:
+            return None
+        return failure or StoreFailed("a store that process 0 reports to failed")
 
     def _stop_signal(self, stop: StopRequests, step: int, total: int) -> int | None:
         """The signal to stop on after this step; several processes agree at logging steps."""

@@ -267,6 +267,30 @@ def test_a_store_that_cannot_be_opened_stops_the_run_in_one_line(tmp_path):
     assert len(spools(tmp_path)) == 1
 
 
+@pytest.mark.slow
+def test_a_read_only_store_stops_the_run_in_one_line(tmp_path):
+    with tmpfs(tmp_path / "store", "size=64m") as store:
+        # The tables are made in a process of its own, so no open file keeps the mount busy.
+        make = f"from mlflow import MlflowClient; MlflowClient('sqlite:///{store}/runs.db')" \
+               ".search_experiments()"  # fmt: skip
+        subprocess.run([sys.executable, "-c", make], check=True, capture_output=True)
+        remounted = subprocess.run(["mount", "-o", "remount,ro", str(store)], capture_output=True)
+        if remounted.returncode:
+            pytest.skip("cannot remount the tmpfs read-only here")
+        ckpt = tmp_path / "ckpt"
+        proc = train(tmp_path, "--steps", "5000", "--tracking-uri", f"sqlite:///{store}/runs.db",
+                     "--checkpoint-dir", str(ckpt), "--no-system-metrics",
+                     KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT="120")  # fmt: skip
+        code, stderr = finish(proc)
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert f"sqlite:///{store}/runs.db" in errors[0] and "readonly database" in errors[0], errors
+    stopped = int(re.search(r"stopped after step (\d+)", errors[0]).group(1))
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [stopped]
+    assert len(spools(tmp_path)) == 1
+
+
 def test_a_store_that_fills_up_stops_the_run_after_a_step_that_is_saved(tmp_path, make_model):
     import optax
 

@@ -2,7 +2,8 @@
 
 When a checkpoint cannot be written, Orbax logs the failure from each of its threads with a
 traceback, and TensorStore's late callbacks into Orbax's closed event loop print one
-traceback each: hundreds of lines for one fault that kithara-ops reports in one line. The
+traceback each; a read-only MLflow store logs a traceback per statement: hundreds of lines
+for one fault that kithara-ops reports in one line. The
 CLI hides them unless ``--debug`` is given; the Python API leaves logging to its caller.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 import logging
 import sys
 
-_LIBRARY_LOGGERS = ("absl",)  # Orbax logs through absl's logger
+# Orbax logs through absl's logger; MLflow's SQL store logs each failed statement with its
+# traceback. (A logger's filters see only its own records, hence the full names.)
+_LIBRARY_LOGGERS = ("absl", "mlflow.store.db.utils")
 
 
 class _DropErrors(logging.Filter):

@@ -57,9 +57,13 @@ def build_trainer(
         preflight.check_checkpoint_path(config.checkpoint_dir)
     if optimizer is None:
         optimizer = build_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
-    tokenizer = data.ByteTokenizer()
+    tokenizer = data.run_tokenizer(config.tokenizer, config.model)
     train_data = data.load(
-        config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
+        config.data,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        tokenizer=tokenizer,
     )
     eval_data = None
     if config.eval_data is not None:
@@ -69,6 +73,7 @@ def build_trainer(
             batch_size=config.batch_size,
             shuffle=False,
             repeat=False,
+            tokenizer=tokenizer,
         )
     seed_keras(config.seed)
     model = models.resolve_model(

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import keras
+
 from kithara_ops import data, distributed, feed, models, preflight
 from kithara_ops._backend import seed_keras
 from kithara_ops.callbacks import Callback, TrainResult
@@ -75,13 +77,7 @@ def build_trainer(
             repeat=False,
             tokenizer=tokenizer,
         )
-    seed_keras(config.seed)
-    model = models.resolve_model(
-        config.model,
-        vocab_size=tokenizer.vocab_size,
-        seq_len=config.seq_len,
-        dtype=config.precision if config.precision != "float32" else None,
-    )
+    model = build_model(config, tokenizer.vocab_size)
     first, train_data = feed.peek(train_data)  # a Dataset is re-iterable: nothing is consumed
     if first is not None:
         preflight.check_token_ids(first, output_vocab_size(model, config.seq_len))
@@ -89,6 +85,20 @@ def build_trainer(
         preflight.check_checkpoint_room(config.checkpoint_dir, model)
     sinks = build_sinks(config, callbacks, progress=progress, checkpoints=checkpoints)
     return Trainer(model, optimizer, train_data, eval_data=eval_data, config=config, sinks=sinks)
+
+
+def build_model(config: RunConfig, vocab_size: int) -> keras.Model:
+    """The model ``config.model`` names, with its initial weights a function of the seed.
+
+    ``vocab_size`` (the tokenizer's) sizes the built-in models and is offered to factories.
+    """
+    seed_keras(config.seed)
+    return models.resolve_model(
+        config.model,
+        vocab_size=vocab_size,
+        seq_len=config.seq_len,
+        dtype=config.precision if config.precision != "float32" else None,
+    )
 
 
 def resume(
@@ -130,15 +140,12 @@ def resume(
         )
     # One manager for the whole resume: it reads the run's record, then saves the run.
     checkpoints = Checkpointer(checkpoint_dir)
-    saved_config = _newest_config(checkpoints)
-    if ":" in saved_config.model and saved_config.is_spec("model") and "model" not in overrides:
-        # A checkpoint may come from anywhere: the code it names is run only when asked again.
+    saved_config = newest_config(checkpoints)
+    try:
+        check_named_code(saved_config, "model" in overrides, "resume")
+    except ConfigError:
         checkpoints.close()
-        raise ConfigError(
-            f"This run's model was built by the factory {saved_config.model!r}, and a "
-            f"checkpoint never runs code it names: pass it again, --model {saved_config.model} "
-            f"(Python: resume(..., model={saved_config.model!r}))."
-        )
+        raise
     changes = {**overrides, "checkpoint_dir": str(Path(checkpoint_dir))}
     if steps is not None:
         changes.update(steps=steps, epochs=None)
@@ -155,7 +162,20 @@ def resume(
     return trainer.train(resume=True, reset_optimizer=reset_optimizer)
 
 
-def _newest_config(store: Checkpointer) -> RunConfig:
+def check_named_code(saved: RunConfig, model_given: bool, command: str) -> None:
+    """Refuse to rebuild a model from a factory that only a checkpoint's record names.
+
+    A checkpoint may come from anywhere: the code it names is run only when asked again.
+    """
+    if ":" in saved.model and saved.is_spec("model") and not model_given:
+        raise ConfigError(
+            f"This run's model was built by the factory {saved.model!r}, and a checkpoint "
+            f"never runs code it names: pass it again, --model {saved.model} (Python: "
+            f"{command}(..., model={saved.model!r}))."
+        )
+
+
+def newest_config(store: Checkpointer) -> RunConfig:
     """The config recorded by the newest checkpoint whose record reads back."""
     steps = store.steps()
     if not steps:

@@ -20,6 +20,7 @@ from kithara_ops import distributed, feed
 from kithara_ops import state as state_lib
 from kithara_ops.callbacks import Callback, CallbackList, RunInfo, StepRecord, TrainResult
 from kithara_ops.config import RunConfig
+from kithara_ops.cost import StepCost
 from kithara_ops.errors import ConfigError, Diverged, StoreFailed
 from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.interrupt import StopRequests, TrainingStopped
@@ -198,7 +199,10 @@ class Trainer:
         last_loss = restored.record.loss if restored else None
         eval_loss = restored.record.eval_loss if restored else None
         self.callbacks.on_train_start(self._run_info(start, total, restored))
-        clock = Clock(tokens_per_step=shape[0] * shape[1], since=started)
+        tokens = shape[0] * shape[1]
+        num_weights = int(sum(np.prod(v.shape) for v in self.model.weights))
+        cost = StepCost(num_weights, tokens, self.mesh.devices.flat)
+        clock = Clock(tokens_per_step=tokens, since=started, cost=cost)
         guard = NonfiniteGuard(self.config.on_nonfinite, self.config.nonfinite_patience)
         with StopRequests() as stop, parked_on_host(self._held_variables()):
             try:
@@ -247,6 +251,9 @@ class Trainer:
             state, metrics = self.steps.train_step(state, batch)
             step += 1
             clock.stepped(metrics, step)
+            if clock.cost is not None:  # after the first step, its lowering is cached
+                shapes = jax.tree.map(_abstract, (state, batch))
+                clock.cost.analyse(lambda shapes=shapes: self.steps.train_step.lower(*shapes))
             guard.stepped(metrics)
             yield step, state, metrics, position.get("iterator")
 
@@ -326,3 +333,7 @@ class Trainer:
     def _held_variables(self) -> list[keras.Variable]:
         """The Keras objects' own variables: the model's and the optimizer's (if it has any)."""
         return [*self.model.variables, *self.adapter.variables]
+
+
+def _abstract(array: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding)

@@ -37,6 +37,8 @@ class RunInfo:
       key_groups: the state's variable keys by group (``params``, ``non_trainable``, and
         ``opt`` for a Keras optimizer), in the model's order.
       resumed_from: the record of the checkpoint the run continues from, or ``None``.
+      data: the training data's ``summary()`` (name, source, digest, profile), when the
+        data gives one.
       optimizer_change: with ``resumed_from``, ``"reset"`` or ``"migrated"`` when the
         optimizer state did not come from the checkpoint as it was saved.
     """
@@ -53,6 +55,7 @@ class RunInfo:
     key_groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     resumed_from: RunRecord | None = None
     optimizer_change: str | None = None
+    data: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,9 @@ class Callback:
     def on_step(self, record: StepRecord) -> None:
         """After every step, once its metrics and evaluation (if due) were reported."""
 
+    def on_checkpoint(self, step: int, path: str) -> None:
+        """Once the checkpoint of ``step`` is completely written, in folder ``path``."""
+
     def failure(self) -> Exception | None:
         """Why the run cannot go on, or ``None`` while all is well.
 
@@ -154,6 +160,10 @@ class CallbackList(Callback):
     def on_step(self, record):
         for cb in self.callbacks:
             cb.on_step(record)
+
+    def on_checkpoint(self, step, path):
+        for cb in self.callbacks:
+            cb.on_checkpoint(step, path)
 
     def failure(self):
         return next((err for cb in self.callbacks if (err := cb.failure()) is not None), None)

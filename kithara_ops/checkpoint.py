@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ class Checkpointer(Callback):
         self._minutes: float | None = None
         self._saved_at = 0.0  # seconds since train start of the last save
         self._writing: int | None = None  # the step a background save is writing
+        self.on_saved: Callable[[int, str], None] | None = None  # told of each complete save
         self._failed = False
         self.lock = DirectoryLock(self.directory)
 
@@ -221,7 +223,9 @@ class Checkpointer(Callback):
             self.manager.wait_until_finished()
         except Exception as err:
             raise self._write_error(err) from err
-        self._writing = None
+        done, self._writing = self._writing, None
+        if done is not None and self.on_saved is not None and jax.process_index() == 0:
+            self.on_saved(done, str(self.directory / str(done)))
 
     def _write_error(self, err: Exception) -> CheckpointWriteError:
         """The one-line error of a failed save, once its leftovers are removed."""

@@ -2,7 +2,7 @@
 
 FLOPs per step come from XLA's cost analysis of the lowered step (the whole program, before
 it is split across devices), read once the first step has run: the lowering is cached by
-then, so the analysis adds no compilation. Where XLA gives no count, the usual estimate
+then, so the analysis adds no compilation, only a fraction of a second once per run. Where XLA gives no count, the usual estimate
 ``6 · N · tokens`` stands in (2 for the forward pass, 4 for the backward, per parameter and
 token; it leaves out attention's quadratic term).
 
@@ -14,7 +14,6 @@ figures); for other devices, the CPU among them, no MFU is given.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,13 +73,10 @@ def device_memory() -> dict[str, float]:
 
 
 class StepCost:
-    """FLOPs per step for a run: the estimate at once, XLA's count when it is ready.
-
-    ``analyse(lower)`` starts XLA's cost analysis on a thread of its own (it reads the
-    step's cached lowering; it takes a fraction of a second and must not hold up steps).
+    """FLOPs per step for a run: the ``6 · N · tokens`` estimate, then XLA's count.
 
     Attributes:
-      flops_per_step: XLA's count once known, else the ``6 · N · tokens`` estimate.
+      flops_per_step: XLA's count once known, else the estimate.
       source: ``"xla"`` or ``"6N"``.
       peak: the devices' summed peak FLOP/s, or ``None``.
     """
@@ -89,15 +85,18 @@ class StepCost:
         self.flops_per_step = estimated_flops(num_params, tokens_per_step)
         self.source = "6N"
         self.peak = peak_flops(devices)
-        self._thread: threading.Thread | None = None
+        self._analysed = False
 
     def analyse(self, lower: Callable[[], Any]) -> None:
-        """Count the step's FLOPs with XLA in the background (once)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._count, args=(lower,), daemon=True)
-            self._thread.start()
+        """Count the step's FLOPs with XLA (once; ``lower`` returns the lowered step).
 
-    def _count(self, lower: Callable[[], Any]) -> None:
+        Called on the loop's thread after the first step, when the lowering is cached: a
+        fraction of a second, once. (Not on a thread of its own: lowering one computation
+        while another compiles is not something JAX promises to survive.)
+        """
+        if self._analysed:
+            return
+        self._analysed = True
         try:
             flops = xla_flops(lower())
         except Exception:  # the estimate stays

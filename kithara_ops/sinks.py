@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kithara_ops.callbacks import Callback
+from kithara_ops.callbacks import Callback, CallbackList
 from kithara_ops.config import RunConfig
 
 if TYPE_CHECKING:
@@ -71,4 +71,9 @@ def build_sinks(
 
         shown.append(ProgressBar())
     ordered = [s for s in (checkpoints, tracker) if s is not None] + shown + list(callbacks)
+    if checkpoints is not None:
+        # The one event a sink starts: the others hear of each complete checkpoint.
+        checkpoints.on_saved = CallbackList(
+            [s for s in ordered if s is not checkpoints]
+        ).on_checkpoint
     return Sinks(ordered, checkpoints, tracker)

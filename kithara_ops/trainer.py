@@ -271,6 +271,7 @@ class Trainer:
             key_groups=self.key_groups,
             resumed_from=restored.record if restored else None,
             optimizer_change=restored.optimizer_change if restored else None,
+            data=self.train_data.summary() if hasattr(self.train_data, "summary") else None,
         )
 
     def _last_checkpoint(self) -> int | None:

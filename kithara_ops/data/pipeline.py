@@ -7,7 +7,9 @@ the number of the next batch and restoring it reproduces the uninterrupted strea
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import grain
@@ -126,6 +128,7 @@ class Dataset:
         seed: int = 0,
         shuffle: bool = True,
         repeat: bool = True,
+        source: str | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -142,7 +145,30 @@ class Dataset:
         self.seed = seed
         self.shuffle = shuffle
         self.repeat = repeat
+        self.source = source
         self._batches = self._build()
+
+    def summary(self) -> dict[str, Any]:
+        """What MLflow records of the data: name, source, digest and a profile of its size.
+
+        The digest is of the packed ids, loss weights and their shape (SHA-256, 16 hex
+        digits), so two runs on the same tokens at the same length have the same digest.
+        """
+        digest = hashlib.sha256(repr(self.packed.x.shape).encode())  # rows cut differently
+        for array in (self.packed.x, self.packed.y, self.packed.mask):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        source = self.source or "documents"
+        return {
+            "name": Path(source).name or source,
+            "source": source,
+            "digest": digest.hexdigest()[:16],
+            "profile": {
+                "sequences": len(self.packed.x),
+                "seq_len": int(self.packed.x.shape[1]),
+                "tokens": int(self.packed.x.size),
+                "trained_tokens": int(self.packed.mask.sum()),
+            },
+        }
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -278,4 +304,11 @@ def load(
     """
     documents = read_documents(source) if isinstance(source, str) else list(source)
     packed = pack(documents, as_tokenizer(tokenizer), seq_len)
-    return Dataset(packed, batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat)
+    return Dataset(
+        packed,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        repeat=repeat,
+        source=source if isinstance(source, str) else None,
+    )

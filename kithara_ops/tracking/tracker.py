@@ -17,6 +17,7 @@ from kithara_ops.callbacks import Callback, RunInfo, TrainResult
 from kithara_ops.config import RunConfig
 from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
+from kithara_ops.tracking.logged_models import LINKED_METRICS
 from kithara_ops.tracking.params import (
     DIVERGED_TAG,
     run_params,
@@ -91,6 +92,8 @@ class MlflowTracker(Callback):
         self._ending = False
         self.experiment = resolve_experiment(config)
         self._last_logged: tuple[int, dict[str, float]] = (0, {})
+        self._latest: dict[str, float] = {}
+        self._snapshots: list[tuple[int, dict[str, float]]] = []  # (step, latest values)
 
     @property
     def run_id(self) -> str | None:
@@ -120,6 +123,8 @@ class MlflowTracker(Callback):
         self.writer.set_tags(run_tags(run, self.description, __version__))
         self.writer.log_params(run_params(run, optimizer_params(self.description)))
         self.writer.log_text(json.dumps(self.description, indent=2), "optimizer/optimizer.json")
+        if run.data is not None:
+            self.writer.log_dataset(run.data)
         logged = self.config.without_launch()
         logged = logged.replace(tracking_uri=without_credentials(logged.tracking_uri))
         self.writer.log_text(logged.dump_yaml(), "config/run.yaml")
@@ -164,9 +169,21 @@ class MlflowTracker(Callback):
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._log(step, metrics)
 
+    def on_checkpoint(self, step: int, path: str) -> None:
+        if self.writer is None:
+            return
+        # A save is announced once written, steps later: the values logged last at or
+        # before its step are the ones it holds.
+        held = [values for at, values in self._snapshots if at <= step]
+        self._snapshots = [(at, values) for at, values in self._snapshots if at >= step]
+        linked = {k: v for k, v in (held[-1] if held else {}).items() if k in LINKED_METRICS}
+        self.writer.log_checkpoint(step, path, linked)
+
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.writer is None:
             return
+        self._latest.update(metrics)
+        self._snapshots.append((step, dict(self._latest)))
         # NaN and infinities are logged as they are: MLflow keeps NaN, and a diverged run's
         # curve must show where it diverged rather than end at its last finite point.
         self.writer.log_metrics(step, metrics, int(time.time() * 1000))

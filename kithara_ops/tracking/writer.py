@@ -36,6 +36,7 @@ from kithara_ops.tracking.faults import (
     is_store_fault,
     refuses_run,
 )
+from kithara_ops.tracking.logged_models import log_checkpoint, log_dataset
 from kithara_ops.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH
 from kithara_ops.tracking.spool import save_undelivered
 
@@ -72,6 +73,8 @@ _WHAT = {
     "text": "text artifact",
     "artifacts": "artifacts",
     "metrics": "metric points",
+    "checkpoint": "checkpoint records",
+    "dataset": "dataset record",
     "end": "final status",
 }
 
@@ -122,6 +125,7 @@ class RunWriter:
         self.dropped = 0
         self.refused: str | None = None
         self.store_fault = False
+        self.experiment_id: str | None = None
         self.on_run_ready: list = []
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -153,6 +157,14 @@ class RunWriter:
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         """Queue a directory of artifacts (read when sent: keep it until ``finish``)."""
         self._put("artifacts", {"local_dir": str(local_dir), "artifact_path": artifact_path})
+
+    def log_checkpoint(self, step: int, path: str, metrics: dict[str, float]) -> None:
+        """Queue a complete checkpoint, recorded as a logged model (``logged_models``)."""
+        self._put("checkpoint", {"step": int(step), "path": str(path), "metrics": dict(metrics)})
+
+    def log_dataset(self, summary: dict) -> None:
+        """Queue the training data's summary, recorded as the run's input."""
+        self._put("dataset", dict(summary))
 
     def log_metrics(self, step: int, metrics: dict[str, float], timestamp_ms: int) -> None:
         """Queue one step's metric points; returns at once."""
@@ -319,7 +331,7 @@ class RunWriter:
         if self.run_uid:
             tags[RUN_UID_TAG] = self.run_uid
         run = self.client.create_run(experiment, run_name=self.run_name, tags=tags or None)
-        self.run_id = run.info.run_id
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         for callback in self.on_run_ready:
             callback(self.run_id)
 
@@ -328,6 +340,7 @@ class RunWriter:
         run = self.client.get_run(self.run_id)
         if run.info.lifecycle_stage == "deleted":
             raise RunRefused(f"the run {self.run_id} was deleted")
+        self.experiment_id = run.info.experiment_id
         for key in run.data.metrics:
             if not key.startswith("system/"):
                 steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
@@ -361,6 +374,10 @@ class RunWriter:
             client.log_text(run_id, payload["text"], payload["artifact_file"])
         elif kind == "artifacts":
             client.log_artifacts(run_id, payload["local_dir"], payload["artifact_path"])
+        elif kind == "checkpoint":
+            log_checkpoint(client, self.experiment_id, run_id, payload)
+        elif kind == "dataset":
+            log_dataset(client, run_id, payload)
         elif kind == "end":
             client.set_terminated(run_id, payload["status"])
 

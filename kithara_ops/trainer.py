@@ -24,6 +24,7 @@ from kithara_ops.errors import ConfigError, Diverged
 from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
+from kithara_ops.models.adapter import adapt_model, check_trainable
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
 from kithara_ops.restore import Restored, StateTemplate, resume_point
@@ -83,6 +84,9 @@ class Trainer:
         self.adapter = as_adapter(optimizer, model.trainable_variables)
         self.description = describe_optimizer(self.adapter.optimizer)
         self.config = self._resolve_config(config, options)
+        # Before anything is compiled: a model that cannot give logits fails in one line.
+        self.model_adapter = adapt_model(model)
+        check_trainable(model, self.model_adapter, self.config.seq_len)
         self.sinks = sinks if sinks is not None else build_sinks(self.config, callbacks)
         self.callbacks = CallbackList(self.sinks.callbacks)
         self.mesh = make_mesh(self.config.sharding, self.config.mesh_shape, devices)
@@ -125,6 +129,7 @@ class Trainer:
             accum,
             micro_batch_sharding=micro if accum > 1 else None,
             skip_nonfinite=self.config.on_nonfinite == "skip",
+            model_adapter=self.model_adapter,
         )
         self.batch_sharding = batch_sharding(self.mesh)
         self.steps = compile_steps(builder, self.state_shardings, self.batch_sharding)

@@ -13,8 +13,10 @@ from kithara_ops.callbacks import Callback, TrainResult
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import LAUNCH_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
+from kithara_ops.models.hub import HANDLE_SCHEMES
 from kithara_ops.models.registry import output_vocab_size
 from kithara_ops.optim.spec import build_optimizer
+from kithara_ops.sharding import make_mesh
 from kithara_ops.sinks import build_sinks
 from kithara_ops.trainer import Trainer
 
@@ -77,6 +79,11 @@ def build_trainer(
         vocab_size=tokenizer.vocab_size,
         seq_len=config.seq_len,
         dtype=config.precision if config.precision != "float32" else None,
+        lora_rank=config.lora_rank,
+        lora_targets=config.lora_targets,
+        # A preset is loaded into the shardings the Trainer gives it, on the same mesh.
+        mesh=make_mesh(config.sharding, config.mesh_shape),
+        min_shard_size=config.min_shard_size,
     )
     first, train_data = feed.peek(train_data)  # a Dataset is re-iterable: nothing is consumed
     if first is not None:
@@ -127,7 +134,8 @@ def resume(
     # One manager for the whole resume: it reads the run's record, then saves the run.
     checkpoints = Checkpointer(checkpoint_dir)
     saved_config = _newest_config(checkpoints)
-    if ":" in saved_config.model and saved_config.is_spec("model") and "model" not in overrides:
+    factory = ":" in saved_config.model and not saved_config.model.startswith(HANDLE_SCHEMES)
+    if factory and saved_config.is_spec("model") and "model" not in overrides:
         # A checkpoint may come from anywhere: the code it names is run only when asked again.
         checkpoints.close()
         raise ConfigError(

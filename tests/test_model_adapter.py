@@ -103,3 +103,16 @@ def test_a_model_with_inputs_a_token_batch_cannot_fill_is_refused():
     model = keras.Model(inputs, out + keras.ops.sum(inputs["pixels"]))
     with pytest.raises(ConfigError, match=r"takes inputs \['pixels', 'token_ids'\]"):
         adapt_model(model)
+
+
+def test_precision_is_checked_against_the_models_dtype_policy(make_model):
+    model = make_model(dtype="mixed_bfloat16")
+    with pytest.raises(ConfigError, match="has dtype policy 'mixed_bfloat16'") as err:
+        Trainer(model, optax.sgd(0.1), token_batches(), steps=1, precision="float32",
+                tracking=False)  # fmt: skip
+    assert "\n" not in str(err.value)
+    # Not asked for: the run records the precision the model really has.
+    trainer = Trainer(model, optax.sgd(0.1), token_batches(), steps=1, tracking=False)
+    assert trainer.config.precision == "mixed_bfloat16"
+    with pytest.raises(ConfigError, match="does not train with"):
+        Trainer(make_model(dtype="float16"), optax.sgd(0.1), token_batches(), steps=1)

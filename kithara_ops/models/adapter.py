@@ -142,3 +142,34 @@ def _refuse_backbone(model: keras.Model) -> None:
             "language-model head: pass its causal LM, e.g. "
             "keras_hub.models.CausalLM.from_preset(...), or --model <preset folder>."
         )
+
+
+def resolve_precision(model: keras.Model, precision: str, asked: bool, choices) -> str:
+    """The precision a run really trains with: the model's dtype policy, checked.
+
+    Args:
+      model: the model; its ``dtype_policy`` decides how it computes and stores weights.
+      precision: the run's ``precision`` option.
+      asked: whether the option was set by the caller (a config, a keyword); if not, the
+        model's own policy is taken, so what is recorded is what ran.
+      choices: the values ``precision`` may take.
+
+    Raises:
+      ConfigError: the option and the model's policy differ, or the policy is not one of
+        ``choices``.
+    """
+    policy = model.dtype_policy.name
+    if policy == precision:
+        return precision
+    if not asked and policy in choices:
+        return policy
+    if asked:
+        raise ConfigError(
+            f"precision is {precision!r} but model {model.name!r} has dtype policy {policy!r}: "
+            f"build or load the model with dtype={precision!r} (from_preset(..., dtype=...)) "
+            "or pass the precision it has."
+        )
+    raise ConfigError(
+        f"model {model.name!r} has dtype policy {policy!r}, which kithara-ops does not train "
+        f"with: build or load it with dtype one of {', '.join(choices)}."
+    )

@@ -7,6 +7,7 @@ Public API:
   ConfigError: raised for bad user input (the CLI exits with code 2 on it).
   CheckpointWriteError: raised when a checkpoint cannot be written (exit code 1).
   Diverged: raised when a run's loss or gradients stopped being finite (exit code 1).
+  StoreFailed: raised when the MLflow store became full or read-only (exit code 1).
   describe_optimizer: what a Keras or Optax optimizer is, as a JSON-safe dict.
   resume: continue a checkpointed run, rebuilding it from its saved config.
   TrainingStopped: raised after a clean stop on SIGTERM or Ctrl-C (the state was saved).
@@ -19,7 +20,7 @@ require_jax_backend()
 from kithara_ops.build import resume  # noqa: E402
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult  # noqa: E402
 from kithara_ops.config import RunConfig, load_config  # noqa: E402
-from kithara_ops.errors import CheckpointWriteError, ConfigError, Diverged  # noqa: E402
+from kithara_ops.errors import CheckpointWriteError, ConfigError, Diverged, StoreFailed  # noqa: E402
 from kithara_ops.interrupt import TrainingStopped  # noqa: E402
 from kithara_ops.optim.describe import describe_optimizer  # noqa: E402
 from kithara_ops.trainer import Trainer  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "Diverged",
     "RunConfig",
     "RunInfo",
+    "StoreFailed",
     "TrainResult",
     "Trainer",
     "TrainingStopped",

@@ -21,3 +21,29 @@ def require_jax_backend() -> None:
             f"kithara-ops needs Keras on the JAX backend, but KERAS_BACKEND is {chosen!r}: "
             "set KERAS_BACKEND=jax before importing keras."
         )
+
+
+def seed_keras(seed: int) -> None:
+    """``keras.utils.set_random_seed(seed)``, without importing TensorFlow only to seed it.
+
+    Keras seeds TensorFlow too whenever it can be imported, and it can wherever KerasHub is
+    installed: that import costs seconds and a screen of logs on every run, for a generator
+    nothing here draws from. If TensorFlow is loaded already, it is seeded as Keras would.
+    """
+    import keras
+
+    try:
+        from keras.src.utils import module_utils
+
+        lazy_tf = module_utils.tensorflow
+        undecided = lazy_tf._available is None
+    except (ImportError, AttributeError):  # another Keras layout: its own behaviour
+        undecided = False
+    if not undecided or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    lazy_tf._available = False  # for this call only: Keras' later checks import as usual
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        lazy_tf._available = None

@@ -9,6 +9,7 @@ from typing import Any
 import keras
 
 from kithara_ops import data, distributed, feed, models, preflight
+from kithara_ops._backend import seed_keras
 from kithara_ops.callbacks import Callback, TrainResult
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import LAUNCH_FIELDS, RunConfig
@@ -34,7 +35,7 @@ def build_trainer(
     A multi-process run (``coordinator``, ``num_processes``, ``process_id``, or a cluster
     ``distributed.auto_detect`` recognises) joins its peers first, before any JAX work.
     Data is read before the model is built so a bad path fails in a second, not after
-    compilation. ``keras.utils.set_random_seed(config.seed)`` makes the initial weights a
+    compilation. ``seed_keras(config.seed)`` makes the initial weights a
     function of the seed alone. The ``preflight`` checks run before anything is created or
     compiled: the tracking URI's scheme, the checkpoint directory (a writable directory with
     room for two checkpoints), and the first batch's token ids against the model's vocabulary.
@@ -60,9 +61,13 @@ def build_trainer(
         preflight.check_checkpoint_path(config.checkpoint_dir)
     if optimizer is None:
         optimizer = build_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
-    tokenizer = data.ByteTokenizer()
+    tokenizer = data.run_tokenizer(config.tokenizer, config.model)
     train_data = data.load(
-        config.data, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed
+        config.data,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        tokenizer=tokenizer,
     )
     eval_data = None
     if config.eval_data is not None:
@@ -72,11 +77,27 @@ def build_trainer(
             batch_size=config.batch_size,
             shuffle=False,
             repeat=False,
+            tokenizer=tokenizer,
         )
-    keras.utils.set_random_seed(config.seed)
-    model = models.resolve_model(
+    model = build_model(config, tokenizer.vocab_size)
+    first, train_data = feed.peek(train_data)  # a Dataset is re-iterable: nothing is consumed
+    if first is not None:
+        preflight.check_token_ids(first, output_vocab_size(model, config.seq_len))
+    if config.checkpoint_dir:
+        preflight.check_checkpoint_room(config.checkpoint_dir, model)
+    sinks = build_sinks(config, callbacks, progress=progress, checkpoints=checkpoints)
+    return Trainer(model, optimizer, train_data, eval_data=eval_data, config=config, sinks=sinks)
+
+
+def build_model(config: RunConfig, vocab_size: int) -> keras.Model:
+    """The model ``config.model`` names, with its initial weights a function of the seed.
+
+    ``vocab_size`` (the tokenizer's) sizes the built-in models and is offered to factories.
+    """
+    seed_keras(config.seed)
+    return models.resolve_model(
         config.model,
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=vocab_size,
         seq_len=config.seq_len,
         dtype=config.precision if config.precision != "float32" else None,
         lora_rank=config.lora_rank,
@@ -85,13 +106,6 @@ def build_trainer(
         mesh=make_mesh(config.sharding, config.mesh_shape),
         min_shard_size=config.min_shard_size,
     )
-    first, train_data = feed.peek(train_data)  # a Dataset is re-iterable: nothing is consumed
-    if first is not None:
-        preflight.check_token_ids(first, output_vocab_size(model, config.seq_len))
-    if config.checkpoint_dir:
-        preflight.check_checkpoint_room(config.checkpoint_dir, model)
-    sinks = build_sinks(config, callbacks, progress=progress, checkpoints=checkpoints)
-    return Trainer(model, optimizer, train_data, eval_data=eval_data, config=config, sinks=sinks)
 
 
 def resume(
@@ -133,16 +147,12 @@ def resume(
         )
     # One manager for the whole resume: it reads the run's record, then saves the run.
     checkpoints = Checkpointer(checkpoint_dir)
-    saved_config = _newest_config(checkpoints)
-    factory = ":" in saved_config.model and not saved_config.model.startswith(HANDLE_SCHEMES)
-    if factory and saved_config.is_spec("model") and "model" not in overrides:
-        # A checkpoint may come from anywhere: the code it names is run only when asked again.
+    saved_config = newest_config(checkpoints)
+    try:
+        check_named_code(saved_config, "model" in overrides, "resume")
+    except ConfigError:
         checkpoints.close()
-        raise ConfigError(
-            f"This run's model was built by the factory {saved_config.model!r}, and a "
-            f"checkpoint never runs code it names: pass it again, --model {saved_config.model} "
-            f"(Python: resume(..., model={saved_config.model!r}))."
-        )
+        raise
     changes = {**overrides, "checkpoint_dir": str(Path(checkpoint_dir))}
     if steps is not None:
         changes.update(steps=steps, epochs=None)
@@ -159,7 +169,21 @@ def resume(
     return trainer.train(resume=True, reset_optimizer=reset_optimizer)
 
 
-def _newest_config(store: Checkpointer) -> RunConfig:
+def check_named_code(saved: RunConfig, model_given: bool, command: str) -> None:
+    """Refuse to rebuild a model from a factory that only a checkpoint's record names.
+
+    A checkpoint may come from anywhere: the code it names is run only when asked again.
+    """
+    factory = ":" in saved.model and not saved.model.startswith(HANDLE_SCHEMES)
+    if factory and saved.is_spec("model") and not model_given:
+        raise ConfigError(
+            f"This run's model was built by the factory {saved.model!r}, and a checkpoint "
+            f"never runs code it names: pass it again, --model {saved.model} (Python: "
+            f"{command}(..., model={saved.model!r}))."
+        )
+
+
+def newest_config(store: Checkpointer) -> RunConfig:
     """The config recorded by the newest checkpoint whose record reads back."""
     steps = store.steps()
     if not steps:

@@ -73,7 +73,8 @@ class StepRecord:
         ``get_state()``), or ``None`` when it has none; the number of batches consumed is
         ``step`` itself.
       seconds: wall time since ``train()`` started.
-      stopping: ``True`` when this is the last step of a run stopped by a signal.
+      stopping: ``True`` when this is the last step of a run stopped by a signal or by a
+        sink's ``failure()``.
     """
 
     step: int
@@ -121,6 +122,15 @@ class Callback:
     def on_step(self, record: StepRecord) -> None:
         """After every step, once its metrics and evaluation (if due) were reported."""
 
+    def failure(self) -> Exception | None:
+        """Why the run cannot go on, or ``None`` while all is well.
+
+        Asked after every step, once the step's metrics were reported: an error returned
+        here (a store this sink writes to is full, say) ends the run after that step, which
+        is reported as the last one (``StepRecord.stopping``) so that it is checkpointed.
+        """
+        return None
+
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
         """Once, with ``FINISHED``, ``FAILED`` (an exception) or ``KILLED`` (interrupted).
 
@@ -150,6 +160,9 @@ class CallbackList(Callback):
     def on_step(self, record):
         for cb in self.callbacks:
             cb.on_step(record)
+
+    def failure(self):
+        return next((err for cb in self.callbacks if (err := cb.failure()) is not None), None)
 
     def on_train_end(self, status, result):
         # Every sink ends, even after one failed (a signal that cut the MLflow flush short

@@ -67,6 +67,12 @@ class RunConfig:
     eval_data: str | None = option(
         None, "Evaluation data, in the same forms as data; None: no evaluation.", MODEL
     )
+    tokenizer: str = option(
+        "auto",
+        "How text becomes ids: auto (a preset model's own tokenizer, else bytes), byte, or a "
+        "KerasHub or Hugging Face preset folder (or hub handle) whose tokenizer to use.",
+        MODEL,
+    )
     optimizer: str = option(
         "optax.adamw",
         "Optimizer spec: a name such as optax.adamw or keras.AdamW, or a call such as "
@@ -245,7 +251,7 @@ class RunConfig:
         _check_positive(self, "nonfinite_patience")
         if self.optimizer == "":
             raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
-        for name in ("model", "data", "optimizer"):
+        for name in ("model", "data", "optimizer", "tokenizer"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(
                     f"{name} must be a non-empty string, got {getattr(self, name)!r}."

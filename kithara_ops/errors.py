@@ -61,3 +61,11 @@ class CheckpointWriteError(RuntimeError):
     The message names the directory and the cause in one line; the checkpoints saved before
     are kept, and the run can resume from the last complete one. The CLI exits with code 1.
     """
+
+
+class StoreFailed(RuntimeError):
+    """A store the run reports to can no longer take it (an MLflow store that is full or
+    read-only), so the run stopped after the current step, whose state was checkpointed.
+
+    The message names the store and the cause in one line; the CLI exits with code 1.
+    """

@@ -7,6 +7,8 @@ from typing import Any
 
 import jax
 
+from kithara_ops.cost import StepCost, device_memory
+
 
 def every(n: int | None, step: int, total: int, only_last: bool = False) -> bool:
     """Whether a hook with period ``n`` runs at ``step``: every ``n`` steps and at the last.
@@ -19,18 +21,21 @@ def every(n: int | None, step: int, total: int, only_last: bool = False) -> bool
 
 
 class Clock:
-    """Step timing: compilation apart from steady speed, and speed between logging steps.
+    """Step timing: compilation apart from steady speed, and speed between logging steps;
+    with a ``StepCost``, FLOP/s, MFU and device memory beside them.
 
     The first step's time includes compilation, so the clock blocks on it once; after that
     it reads the time only when metrics are fetched, which syncs with the devices anyway.
     """
 
-    def __init__(self, tokens_per_step: int, since: float):
+    def __init__(self, tokens_per_step: int, since: float, cost: StepCost | None = None):
         self.tokens_per_step = tokens_per_step
         self.started = since
+        self.cost = cost
         self.compile_seconds = 0.0
         self.last: dict[str, float] = {}
         self._mark, self._mark_step = time.perf_counter(), None
+        self._compile_reported = False
 
     def stepped(self, metrics: Any, step: int) -> None:
         """Note a dispatched step; times the first one (compilation) to its end."""
@@ -46,6 +51,11 @@ class Clock:
         if steps > 0 and elapsed > 0:
             values["step_time_seconds"] = elapsed / steps
             values["tokens_per_second"] = self.tokens_per_step * steps / elapsed
+        if self.cost is not None:
+            values.update(self.cost.metrics(values.get("step_time_seconds")))
+            values.update(device_memory())
+        if not self._compile_reported:  # once: it is the first step's
+            values["compile_seconds"], self._compile_reported = self.compile_seconds, True
         self._mark, self._mark_step = time.perf_counter(), step
         self.last = values
         return values

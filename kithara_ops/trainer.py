@@ -21,7 +21,8 @@ from kithara_ops import distributed, feed
 from kithara_ops import state as state_lib
 from kithara_ops.callbacks import Callback, CallbackList, RunInfo, StepRecord, TrainResult
 from kithara_ops.config import RunConfig, field_types
-from kithara_ops.errors import ConfigError, Diverged
+from kithara_ops.cost import StepCost
+from kithara_ops.errors import ConfigError, Diverged, StoreFailed
 from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
@@ -224,7 +225,10 @@ class Trainer:
         last_loss = restored.record.loss if restored else None
         eval_loss = restored.record.eval_loss if restored else None
         self.callbacks.on_train_start(self._run_info(start, total, restored))
-        clock = Clock(tokens_per_step=shape[0] * shape[1], since=started)
+        tokens = shape[0] * shape[1]
+        num_weights = int(sum(np.prod(v.shape) for v in self.model.weights))
+        cost = StepCost(num_weights, tokens, self.mesh.devices.flat)
+        clock = Clock(tokens_per_step=tokens, since=started, cost=cost)
         guard = NonfiniteGuard(self.config.on_nonfinite, self.config.nonfinite_patience)
         with StopRequests() as stop, parked_on_host(self._held_variables()):
             try:
@@ -241,8 +245,12 @@ class Trainer:
                     due = every(self.config.eval_every, step, total, only_last=True)
                     if self.eval_data is not None and due and not stopping:
                         eval_loss = self._evaluate(state, step)
-                    record = StepRecord(step, state, position, clock.elapsed(), bool(stopping))
-                    self.callbacks.on_step(record)
+                    failed = self._sink_failure(step, total)
+                    halt = bool(stopping or failed)
+                    self.callbacks.on_step(StepRecord(step, state, position, clock.elapsed(), halt))
+                    if failed:
+                        self._write_back(state)
+                        raise self._store_failed(step, failed)
                     if stopping:
                         self._write_back(state)
                         raise TrainingStopped(stopping, step)
@@ -269,6 +277,9 @@ class Trainer:
             state, metrics = self.steps.train_step(state, batch)
             step += 1
             clock.stepped(metrics, step)
+            if clock.cost is not None:  # after the first step, its lowering is cached
+                shapes = jax.tree.map(_abstract, (state, batch))
+                clock.cost.analyse(lambda shapes=shapes: self.steps.train_step.lower(*shapes))
             guard.stepped(metrics)
             yield step, state, metrics, position.get("iterator")
 
@@ -292,10 +303,38 @@ class Trainer:
             base_model=base_model_of(self.model),
         )
 
-    def _diverged(self, step: int, reason: str) -> Diverged:
+    def _last_checkpoint(self) -> int | None:
+        """The newest complete checkpoint's step, once the save in flight is written."""
         store = self.sinks.checkpoints
         saved = (store.wait() or store.steps()) if store is not None else []
-        return Diverged(step, reason, saved[-1] if saved else None, store and store.directory)
+        return saved[-1] if saved else None
+
+    def _diverged(self, step: int, reason: str) -> Diverged:
+        store = self.sinks.checkpoints
+        return Diverged(step, reason, self._last_checkpoint(), store and store.directory)
+
+    def _store_failed(self, step: int, failure: Exception) -> StoreFailed:
+        saved = self._last_checkpoint()
+        where = (
+            f"step {saved} is checkpointed in {str(self.sinks.checkpoints.directory)!r}"
+            if saved is not None
+            else "no checkpoint was saved"
+        )
+        return StoreFailed(
+            f"{failure}; the run stopped after step {step} and {where}: fix the store or "
+            "choose another, then resume."
+        )
+
+    def _sink_failure(self, step: int, total: int) -> Exception | None:
+        """A sink's reason to stop; with several processes, agreed at logging steps."""
+        failure = self.callbacks.failure()
+        if jax.process_count() == 1:
+            return failure
+        if step % self.config.log_every and step != total:
+            return None
+        if distributed.agreed_signal(1 if failure is not None else None) is None:
+            return None
+        return failure or StoreFailed("a store that process 0 reports to failed")
 
     def _stop_signal(self, stop: StopRequests, step: int, total: int) -> int | None:
         """The signal to stop on after this step; several processes agree at logging steps."""
@@ -329,3 +368,7 @@ class Trainer:
 def _count(variables) -> int:
     """Number of elements in ``variables``."""
     return int(sum(np.prod(v.shape, dtype=np.int64) for v in variables))
+
+
+def _abstract(array: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding)

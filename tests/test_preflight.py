@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from disks import tmpfs
 
 from kithara_ops import preflight
 from kithara_ops.build import build_trainer
@@ -28,21 +29,6 @@ from kithara_ops.models.registry import output_vocab_size
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "tiny", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8"]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str):
-    """A tmpfs mounted at ``path`` with ``options``; skips the test where mounting is denied."""
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
 
 
 def small_model(vocab: int = 64, output_rank: int = 3) -> keras.Model:

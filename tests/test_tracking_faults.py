@@ -7,6 +7,7 @@ kind of outage: nothing fails, everything waits), and real SQLite stores that re
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from disks import fill, tmpfs
 from mlflow import MlflowClient
 
 from kithara_ops.tracking import RunWriter
@@ -246,17 +248,77 @@ def test_an_experiment_name_mlflow_refuses_is_one_warning_and_training_goes_on(t
     assert len(spools(tmp_path)) == 1
 
 
-def test_a_store_that_cannot_be_opened_is_one_line_and_training_goes_on(tmp_path):
+def test_a_store_that_cannot_be_opened_stops_the_run_in_one_line(tmp_path):
     (tmp_path / "not-a-dir").write_text("")
     db = tmp_path / "not-a-dir" / "runs.db"
-    proc = train(tmp_path, "--steps", "3", "--tracking-uri", f"sqlite:///{db}",
-                 "--no-system-metrics", KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT="120")  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    proc = train(tmp_path, "--steps", "5000", "--tracking-uri", f"sqlite:///{db}",
+                 "--checkpoint-dir", str(ckpt), "--no-system-metrics",
+                 KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT="120")  # fmt: skip
     code, stderr = finish(proc)
-    assert code == 0, stderr
-    naming = [line for line in stderr.splitlines() if str(db) in line]
-    assert len(naming) == 1, stderr
-    assert "not-a-dir" in naming[0] and "Traceback" not in stderr
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, stderr
+    assert str(db) in errors[0] and "File exists" in errors[0], errors
+    stopped = int(re.search(r"stopped after step (\d+)", errors[0]).group(1))
+    assert stopped < 5000 and f"step {stopped} is checkpointed in {str(ckpt)!r}" in errors[0]
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [stopped]
+    assert "Traceback" not in stderr and "training goes on" not in stderr
     assert len(spools(tmp_path)) == 1
+
+
+@pytest.mark.slow
+def test_a_read_only_store_stops_the_run_in_one_line(tmp_path):
+    with tmpfs(tmp_path / "store", "size=64m") as store:
+        # The tables are made in a process of its own, so no open file keeps the mount busy.
+        make = f"from mlflow import MlflowClient; MlflowClient('sqlite:///{store}/runs.db')" \
+               ".search_experiments()"  # fmt: skip
+        subprocess.run([sys.executable, "-c", make], check=True, capture_output=True)
+        remounted = subprocess.run(["mount", "-o", "remount,ro", str(store)], capture_output=True)
+        if remounted.returncode:
+            pytest.skip("cannot remount the tmpfs read-only here")
+        ckpt = tmp_path / "ckpt"
+        proc = train(tmp_path, "--steps", "5000", "--tracking-uri", f"sqlite:///{store}/runs.db",
+                     "--checkpoint-dir", str(ckpt), "--no-system-metrics",
+                     KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT="120")  # fmt: skip
+        code, stderr = finish(proc)
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert f"sqlite:///{store}/runs.db" in errors[0] and "readonly database" in errors[0], errors
+    stopped = int(re.search(r"stopped after step (\d+)", errors[0]).group(1))
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [stopped]
+    assert len(spools(tmp_path)) == 1
+
+
+def test_a_store_that_fills_up_stops_the_run_after_a_step_that_is_saved(tmp_path, make_model):
+    import optax
+
+    from kithara_ops import Callback, Trainer, data
+    from kithara_ops.errors import StoreFailed
+
+    class FillTheDisk(Callback):
+        def on_step(self, record):
+            if record.step == 2:
+                fill(store)
+
+    with tmpfs(tmp_path / "store", "size=16m") as store:
+        ckpt = tmp_path / "ckpt"
+        trainer = Trainer(
+            make_model(), optax.adam(1e-3), data.load("synthetic", seq_len=32, batch_size=8),
+            steps=5000, log_every=1, checkpoint_dir=str(ckpt), callbacks=[FillTheDisk()],
+            system_metrics=False, tracking_uri=f"sqlite:///{store}/runs.db",
+        )  # fmt: skip
+        with pytest.raises(StoreFailed) as failed:
+            trainer.train()
+    message = str(failed.value)
+    assert "\n" not in message and "database or disk is full" in message, message
+    assert f"sqlite:///{store}/runs.db" in message
+    stopped = int(re.search(r"stopped after step (\d+)", message).group(1))
+    assert 2 < stopped < 5000
+    # The step it stopped after is the one saved.
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [stopped]
+    assert int(trainer.sinks.checkpoints.read_record(stopped).step) == stopped
 
 
 def test_a_deleted_run_is_one_warning_not_an_outage(tmp_path, caplog):

@@ -3,7 +3,17 @@
 Each command lives in its own module and registers itself on ``app`` when imported.
 """
 
-from kithara_ops.cli import checkpoints, compare, describe, launch, resume, sweep, train, ui  # noqa: F401
+from kithara_ops.cli import (  # noqa: F401
+    checkpoints,
+    compare,
+    describe,
+    export,
+    launch,
+    resume,
+    sweep,
+    train,
+    ui,
+)
 from kithara_ops.cli.app import app, main
 
 __all__ = ["app", "main"]

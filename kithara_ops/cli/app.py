@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -19,7 +20,12 @@ from kithara_ops._backend import require_jax_backend
 
 require_jax_backend()
 
-from kithara_ops.errors import CheckpointWriteError, ConfigError, Diverged  # noqa: E402
+from kithara_ops.errors import (  # noqa: E402
+    CheckpointWriteError,
+    ConfigError,
+    Diverged,
+    StoreFailed,
+)
 from kithara_ops.interrupt import TrainingStopped  # noqa: E402
 
 try:  # Typer 0.2x carries its own copy of click, with its own exception classes.
@@ -47,17 +53,20 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``ConfigError`` into a one-line message and exit code 2, ``Diverged`` and
-    ``CheckpointWriteError`` into one line and exit code 1; a stop on a signal into 128 + the signal's number (130 for Ctrl-C, 143
-    for SIGTERM), as shells report it."""
+    """Turn ``ConfigError`` into a one-line message and exit code 2; ``Diverged``,
+    ``CheckpointWriteError`` and ``StoreFailed`` into one line and exit code 1; a stop on a
+    signal into 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as shells
+    report it."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except ConfigError as err:
+            _traceback_with_debug()
             raise fail(str(err)) from None
-        except (Diverged, CheckpointWriteError) as failed:
+        except (Diverged, CheckpointWriteError, StoreFailed) as failed:
+            _traceback_with_debug()
             raise fail(str(failed), 1) from None
         except TrainingStopped as stopped:
             typer.echo(f"{stopped}; the state was saved where the run checkpoints.", err=True)
@@ -68,6 +77,12 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _traceback_with_debug() -> None:
+    """With ``--debug``, the traceback of the error being handled, before its one line."""
+    if DEBUG.on:
+        traceback.print_exc()
+
+
 def _version(value: bool) -> None:
     if value:
         from kithara_ops import __version__
@@ -76,14 +91,33 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class DEBUG:
+    """Whether ``--debug`` was given."""
+
+    on = False
+
+
 @app.callback()
 def root(
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="Show tracebacks, and the log lines libraries (Orbax, TensorStore) print "
+            "when something fails; without it each fault is one line.",
+        ),
+    ] = False,
 ) -> None:
     """Train Keras 3 models on JAX with Keras or Optax optimizers, tracked in MLflow."""
+    DEBUG.on = debug
+    if not debug:
+        from kithara_ops.cli.noise import quiet_libraries
+
+        quiet_libraries()
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Training data: an offline byte tokenizer, document sources, packing and batching.
+"""Training data: tokenizers (bytes, or a model preset's own), sources, packing, batching.
 
 ``load(spec, seq_len=..., batch_size=...)`` goes from a source spec (``stdlib``,
 ``synthetic``, a file, directory, glob or ``.jsonl`` file) to a ``Dataset`` whose iterator
@@ -7,6 +7,12 @@ position for resumable runs.
 """
 
 from kithara_ops.data.pipeline import DataIterator, Dataset, Packed, load, pack
+from kithara_ops.data.preset_tokenizer import (
+    PresetTokenizer,
+    as_tokenizer,
+    load_tokenizer,
+    run_tokenizer,
+)
 from kithara_ops.data.sources import Document, read_documents
 from kithara_ops.data.tokenizer import ByteTokenizer
 
@@ -16,7 +22,11 @@ __all__ = [
     "Dataset",
     "Document",
     "Packed",
+    "PresetTokenizer",
+    "as_tokenizer",
     "load",
+    "load_tokenizer",
     "pack",
     "read_documents",
+    "run_tokenizer",
 ]

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
+from kithara_ops.data.preset_tokenizer import PresetTokenizer, as_tokenizer
 from kithara_ops.data.sources import Document, read_documents
 from kithara_ops.data.tokenizer import ByteTokenizer
 from kithara_ops.errors import ConfigError
@@ -33,7 +34,9 @@ class Packed(NamedTuple):
     mask: np.ndarray
 
 
-def pack(documents: Sequence[Document], tokenizer: ByteTokenizer, seq_len: int) -> Packed:
+def pack(
+    documents: Sequence[Document], tokenizer: ByteTokenizer | PresetTokenizer, seq_len: int
+) -> Packed:
     """Concatenates tokenized documents into one stream and cuts it into sequences.
 
     Each document becomes ``[bos] + prompt + text + [eos]``. Consecutive windows share one
@@ -54,7 +57,8 @@ def pack(documents: Sequence[Document], tokenizer: ByteTokenizer, seq_len: int) 
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}.")
-    bos = np.array([tokenizer.bos_id], np.int32)
+    # Some families (Qwen) have no start token: their documents begin with their text.
+    bos = np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
     eos = np.array([tokenizer.eos_id], np.int32)
     pieces, trained = [], []
     for doc in documents:
@@ -63,7 +67,7 @@ def pack(documents: Sequence[Document], tokenizer: ByteTokenizer, seq_len: int) 
         pieces += [bos, prompt_ids, text_ids, eos]
         # Prompt tokens condition the completion but are never targets of the loss.
         trained += [
-            np.ones(1, bool),
+            np.ones(len(bos), bool),
             np.zeros(len(prompt_ids), bool),
             np.ones(len(text_ids) + 1, bool),
         ]
@@ -252,7 +256,7 @@ def load(
     seed: int = 0,
     shuffle: bool = True,
     repeat: bool = True,
-    tokenizer: ByteTokenizer | None = None,
+    tokenizer: Any = None,
 ) -> Dataset:
     """Reads, tokenizes and packs a data source into a batched ``Dataset``.
 
@@ -263,7 +267,8 @@ def load(
         seed: Seeds the batch order.
         shuffle: Shuffle the sequences (reshuffled every epoch).
         repeat: Repeat forever (training) instead of stopping after one epoch.
-        tokenizer: Tokenizer to use; a ``ByteTokenizer`` by default.
+        tokenizer: a ``ByteTokenizer`` (the default), a ``PresetTokenizer`` or a KerasHub
+            tokenizer (``keras_hub.tokenizers.Tokenizer.from_preset(...)``).
 
     Returns:
         The dataset; iterate it for batches.
@@ -272,5 +277,5 @@ def load(
         ConfigError: A bad source, ``seq_len``, ``batch_size`` or ``seed``.
     """
     documents = read_documents(source) if isinstance(source, str) else list(source)
-    packed = pack(documents, tokenizer or ByteTokenizer(), seq_len)
+    packed = pack(documents, as_tokenizer(tokenizer), seq_len)
     return Dataset(packed, batch_size=batch_size, seed=seed, shuffle=shuffle, repeat=repeat)

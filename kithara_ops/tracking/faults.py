@@ -59,6 +59,11 @@ def is_permanent(err: BaseException) -> bool:
     return isinstance(err, MlflowException) and err.error_code in PERMANENT_CODES
 
 
+def is_store_fault(err: BaseException) -> bool:
+    """Whether ``err`` says the store itself cannot be written (read-only, full, unopenable)."""
+    return any(message in str(err) for message in _PERMANENT_STORE_MESSAGES)
+
+
 def refuses_run(err: BaseException) -> bool:
     """Whether a refused record means the run itself is gone (deleted, or never existed)."""
     from mlflow.exceptions import MlflowException

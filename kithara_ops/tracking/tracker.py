@@ -172,6 +172,15 @@ class MlflowTracker(Callback):
         self.writer.log_metrics(step, metrics, int(time.time() * 1000))
         self._last_logged = (step, metrics)
 
+    def failure(self) -> Exception | None:
+        # A store that is full or read-only stays so: rather than train on untracked for
+        # hours, the run stops (its state checkpointed) until the store is fixed.
+        writer = self.writer
+        if writer is None or not writer.store_fault:
+            return None
+        where = without_credentials(writer.tracking_uri)
+        return RuntimeError(f"the MLflow store at {where} cannot be written ({writer.refused})")
+
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
         if self.writer is None:
             return

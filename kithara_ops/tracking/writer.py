@@ -29,7 +29,13 @@ from mlflow.tracking import MlflowClient
 
 from kithara_ops.errors import first_line
 from kithara_ops.tracking.experiments import experiment_id
-from kithara_ops.tracking.faults import RunRefused, is_local_store, is_permanent, refuses_run
+from kithara_ops.tracking.faults import (
+    RunRefused,
+    is_local_store,
+    is_permanent,
+    is_store_fault,
+    refuses_run,
+)
 from kithara_ops.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH
 from kithara_ops.tracking.spool import save_undelivered
 
@@ -115,6 +121,7 @@ class RunWriter:
         self.delivered_points = 0
         self.dropped = 0
         self.refused: str | None = None
+        self.store_fault = False
         self.on_run_ready: list = []
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -219,7 +226,9 @@ class RunWriter:
                 self._write(kind, payload)
             except Exception as err:
                 if (opening and self._refuses_store(err)) or refuses_run(err):
-                    self._refuse_run(err)
+                    # A local store that could not even be opened is as broken as a full one.
+                    unopened = self.client is None and is_local_store(self.tracking_uri)
+                    self._refuse_run(err, store_fault=unopened or is_store_fault(err))
                     return  # the queue stays; finish() spools it
                 if is_permanent(err):  # this record, and only it, will never be taken
                     self._refuse_record(kind, err)
@@ -365,8 +374,10 @@ class RunWriter:
             )
             self._warned = True
 
-    def _refuse_run(self, err: Exception) -> None:
-        self.refused = first_line(err)
+    def _refuse_run(self, err: Exception, store_fault: bool) -> None:
+        self.refused, self.store_fault = first_line(err), store_fault
+        if store_fault:
+            return  # the run stops on it (``RunTracker.failure``) and says so in its error
         log.warning(
             "MLflow at %s cannot take this run (%s); training goes on untracked, and what it "
             "logs is saved to a spool file at the end.",
@@ -394,4 +405,6 @@ class RunWriter:
         }
         # Not the URI again when the run was refused: that line already named the store.
         where = "MLflow" if self.refused else f"MLflow at {self.tracking_uri}"
+        if self.store_fault:  # no line said so yet when the run ended before it could stop
+            where = f"MLflow at {self.tracking_uri} ({self.refused})"
         return save_undelivered(self.spool_dir, header, pending, where)

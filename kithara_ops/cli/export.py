@@ -1,0 +1,44 @@
+"""``kithara-ops export``: a checkpoint's trained model as a KerasHub preset, HF or .keras."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kithara_ops.cli.app import app, user_errors
+
+_EXAMPLE = (
+    "Examples:\n\n"
+    "  kithara-ops export runs/gemma-lora --out exported/gemma    # a KerasHub preset\n\n"
+    "  kithara-ops export runs/gemma-lora --format hf --out exported/gemma-hf --step 400\n\n"
+    "  kithara-ops export runs/tiny --format keras --out exported/tiny"
+)
+
+
+@app.command(epilog=_EXAMPLE)
+@user_errors
+def export(
+    checkpoint_dir: Annotated[str, typer.Argument(help="The run's checkpoint directory.")],
+    out: Annotated[str, typer.Option("--out", help="A new folder to write the model to.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="keras-hub (a preset folder), hf (Hugging Face safetensors) or keras "
+            "(a model.keras file).",
+        ),
+    ] = "keras-hub",
+    step: Annotated[
+        int | None, typer.Option("--step", help="The checkpoint to export (default: newest).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="The model factory again, for a run built by one."),
+    ] = None,
+) -> None:
+    """Write a checkpoint's trained model (LoRA merged) where other tools load it."""
+    from kithara_ops.export import export as export_model
+
+    written = export_model(checkpoint_dir, out, format=format, step=step, model=model)
+    typer.echo(f"Exported {checkpoint_dir} ({format}) to {written}")

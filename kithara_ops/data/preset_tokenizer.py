@@ -1,0 +1,139 @@
+"""A model preset's own tokenizer, behind the interface packing uses.
+
+KerasHub loads the tokenizer of a preset folder (``save_to_preset`` output), of a local
+Hugging Face folder (``tokenizer.json`` and friends, converted by KerasHub) or of a preset
+handle (``kaggle://...``, ``hf://...``, a built-in name; those need the network).
+``PresetTokenizer`` gives it the ``ByteTokenizer`` interface: ``encode``, ``decode``,
+``bos_id``, ``eos_id``, ``pad_id`` and ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kithara_ops.data.tokenizer import ByteTokenizer
+from kithara_ops.errors import ConfigError
+
+HUB_EXTRA = "pip install 'kithara-ops[hub]'"
+"""The install command that brings KerasHub."""
+
+
+def keras_hub_module(what: str) -> Any:
+    """``keras_hub``, or a one-line ``ConfigError`` saying ``what`` needs it and how to get it."""
+    from kithara_ops._backend import require_jax_backend
+
+    require_jax_backend()
+    try:
+        import keras_hub
+    except ImportError:
+        raise ConfigError(f"{what} needs KerasHub: {HUB_EXTRA}.") from None
+    return keras_hub
+
+
+class PresetTokenizer:
+    """A KerasHub tokenizer as packing uses it.
+
+    Documents are framed ``[bos] + text + [eos]`` with the tokenizer's own start and end
+    ids (no start id where the model family has none, as Qwen); padding uses its pad id.
+
+    Attributes:
+        tokenizer: the KerasHub tokenizer.
+        handle: where it was loaded from, if it was loaded by ``load_tokenizer``.
+        bos_id: the start id, or ``None``.
+        eos_id: the end id.
+        pad_id: the id that fills a final partial sequence (its targets carry no loss).
+        vocab_size: number of ids.
+    """
+
+    def __init__(self, tokenizer: Any, handle: str | None = None):
+        self.tokenizer, self.handle = tokenizer, handle
+        self.bos_id = getattr(tokenizer, "start_token_id", None)
+        self.eos_id = getattr(tokenizer, "end_token_id", None)
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        self.vocab_size = int(tokenizer.vocabulary_size())
+        if self.eos_id is None:
+            raise ConfigError(
+                f"The tokenizer {type(tokenizer).__name__} has no end token: pass one with an "
+                "end_token, or --tokenizer byte."
+            )
+
+    def encode(self, text: str) -> np.ndarray:
+        """The ids of ``text``, without special ids, as a 1-D ``int32`` array."""
+        if not text:
+            return np.zeros(0, np.int32)
+        return np.asarray(self.tokenizer.tokenize(text), dtype=np.int32).reshape(-1)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        """The text of ``ids``, with the special ids (start, end, pad) dropped."""
+        arr = np.asarray(list(ids) if not hasattr(ids, "__array__") else ids, np.int64)
+        special = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        kept = [int(i) for i in arr.reshape(-1) if int(i) not in special]
+        return str(self.tokenizer.detokenize(np.asarray(kept, np.int32))) if kept else ""
+
+    def __repr__(self) -> str:
+        name = type(self.tokenizer).__name__
+        return f"PresetTokenizer({name}, vocab_size={self.vocab_size}, handle={self.handle!r})"
+
+
+def is_preset_handle(spec: str) -> bool:
+    """Whether ``spec`` names a preset: a folder with a ``config.json``, or a hub handle."""
+    if spec.startswith(("kaggle://", "hf://", "gs://", "modelscope://")):
+        return True
+    path = Path(spec).expanduser()
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_tokenizer(spec: str) -> ByteTokenizer | PresetTokenizer:
+    """The tokenizer ``spec`` names: ``"byte"``, or a preset (folder or handle).
+
+    Raises:
+      ConfigError: ``spec`` is neither, the preset has no tokenizer, or KerasHub is missing.
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if not is_preset_handle(spec):
+        raise ConfigError(
+            f"--tokenizer {spec!r} is neither 'byte' nor a preset folder (a folder with a "
+            "config.json, written by save_to_preset or from Hugging Face) nor a hub handle."
+        )
+    keras_hub = keras_hub_module(f"The tokenizer of {spec!r}")
+    try:
+        tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(Path(spec).expanduser()))
+    except (ValueError, FileNotFoundError, OSError) as err:
+        from kithara_ops.errors import first_line
+
+        raise ConfigError(
+            f"No tokenizer could be loaded from {spec!r} ({first_line(err)}): pass "
+            "--tokenizer byte or a preset folder that has one."
+        ) from None
+    return PresetTokenizer(tokenizer, handle=spec)
+
+
+def run_tokenizer(tokenizer: str, model: str) -> ByteTokenizer | PresetTokenizer:
+    """The tokenizer a run's config names: ``auto`` is the model's own when ``model`` is a
+    preset (folder or handle), and bytes for the built-in and user models."""
+    if tokenizer == "auto":
+        return load_tokenizer(model) if is_preset_handle(model) else ByteTokenizer()
+    return load_tokenizer(tokenizer)
+
+
+def as_tokenizer(tokenizer: Any) -> ByteTokenizer | PresetTokenizer:
+    """``tokenizer`` as packing uses it: ours as they are, a KerasHub tokenizer wrapped.
+
+    Raises:
+      ConfigError: ``tokenizer`` is neither.
+    """
+    if tokenizer is None:
+        return ByteTokenizer()
+    if isinstance(tokenizer, ByteTokenizer | PresetTokenizer):
+        return tokenizer
+    if hasattr(tokenizer, "tokenize") and hasattr(tokenizer, "vocabulary_size"):
+        return PresetTokenizer(tokenizer)
+    raise ConfigError(
+        f"tokenizer must be a KerasHub tokenizer or a ByteTokenizer, got "
+        f"{type(tokenizer).__name__}: load one with keras_hub.tokenizers.Tokenizer.from_preset."
+    )

@@ -1,0 +1,167 @@
+"""A checkpoint's trained model, written where other tools load it.
+
+``export(checkpoint_dir, out, format=...)`` rebuilds the run's model from its record (a
+preset is loaded from its handle again, as a resume would), restores the checkpoint's
+weights into it and writes it with the library's own saver:
+
+- ``keras-hub``: ``save_to_preset`` (config, weights, tokenizer), which
+  ``keras_hub.models.CausalLM.from_preset(out)`` loads;
+- ``hf``: KerasHub's ``export_to_transformers`` (safetensors, config, tokenizer) for the
+  families it converts;
+- ``keras``: a ``model.keras`` file, for the built-in and your own models.
+
+LoRA adapters are merged: Keras saves a LoRA layer's kernel as ``kernel + A·B·scale``, so the
+exported model is a plain one of the base's architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from kithara_ops.errors import ConfigError, first_line
+
+log = logging.getLogger("kithara_ops.export")
+
+FORMATS = ("keras-hub", "hf", "keras")
+"""What ``export`` writes: a KerasHub preset, Hugging Face safetensors, or a ``.keras`` file."""
+
+EXPORT_TAG = "kithara_ops.export"
+"""Prefix of the MLflow tags naming where a run's model was exported (one per format)."""
+
+
+def export(
+    checkpoint_dir: str | Path,
+    out: str | Path,
+    *,
+    format: str = "keras-hub",
+    step: int | None = None,
+    model: str | None = None,
+) -> Path:
+    """Write the model of a checkpoint to ``out`` and return the path written.
+
+    Args:
+      checkpoint_dir: the run's checkpoint directory.
+      out: a new (or empty) folder for ``keras-hub`` and ``hf``; for ``keras`` the folder
+        gets ``model.keras``.
+      format: one of ``FORMATS``.
+      step: the checkpoint to export; the newest readable one by default.
+      model: the model spec, for a run whose model came from a ``module:function`` factory
+        (a checkpoint never names code to run).
+
+    Raises:
+      ConfigError: a bad format, step or output folder, a model the format cannot hold, or a
+        family KerasHub cannot convert to Hugging Face.
+    """
+    from kithara_ops.build import check_named_code
+    from kithara_ops.checkpoint import Checkpointer
+
+    if format not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{str(out)!r} exists and is not an empty folder: choose a new --out.")
+    if not Path(checkpoint_dir).is_dir():
+        raise ConfigError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
+    with contextlib.closing(Checkpointer(checkpoint_dir)) as store:
+        step, record = _readable(store, step)
+        config = record.run_config()
+        check_named_code(config, model is not None, "export")
+        if model is not None:
+            config = config.replace(model=model)
+        keras_model, tokenizer = _restored_model(store, config, step)
+    written = _write(keras_model, tokenizer, out, format)
+    _record(config, record.run_uid, format, written)
+    return written
+
+
+def _readable(store: Any, step: int | None) -> tuple[int, Any]:
+    """``step`` (or the newest checkpoint whose record reads) and its ``RunRecord``."""
+    saved = store.steps()
+    if step is not None and step not in saved:
+        listed = ", ".join(map(str, saved)) or "none"
+        raise ConfigError(f"No checkpoint of step {step} (saved steps: {listed}).")
+    for candidate in [step] if step is not None else reversed(saved):
+        try:
+            return candidate, store.read_record(candidate)
+        except ConfigError:
+            raise
+        except Exception as err:
+            if step is not None:
+                message = f"Checkpoint step {step} cannot be read ({first_line(err)})."
+                raise ConfigError(message) from None
+    raise ConfigError(f"No readable checkpoint in {str(store.directory)!r}.")
+
+
+def _restored_model(store: Any, config: Any, step: int) -> tuple[Any, Any]:
+    """The run's model rebuilt from ``config`` with the weights of checkpoint ``step``."""
+    from kithara_ops import data
+    from kithara_ops import state as state_lib
+    from kithara_ops.build import build_model
+    from kithara_ops.optim.spec import build_optimizer
+    from kithara_ops.restore import restore
+    from kithara_ops.sinks import Sinks
+    from kithara_ops.trainer import Trainer
+
+    tokenizer = data.run_tokenizer(config.tokenizer, config.model)
+    keras_model = build_model(config, tokenizer.vocab_size)
+    rebuilt = config.is_spec("optimizer")
+    # The optimizer's state is not exported: a run whose optimizer was a Python object
+    # restores with a stand-in whose state is dropped (as with reset_optimizer).
+    spec = config.optimizer if rebuilt else "optax.sgd(0.1)"
+    optimizer = build_optimizer(spec, config.learning_rate, config.weight_decay)
+    plain = config.replace(tracking=False, checkpoint_dir=None)
+    trainer = Trainer(keras_model, optimizer, [], config=plain, sinks=Sinks([]))
+    restored = restore(store, step, trainer.state_template(), reset_optimizer=not rebuilt)
+    state_lib.write_back(restored.state, keras_model, trainer.key_groups, trainer.adapter)
+    return keras_model, tokenizer
+
+
+def _write(keras_model: Any, tokenizer: Any, out: Path, format: str) -> Path:
+    """Save ``keras_model`` (and its tokenizer) in ``format`` under ``out``."""
+    if format == "keras":
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "model.keras"
+        keras_model.save(path)
+        return path
+    if not hasattr(keras_model, "save_to_preset"):
+        raise ConfigError(
+            f"The model {keras_model.name!r} is not a KerasHub model, so it has no "
+            f"{format} form: export it with --format keras."
+        )
+    if format == "keras-hub":
+        keras_model.save_to_preset(str(out))
+        if getattr(keras_model, "preprocessor", None) is None and hasattr(tokenizer, "tokenizer"):
+            tokenizer.tokenizer.save_to_preset(str(out))
+        return out
+    try:
+        keras_model.export_to_transformers(str(out))
+    except (ValueError, NotImplementedError, KeyError) as err:
+        raise ConfigError(
+            f"KerasHub cannot export {type(keras_model).__name__} to Hugging Face "
+            f"({first_line(err)}): use --format keras-hub."
+        ) from None
+    return out
+
+
+def _record(config: Any, run_uid: str, format: str, written: Path) -> None:
+    """Tag the run's MLflow run with where its model was exported (nothing is uploaded)."""
+    if not config.tracking:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        from kithara_ops.tracking.experiments import experiment_id
+        from kithara_ops.tracking.tracker import resolve_experiment
+        from kithara_ops.tracking.writer import RUN_UID_TAG
+
+        client = MlflowClient(config.tracking_uri)
+        experiment = experiment_id(client, resolve_experiment(config))
+        query = f"tags.`{RUN_UID_TAG}` = '{run_uid}'"
+        runs = client.search_runs([experiment], query, max_results=1) if experiment else []
+        if runs:
+            client.set_tag(runs[0].info.run_id, f"{EXPORT_TAG}.{format}", str(written.resolve()))
+    except Exception as err:  # the export itself is done; MLflow being away must not undo it
+        log.warning("The export was not recorded in MLflow (%s).", first_line(err))

@@ -14,8 +14,10 @@ from kithara_ops.callbacks import Callback, TrainResult
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.config import LAUNCH_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
+from kithara_ops.models.hub import HANDLE_SCHEMES
 from kithara_ops.models.registry import output_vocab_size
 from kithara_ops.optim.spec import build_optimizer
+from kithara_ops.sharding import make_mesh
 from kithara_ops.sinks import build_sinks
 from kithara_ops.trainer import Trainer
 
@@ -98,6 +100,11 @@ def build_model(config: RunConfig, vocab_size: int) -> keras.Model:
         vocab_size=vocab_size,
         seq_len=config.seq_len,
         dtype=config.precision if config.precision != "float32" else None,
+        lora_rank=config.lora_rank,
+        lora_targets=config.lora_targets,
+        # A preset is loaded into the shardings the Trainer gives it, on the same mesh.
+        mesh=make_mesh(config.sharding, config.mesh_shape),
+        min_shard_size=config.min_shard_size,
     )
 
 
@@ -167,7 +174,8 @@ def check_named_code(saved: RunConfig, model_given: bool, command: str) -> None:
 
     A checkpoint may come from anywhere: the code it names is run only when asked again.
     """
-    if ":" in saved.model and saved.is_spec("model") and not model_given:
+    factory = ":" in saved.model and not saved.model.startswith(HANDLE_SCHEMES)
+    if factory and saved.is_spec("model") and not model_given:
         raise ConfigError(
             f"This run's model was built by the factory {saved.model!r}, and a checkpoint "
             f"never runs code it names: pass it again, --model {saved.model} (Python: "

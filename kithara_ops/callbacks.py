@@ -28,7 +28,8 @@ class RunInfo:
       model: the Keras model being trained.
       optimizer: the optimizer object as the user passed it.
       description: ``describe_optimizer(optimizer)``: family, name, hyperparameters, label.
-      num_params: number of trainable parameters.
+      num_params: number of the model's weights, trainable or frozen (RNG seed states are
+        not weights).
       mesh_shape: ``{"data": n, "fsdp": m}``.
       start_step: the step training starts from (0, or the restored step).
       total_steps: the step training stops at.
@@ -41,6 +42,9 @@ class RunInfo:
         data gives one.
       optimizer_change: with ``resumed_from``, ``"reset"`` or ``"migrated"`` when the
         optimizer state did not come from the checkpoint as it was saved.
+      num_trainable_params: number of trainable parameters (the adapters alone with LoRA).
+      base_model: for a model loaded from a preset, ``models.hub.base_model_of(model)``:
+        its handle, fingerprint and LoRA settings; else ``None``.
     """
 
     config: RunConfig
@@ -56,6 +60,8 @@ class RunInfo:
     resumed_from: RunRecord | None = None
     optimizer_change: str | None = None
     data: dict[str, Any] | None = None
+    num_trainable_params: int = 0
+    base_model: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,6 +184,7 @@ class Checkpointer(Callback):
             data_position=step.data_position,
             loss=self._loss,
             eval_loss=self._eval_loss,
+            base_model=run.base_model,
         )
 
     def save(self, step: int, state: Any, record: RunRecord) -> bool:

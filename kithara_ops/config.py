@@ -54,7 +54,10 @@ class RunConfig:
     """
 
     model: str = option(
-        "tiny", "Built-in size (tiny, small) or a module:function returning a keras.Model.", MODEL
+        "tiny",
+        "Built-in size (tiny, small), a module:function returning a keras.Model, a KerasHub "
+        "preset or Hugging Face folder, or a KerasHub handle (kaggle://, hf://, a preset name).",
+        MODEL,
     )
     data: str = option(
         "stdlib",
@@ -138,6 +141,18 @@ class RunConfig:
     nonfinite_patience: int = option(
         10, "With on_nonfinite=skip: how many non-finite steps in a row stop the run.", LOOP
     )
+    lora_rank: int | None = option(
+        None,
+        "LoRA rank for a KerasHub model: only the low-rank adapters train, the base stays "
+        "frozen; None: every weight trains.",
+        MODEL,
+    )
+    lora_targets: str | None = option(
+        None,
+        "Comma-separated names of the layers LoRA adapts; None: KerasHub's defaults (the "
+        "attention query and value projections).",
+        MODEL,
+    )
     precision: Literal["float32", "mixed_bfloat16"] = option(
         "float32",
         "float32, or mixed_bfloat16: the built-in model computes in bfloat16 with float32 "
@@ -220,6 +235,12 @@ class RunConfig:
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
         _check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
         _check_positive(self, "save_every", optional=True)
+        _check_positive(self, "lora_rank", optional=True)
+        if self.lora_targets is not None and self.lora_rank is None:
+            raise ConfigError(
+                f"lora_targets {self.lora_targets!r} is set but lora_rank is not: pass "
+                "--lora-rank R too, or drop --lora-targets."
+            )
         if self.save_every_minutes is not None:
             self.save_every_minutes = _number(self, "save_every_minutes", 0.0, inclusive=False)
         _check_positive(self, "keep")

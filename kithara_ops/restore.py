@@ -22,6 +22,7 @@ import jax
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.errors import ConfigError, first_line
 from kithara_ops.integrity import checksums, signature
+from kithara_ops.models.hub import same_base
 from kithara_ops.optim.migrate import migrate_state
 from kithara_ops.run_record import RunRecord
 from kithara_ops.state import TrainState
@@ -38,12 +39,15 @@ class StateTemplate:
       key_groups: the current variable keys by group, in the model's order.
       adapter: the current optimizer adapter (its description and ``init``, for migration).
       init_optimizer: a fresh, placed optimizer state for given parameters.
+      base_model: the preset the current model was loaded from
+        (``models.hub.base_model_of``), or ``None``.
     """
 
     abstract: TrainState
     key_groups: dict[str, list[str]]
     adapter: Any
     init_optimizer: Callable[[dict], Any]
+    base_model: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +141,13 @@ def restore(
 ) -> Restored:
     """Restore checkpoint ``step`` of ``store`` into ``template``'s structure and shardings."""
     record = _read(store.read_record, step)
+    if not same_base(record.base_model, template.base_model):
+        raise ConfigError(
+            f"Checkpoint step {step} was trained on {record.base_model['handle']!r} "
+            f"(fingerprint {record.base_model.get('fingerprint')}) but this run loads "
+            f"{template.base_model['handle']!r} (fingerprint "
+            f"{template.base_model.get('fingerprint')}): resume with the run's base model."
+        )
     to_saved = key_mapping(template.key_groups, record.keys)
     to_current = {v: k for k, v in to_saved.items()}
     abstract = rename_keys(template.abstract, to_saved)

@@ -56,6 +56,8 @@ class RunRecord:
       checksums: ``{leaf path: checksum}`` of the saved state's arrays (``checkpoint.
         checksums``), compared when the state is read back; ``None`` for a record written
         before version 2, whose state is not verified.
+      base_model: for a model loaded from a preset, its handle, fingerprint and LoRA
+        settings (``models.hub.base_model_of``); a resume against other weights is refused.
     """
 
     step: int
@@ -70,6 +72,7 @@ class RunRecord:
     saved_at: str = ""
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     checksums: dict[str, int] | None = None
+    base_model: dict[str, Any] | None = None
 
     def run_config(self) -> RunConfig:
         """The saved config as a ``RunConfig``."""
@@ -112,6 +115,7 @@ def new_record(
     data_position: Any = None,
     loss: float | None = None,
     eval_loss: float | None = None,
+    base_model: dict[str, Any] | None = None,
 ) -> RunRecord:
     """A record for a save now: the config without its launch fields, time and versions."""
     return RunRecord(
@@ -125,6 +129,7 @@ def new_record(
         eval_loss=eval_loss,
         saved_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions=versions(),
+        base_model=base_model,
     )
 
 

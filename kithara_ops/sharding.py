@@ -24,6 +24,39 @@ LayoutRule = tuple[str, PartitionSpec | Sequence[str | None]]
 """``(regex matched against a variable path, partition spec for that variable)``."""
 
 
+KERAS_AXES = {"batch": "data", "model": "fsdp"}
+"""Axis names KerasHub's ``get_layout_map`` uses by default, and the mesh axes they become."""
+
+
+def as_layout_rules(rules) -> list[LayoutRule]:
+    """Layout rules from ``[(regex, spec), ...]`` or a Keras ``LayoutMap``.
+
+    A ``LayoutMap`` (e.g. KerasHub's ``Backbone.get_layout_map(device_mesh)``) matches whole
+    variable paths, so each key becomes an anchored regex; its axis names are ours (``data``,
+    ``fsdp``) or KerasHub's defaults (``batch``, ``model``), which map onto them.
+
+    Raises:
+      ConfigError: a layout names an axis the mesh does not have.
+    """
+    import keras
+
+    if not isinstance(rules, keras.distribution.LayoutMap):
+        return list(rules)
+    converted = []
+    for pattern in rules:
+        axes = []
+        for axis in rules[pattern].axes:
+            name = KERAS_AXES.get(axis, axis)
+            if name is not None and name not in AXES:
+                raise ConfigError(
+                    f"Layout map entry {pattern!r} uses mesh axis {axis!r}: build the map on "
+                    f"a mesh with axes {AXES} (or KerasHub's 'batch' and 'model')."
+                )
+            axes.append(name)
+        converted.append((f"^(?:{pattern})$", tuple(axes)))
+    return converted
+
+
 def make_mesh(
     sharding: str, mesh_shape: tuple[int, int] | None = None, devices: Sequence | None = None
 ) -> Mesh:

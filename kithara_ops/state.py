@@ -86,15 +86,24 @@ def state_shardings(
 ) -> TrainState:
     """The sharding of every array of the state, decided once, before anything is placed.
 
-    Parameters follow the layout rules (and the size threshold); the optimizer state is
-    placed by its adapter from an abstract state (nothing is computed); the rest is
-    replicated.
+    Parameters and non-trainable variables follow the same layout rules and size threshold:
+    a frozen base model (LoRA) is split like a trainable one, never copied whole to every
+    device. The RNG seed states stay replicated (the step rewrites them from the key each
+    step); the optimizer state is placed by its adapter from an abstract state (nothing is
+    computed); step and key are replicated.
     """
     repl = replicated(mesh)
     params = model.trainable_variables
     param_keys = variable_keys(params)
     shapes = {k: tuple(v.shape) for k, v in zip(param_keys, params)}
     param_shardings = parameter_shardings(mesh, shapes, layout_rules, min_shard_size)
+    frozen_keys = variable_keys(model.non_trainable_variables)
+    frozen_shapes = {
+        k: tuple(v.shape)
+        for k, v in zip(frozen_keys, model.non_trainable_variables)
+        if not k.endswith("seed_generator_state")
+    }
+    frozen = parameter_shardings(mesh, frozen_shapes, layout_rules, min_shard_size)
     abstract_params = {
         k: jax.ShapeDtypeStruct(shapes[k], v.dtype) for k, v in zip(param_keys, params)
     }
@@ -102,7 +111,7 @@ def state_shardings(
     return TrainState(
         step=repl,
         params=param_shardings,
-        non_trainable={k: repl for k in variable_keys(model.non_trainable_variables)},
+        non_trainable={k: frozen.get(k, repl) for k in frozen_keys},
         opt_state=adapter.state_shardings(abstract_opt, param_shardings, repl),
         rng=repl,
     )

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import keras
 import optax
 
+from kithara_ops.models.adapter import ModelAdapter, adapt_model
 from kithara_ops.optim.adapter import OptimizerAdapter
 from kithara_ops.state import TrainState
 
@@ -52,6 +53,8 @@ class StepBuilder:
       micro_batch_sharding: sharding of one micro-batch, so each stays split over all devices.
       skip_nonfinite: a step whose loss or gradient norm is not finite leaves the parameters,
         optimizer state and non-trainable variables as they were.
+      model_adapter: how a batch feeds the model and its output gives logits; by default
+        ``adapt_model(model)``.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class StepBuilder:
         grad_accum_steps: int = 1,
         micro_batch_sharding: jax.sharding.Sharding | None = None,
         skip_nonfinite: bool = False,
+        model_adapter: ModelAdapter | None = None,
     ):
         self.model = model
         self.adapter = adapter
@@ -71,6 +75,7 @@ class StepBuilder:
         self.grad_accum_steps = grad_accum_steps
         self.micro_batch_sharding = micro_batch_sharding
         self.skip_nonfinite = skip_nonfinite
+        self.model_adapter = model_adapter if model_adapter is not None else adapt_model(model)
         # Keras draws dropout noise from SeedGenerator states kept as non-trainable variables.
         # Refreshing them from the state's key each step makes that key the single source of
         # randomness, which the checkpoint carries.
@@ -81,15 +86,14 @@ class StepBuilder:
 
     def _forward(self, params, non_trainable, batch, training: bool):
         kwargs = {"training": training} if self.passes_training else {}
-        logits, new_non_trainable = self.model.stateless_call(
+        outputs, new_non_trainable = self.model.stateless_call(
             [params[k] for k in self.param_keys],
             [non_trainable[k] for k in self.non_trainable_keys],
-            batch["x"],
+            self.model_adapter.inputs(batch),
             **kwargs,
         )
-        mask = batch.get("mask")
-        if mask is None:
-            mask = jnp.ones(batch["y"].shape, jnp.float32)
+        logits = self.model_adapter.logits(outputs)
+        mask = self.model_adapter.loss_mask(batch)
         loss_sum, count = masked_cross_entropy(logits, batch["y"], mask)
         return loss_sum, (count, dict(zip(self.non_trainable_keys, new_non_trainable)))
 

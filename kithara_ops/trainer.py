@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,17 +20,25 @@ import numpy as np
 from kithara_ops import distributed, feed
 from kithara_ops import state as state_lib
 from kithara_ops.callbacks import Callback, CallbackList, RunInfo, StepRecord, TrainResult
-from kithara_ops.config import RunConfig
+from kithara_ops.config import RunConfig, field_types
 from kithara_ops.cost import StepCost
 from kithara_ops.errors import ConfigError, Diverged, StoreFailed
 from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
+from kithara_ops.models.adapter import adapt_model, check_trainable, resolve_precision
+from kithara_ops.models.hub import base_model_of
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
 from kithara_ops.restore import Restored, StateTemplate, resume_point
 from kithara_ops.run_record import new_run_uid
-from kithara_ops.sharding import LayoutRule, batch_sharding, data_parallel_size, make_mesh
+from kithara_ops.sharding import (
+    LayoutRule,
+    as_layout_rules,
+    batch_sharding,
+    data_parallel_size,
+    make_mesh,
+)
 from kithara_ops.sinks import Sinks, build_sinks
 from kithara_ops.state import TrainState, parked_on_host
 from kithara_ops.step import StepBuilder, compile_steps
@@ -50,7 +59,8 @@ class Trainer:
       callbacks: extra ``Callback`` objects, called after the sinks the config asks for.
       sinks: the sinks to report to, from ``kithara_ops.sinks.build_sinks``; by default
         built from the config (MLflow tracker, checkpointer) plus ``callbacks``.
-      layout_rules: ``[(regex, spec), ...]`` placing parameters under ``fsdp``; defaults to
+      layout_rules: ``[(regex, spec), ...]`` placing parameters and frozen weights under
+        ``fsdp``, or a Keras ``LayoutMap`` (e.g. KerasHub's ``get_layout_map``); defaults to
         ``model.get_layout_rules()`` when the model has it, else a size-based rule.
       devices: devices for the mesh (default: all).
       **options: any ``RunConfig`` field, e.g. ``steps=100, sharding="fsdp", seed=1``.
@@ -84,10 +94,19 @@ class Trainer:
         self.adapter = as_adapter(optimizer, model.trainable_variables)
         self.description = describe_optimizer(self.adapter.optimizer)
         self.config = self._resolve_config(config, options)
+        # Before anything is compiled: a model that cannot give logits fails in one line.
+        precision = resolve_precision(
+            model, self.config.precision, config is not None or "precision" in options,
+            typing.get_args(field_types()["precision"]),
+        )  # fmt: skip
+        self.config = self.config.replace(precision=precision)
+        self.model_adapter = adapt_model(model)
+        check_trainable(model, self.model_adapter, self.config.seq_len)
         self.sinks = sinks if sinks is not None else build_sinks(self.config, callbacks)
         self.callbacks = CallbackList(self.sinks.callbacks)
         self.mesh = make_mesh(self.config.sharding, self.config.mesh_shape, devices)
-        rules = layout_rules if layout_rules is not None else layout_rules_of(model)
+        rules = as_layout_rules(layout_rules) if layout_rules is not None else None
+        rules = rules if rules is not None else layout_rules_of(model)
         self.key_groups = state_lib.key_groups(model, self.adapter)
         self.state_shardings = state_lib.state_shardings(
             self.mesh, model, self.adapter, rules, self.config.min_shard_size
@@ -126,6 +145,7 @@ class Trainer:
             accum,
             micro_batch_sharding=micro if accum > 1 else None,
             skip_nonfinite=self.config.on_nonfinite == "skip",
+            model_adapter=self.model_adapter,
         )
         self.batch_sharding = batch_sharding(self.mesh)
         self.steps = compile_steps(builder, self.state_shardings, self.batch_sharding)
@@ -144,7 +164,13 @@ class Trainer:
     def state_template(self) -> StateTemplate:
         """What a restore needs: the state's shapes, dtypes and shardings, keys, optimizer."""
         abstract = state_lib.abstract_state(self.initial_state, self.state_shardings)
-        return StateTemplate(abstract, self.key_groups, self.adapter, self.steps.init_optimizer)
+        return StateTemplate(
+            abstract,
+            self.key_groups,
+            self.adapter,
+            self.steps.init_optimizer,
+            base_model_of(self.model),
+        )
 
     def total_steps(self) -> int:
         """The step the run stops at (``RunConfig.total_steps`` of this data)."""
@@ -200,8 +226,7 @@ class Trainer:
         eval_loss = restored.record.eval_loss if restored else None
         self.callbacks.on_train_start(self._run_info(start, total, restored))
         tokens = shape[0] * shape[1]
-        num_weights = int(sum(np.prod(v.shape) for v in self.model.weights))
-        cost = StepCost(num_weights, tokens, self.mesh.devices.flat)
+        cost = StepCost(_count(self.model.weights), tokens, self.mesh.devices.flat)
         clock = Clock(tokens_per_step=tokens, since=started, cost=cost)
         guard = NonfiniteGuard(self.config.on_nonfinite, self.config.nonfinite_patience)
         with StopRequests() as stop, parked_on_host(self._held_variables()):
@@ -263,7 +288,10 @@ class Trainer:
             model=self.model,
             optimizer=self.adapter.optimizer,
             description=self.description,
-            num_params=int(sum(np.prod(v.shape) for v in self.model.trainable_variables)),
+            num_params=_count(
+                v for v in self.model.variables if not v.path.endswith("seed_generator_state")
+            ),
+            num_trainable_params=_count(self.model.trainable_variables),
             mesh_shape=dict(self.mesh.shape),
             start_step=start,
             total_steps=total,
@@ -272,6 +300,7 @@ class Trainer:
             resumed_from=restored.record if restored else None,
             optimizer_change=restored.optimizer_change if restored else None,
             data=self.train_data.summary() if hasattr(self.train_data, "summary") else None,
+            base_model=base_model_of(self.model),
         )
 
     def _last_checkpoint(self) -> int | None:
@@ -334,6 +363,11 @@ class Trainer:
     def _held_variables(self) -> list[keras.Variable]:
         """The Keras objects' own variables: the model's and the optimizer's (if it has any)."""
         return [*self.model.variables, *self.adapter.variables]
+
+
+def _count(variables) -> int:
+    """Number of elements in ``variables``."""
+    return int(sum(np.prod(v.shape, dtype=np.int64) for v in variables))
 
 
 def _abstract(array: jax.Array) -> jax.ShapeDtypeStruct:

@@ -65,3 +65,27 @@ def eight_devices():
     if len(devices) < 8:
         pytest.skip("needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
     return devices
+
+
+class _TinyPresets(dict):
+    """Tiny KerasHub preset folders by family, each written the first time it is asked for."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family):
+        import presets
+
+        self[family] = presets.build_preset(family, self.root)
+        return self[family]
+
+
+@pytest.fixture(scope="session")
+def tiny_presets(tmp_path_factory):
+    """``{family: preset folder}`` of tiny KerasHub causal LMs (see ``tests/presets.py``).
+
+    Folders are built on first use and shared by the whole session; tests only read them.
+    """
+    pytest.importorskip("keras_hub")
+    return _TinyPresets(tmp_path_factory.mktemp("presets"))

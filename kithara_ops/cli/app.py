@@ -7,6 +7,7 @@ stderr, no traceback), 130 interrupted.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -120,5 +121,11 @@ def root(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    The current directory goes first on the import path, as ``python -m`` puts it there, so
+    ``--model my_models:build`` finds ``./my_models.py`` from either way of starting.
+    """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, "")
     sys.exit(app())

@@ -2,7 +2,9 @@
 
 ``resolve_model("tiny", vocab_size=..., seq_len=...)`` builds a built-in size;
 ``resolve_model("my_pkg.models:build", ...)`` calls a user factory returning a
-``keras.Model``. ``layout_rules_of(model)`` gives the FSDP partition rules a model declares.
+``keras.Model``; ``from_preset(handle, lora_rank=...)`` loads a KerasHub preset or Hugging
+Face folder as a causal LM. ``layout_rules_of(model)`` gives the FSDP partition rules a model
+declares; ``adapt_model(model)`` says how a batch feeds it (the step's one model contract).
 """
 
 from kithara_ops._backend import require_jax_backend
@@ -10,6 +12,8 @@ from kithara_ops._backend import require_jax_backend
 # Must run before the submodules below import Keras, which fixes its backend at import.
 require_jax_backend()
 
+from kithara_ops.models.adapter import ModelAdapter, adapt_model  # noqa: E402
+from kithara_ops.models.hub import fingerprint, from_preset, preset_tokenizer  # noqa: E402
 from kithara_ops.models.registry import (  # noqa: E402
     SIZES,
     LayoutRules,
@@ -33,9 +37,14 @@ __all__ = [
     "DecoderBlock",
     "GatedMLP",
     "LayoutRules",
+    "ModelAdapter",
     "TransformerSize",
+    "adapt_model",
     "apply_rotary_embedding",
     "causal_lm",
+    "fingerprint",
+    "from_preset",
     "layout_rules_of",
+    "preset_tokenizer",
     "resolve_model",
 ]

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from kithara_ops.errors import ConfigError
+from kithara_ops.models.hub import enable_lora, from_preset, is_preset
 from kithara_ops.models.transformer import CausalLM
 
 LayoutRules = list[tuple[str, tuple[str | None, ...]]]
@@ -111,12 +112,22 @@ def causal_lm(
 
 
 def resolve_model(
-    spec: str, *, vocab_size: int, seq_len: int, dtype: str | None = None
+    spec: str,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    dtype: str | None = None,
+    lora_rank: int | None = None,
+    lora_targets: str | None = None,
+    mesh: Any = None,
+    min_shard_size: int = 4096,
 ) -> keras.Model:
     """Turn a model spec into a built ``keras.Model``.
 
     Args:
-        spec: A built-in size name (``tiny``, ``small``) or ``"package.module:function"``.
+        spec: A built-in size name (``tiny``, ``small``), a KerasHub preset (a preset or
+            Hugging Face folder, a ``kaggle://`` / ``hf://`` handle or a KerasHub preset
+            name; see ``kithara_ops.models.hub.from_preset``) or ``"package.module:function"``.
             The function is called with those of ``vocab_size``, ``seq_len`` and ``dtype``
             that its signature accepts (all three if it takes ``**kwargs``) and must return
             a ``keras.Model``; a model without variables yet is built by calling it on a
@@ -124,6 +135,11 @@ def resolve_model(
         vocab_size: Vocabulary size of the data.
         seq_len: Tokens per training sequence.
         dtype: Keras dtype policy name, or ``None`` for the default.
+        lora_rank: Enable LoRA of this rank on the model's KerasHub backbone.
+        lora_targets: Comma-separated layer names for LoRA; ``None``: KerasHub's defaults.
+        mesh: The run's mesh: a preset's weights are loaded straight into their shardings
+            on it (``from_preset``); other models are built as they are.
+        min_shard_size: The run's ``min_shard_size``, for that placement.
 
     Returns:
         The built model.
@@ -133,6 +149,20 @@ def resolve_model(
             imported or a missing function, or the function returns something else than a
             ``keras.Model``.
     """
+    # A near miss of a built-in size is a typo to report, not a KerasHub name to look up.
+    if spec not in SIZES and not _did_you_mean(spec) and is_preset(spec):
+        # The run's precision decides, not the dtype a preset was saved in (often bfloat16).
+        dtype = dtype or "float32"
+        model = from_preset(spec, dtype=dtype, mesh=mesh, min_shard_size=min_shard_size)
+    else:
+        model = _build(spec, vocab_size=vocab_size, seq_len=seq_len, dtype=dtype)
+    if lora_rank is not None:
+        enable_lora(model, lora_rank, lora_targets)
+    return model
+
+
+def _build(spec: str, *, vocab_size: int, seq_len: int, dtype: str | None) -> keras.Model:
+    """The built-in or factory model ``spec`` names, built (see ``resolve_model``)."""
     if ":" not in spec:
         if spec in SIZES:
             return causal_lm(spec, vocab_size=vocab_size, seq_len=seq_len, dtype=dtype)
@@ -167,7 +197,8 @@ def output_vocab_size(model: keras.Model, seq_len: int) -> int | None:
     traces the model once but runs nothing on the devices.
 
     Args:
-        model: A built model mapping token ids ``(batch, seq)`` to logits.
+        model: A built model mapping token ids ``(batch, seq)`` to logits, fed through its
+            ``kithara_ops.models.adapter`` (one array, or KerasHub's named inputs).
         seq_len: Tokens per sequence.
 
     Returns:
@@ -176,11 +207,15 @@ def output_vocab_size(model: keras.Model, seq_len: int) -> int | None:
     """
     import jax
 
-    def forward(token_ids):
-        return model(token_ids)
+    from kithara_ops.models.adapter import adapt_model
+
+    adapter = adapt_model(model)  # a model it cannot feed is refused here, in one line
+
+    def forward(batch):
+        return adapter.logits(model(adapter.inputs(batch)))
 
     try:
-        out = jax.eval_shape(forward, jax.ShapeDtypeStruct((1, seq_len), np.int32))
+        out = jax.eval_shape(forward, {"x": jax.ShapeDtypeStruct((1, seq_len), np.int32)})
     except Exception:  # a model that cannot be traced this way is checked by the step itself
         return None
     shape = getattr(out, "shape", None)

@@ -62,15 +62,34 @@ def config_params(run: RunInfo) -> dict[str, str]:
 
     Tracking settings are left out: where a run is logged is not part of what it is. So are
     the coordinator address and the process rank, which differ between launches and
-    processes (``num_processes`` stays).
+    processes (``num_processes`` stays). ``lora_rank`` and ``lora_targets`` are logged as
+    ``lora.rank`` and ``lora.targets`` (see ``lora_params``).
     """
     skip = {"tracking", "tracking_uri", "experiment", "run_name", "system_metrics", "log_model",
-            "parent_run_id", "coordinator", "process_id"}  # fmt: skip
+            "parent_run_id", "coordinator", "process_id", "lora_rank", "lora_targets"}  # fmt: skip
     values = {k: v for k, v in run.config.to_dict().items() if k not in skip}
     values["mesh_shape"] = ",".join(f"{axis}={size}" for axis, size in run.mesh_shape.items())
     values["num_params"] = run.num_params
+    values["num_trainable_params"] = run.num_trainable_params
+    values.update(lora_params(run))
     values["total_steps"] = run.total_steps
     return {key: shorten(value, MAX_PARAM_LENGTH) for key, value in values.items()}
+
+
+def lora_params(run: RunInfo) -> dict[str, Any]:
+    """``lora.rank`` and ``lora.targets`` (``None`` without LoRA), and ``model`` as the handle.
+
+    A model loaded from a preset reports what was really applied to it (the layer names
+    KerasHub's defaults gave, too); another model reports the config's values.
+    """
+    base = run.base_model or {}
+    values = {
+        "lora.rank": base.get("lora_rank", run.config.lora_rank),
+        "lora.targets": base.get("lora_targets", run.config.lora_targets),
+    }
+    if base.get("handle"):
+        values["model"] = base["handle"]
+    return values
 
 
 def run_params(run: RunInfo, optimizer_params: dict[str, str]) -> dict[str, str]:

@@ -1,0 +1,169 @@
+"""``kithara-ops train --model <preset folder>`` in real processes on 8 virtual devices.
+
+LoRA under fsdp with an Optax and a Keras optimizer, resume bit for bit, MLflow params, and
+a model that cannot be trained.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import presets
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.cli import main
+from kithara_ops.models.hub import fingerprint
+
+keras_hub = pytest.importorskip("keras_hub")
+pytestmark = pytest.mark.slow
+
+MIN_SHARD = 256
+LORA = ["--lora-rank", "4", "--sharding", "fsdp", "--min-shard-size", str(MIN_SHARD)]
+SHAPE = ["--seq-len", "32", "--batch-size", "8", "--learning-rate", "1e-2", "--log-every", "1"]
+
+
+def kithara_ops(*args, cwd):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONPATH": os.path.dirname(os.path.dirname(__file__)),
+    }
+    # The console script, as a user starts it: it must find ./my_models.py as python -m does.
+    exe = shutil.which("kithara-ops")
+    command = [exe] if exe else [sys.executable, "-m", "kithara_ops.cli"]
+    return subprocess.run(
+        [*command, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+def result_of(done):
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def saved_state(checkpoint_dir, step):
+    """A checkpoint's state as saved: arrays with the shardings they were saved with."""
+    return ocp.StandardCheckpointer().restore(os.path.abspath(f"{checkpoint_dir}/{step}/state"))
+
+
+def preset_weights(folder):
+    model = keras_hub.models.CausalLM.from_preset(str(folder))
+    return {v.path: np.asarray(v.value) for v in model.weights}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_presets):
+    """The CLI runs the tests read, each started once."""
+    root = tmp_path_factory.mktemp("hub_cli")
+    (root / "corpus.txt").write_text(presets._TEXT * 40)
+    gemma, uri = tiny_presets["gemma"], f"sqlite:///{root}/mlflow.db"
+    common = ["--model", gemma, "--data", "corpus.txt", *LORA, *SHAPE, "--json"]
+    out = {"root": root, "gemma": gemma, "uri": uri}
+    out["straight"] = result_of(
+        kithara_ops("train", *common, "--optimizer", "optax.adamw", "--steps", "6",
+                    "--checkpoint-dir", "straight", "--tracking-uri", uri, cwd=root)
+    )  # fmt: skip
+    result_of(
+        kithara_ops("train", *common, "--optimizer", "optax.adamw", "--steps", "3",
+                    "--checkpoint-dir", "split", "--no-tracking", cwd=root)
+    )  # fmt: skip
+    out["resumed"] = result_of(
+        kithara_ops("resume", "split", "--steps", "6", "--json", "--quiet", cwd=root)
+    )
+    out["keras"] = result_of(
+        kithara_ops("train", *common, "--optimizer", "keras.AdamW", "--steps", "3",
+                    "--checkpoint-dir", "keras", "--no-tracking", cwd=root)
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("run", ["straight", "keras"])
+def test_lora_under_fsdp_trains_only_adapters_and_shards_the_frozen_base(runs, run):
+    step = 6 if run == "straight" else 3
+    state = saved_state(runs["root"] / run, step)
+    frozen = state["non_trainable"]
+    original = preset_weights(runs["gemma"])
+    assert frozen and all(key in original for key in frozen)
+    for key, value in frozen.items():  # the base model, bitwise as the preset holds it
+        np.testing.assert_array_equal(np.asarray(value), original[key], err_msg=key)
+    assert set(state["params"]) and all("lora_kernel" in key for key in state["params"])
+    # LoRA's B starts at zero: trained adapters moved away from it.
+    for key, value in state["params"].items():
+        if key.endswith("lora_kernel_b"):
+            assert np.abs(np.asarray(value)).max() > 0, key
+
+    leaves = jax.tree.leaves(state)
+    device0 = jax.devices()[0]
+    total = sum(leaf.nbytes for leaf in leaves)
+    on_device0 = sum(
+        shard.data.nbytes for leaf in leaves for shard in leaf.addressable_shards
+        if shard.device == device0
+    )  # fmt: skip
+    small = sum(leaf.nbytes for leaf in leaves if leaf.size < MIN_SHARD)
+    for leaf in leaves:
+        if leaf.size >= MIN_SHARD:
+            assert not leaf.sharding.is_fully_replicated, leaf.shape
+    print(f"{run}: device 0 holds {on_device0} of {total} state bytes")
+    assert on_device0 <= total / 8 + small
+    assert on_device0 < total / 4
+
+
+def test_resume_continues_bit_for_bit(runs):
+    assert runs["resumed"]["step"] == 6
+    assert runs["resumed"]["loss"] == runs["straight"]["loss"]
+    straight = saved_state(runs["root"] / "straight", 6)["params"]
+    resumed = saved_state(runs["root"] / "split", 6)["params"]
+    for key in straight:
+        np.testing.assert_array_equal(np.asarray(resumed[key]), np.asarray(straight[key]))
+
+
+def test_checkpoints_record_the_base_model_and_its_fingerprint(runs):
+    store = Checkpointer(runs["root"] / "straight")
+    try:
+        base = store.read_record(6).base_model
+    finally:
+        store.close()
+    assert base["handle"] == str(runs["gemma"])
+    assert base["fingerprint"] == fingerprint(str(runs["gemma"]))
+    assert base["lora_rank"] == 4
+
+
+def test_mlflow_records_all_weights_the_trainable_ones_and_lora(runs):
+    client = MlflowClient(runs["uri"])
+    params = client.get_run(runs["straight"]["run_id"]).data.params
+    total = sum(v.size for v in preset_weights(runs["gemma"]).values())
+    adapters = sum(v.size for v in saved_state(runs["root"] / "straight", 6)["params"].values())
+    assert params["lora.rank"] == "4"
+    assert params["lora.targets"] == "query_dense,value_dense,query,value"
+    assert params["model"] == str(runs["gemma"])
+    assert int(params["num_trainable_params"]) == adapters
+    assert int(params["num_params"]) == total + adapters
+
+
+def test_a_backbone_from_a_factory_in_the_current_directory_exits_2_in_one_line(
+    tmp_path, tiny_presets, monkeypatch, capsys
+):
+    # The console script's own entry point, in this process: it must find ./my_models.py
+    # as `python -m` would, and refuse the backbone before compiling anything.
+    (tmp_path / "my_models.py").write_text(
+        "import keras_hub\n\n\n"
+        "def backbone():\n"
+        f"    return keras_hub.models.CausalLM.from_preset({str(tiny_presets['gpt2'])!r}).backbone\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.setattr(sys, "argv", ["kithara-ops", "train", "--model", "my_models:backbone",
+                                      "--data", "synthetic", "--steps", "1", "--no-tracking"])  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("Error:"), errors
+    assert "no language-model head" in errors[0]

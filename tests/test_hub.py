@@ -1,0 +1,200 @@
+"""KerasHub presets and Hugging Face folders as models: loading, LoRA, sharding, fingerprints."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import optax
+import presets
+import pytest
+
+from kithara_ops import Trainer, models
+from kithara_ops.errors import ConfigError
+from kithara_ops.models.adapter import adapt_model, check_trainable
+from kithara_ops.models.hub import base_model_of, fingerprint, from_preset, is_preset
+
+keras_hub = pytest.importorskip("keras_hub")
+
+
+def token_batches(rows=8, length=32, seed=0):
+    rng = np.random.default_rng(seed)
+    while True:
+        ids = rng.integers(0, 259, (rows, length + 1)).astype("int32")
+        yield {"x": ids[:, :-1], "y": ids[:, 1:]}
+
+
+def logits_of(model, ids):
+    return np.asarray(model({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+
+
+IDS = np.arange(16, dtype="int32")[None] * 7 % 259
+
+
+@pytest.mark.parametrize("family", presets.FAMILIES)
+def test_every_family_loads_from_its_folder_as_a_trainable_causal_lm(tiny_presets, family):
+    model = from_preset(str(tiny_presets[family]))
+    assert type(model).__name__.endswith("CausalLM")
+    assert check_trainable(model, adapt_model(model), 32) == presets.VOCAB_SIZE
+    reference = keras_hub.models.CausalLM.from_preset(str(tiny_presets[family]))
+    np.testing.assert_array_equal(logits_of(model, IDS), logits_of(reference, IDS))
+    assert base_model_of(model)["handle"] == str(tiny_presets[family])
+
+
+def test_lora_leaves_only_the_adapters_trainable(tiny_presets):
+    model = from_preset(str(tiny_presets["llama"]), lora_rank=2)
+    names = [v.path for v in model.trainable_variables]
+    assert names and all("lora_kernel" in name for name in names)
+    adapters = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    frozen = sum(int(np.prod(v.shape)) for v in model.non_trainable_variables)
+    assert adapters < frozen / 10
+    assert base_model_of(model)["lora_rank"] == 2
+
+
+def test_lora_targets_choose_the_layers(tiny_presets):
+    model = from_preset(str(tiny_presets["gpt2"]), lora_rank=2, lora_targets="key")
+    assert {v.path.split("/")[-2] for v in model.trainable_variables} == {"key"}
+    with pytest.raises(ConfigError, match="match no layer") as err:
+        from_preset(str(tiny_presets["gpt2"]), lora_rank=2, lora_targets=["nope"])
+    assert "\n" not in str(err.value)
+
+
+def test_lora_on_a_model_without_a_backbone_is_a_config_error():
+    with pytest.raises(ConfigError, match="drop --lora-rank"):
+        models.resolve_model("tiny", vocab_size=259, seq_len=32, lora_rank=4)
+
+
+def test_frozen_weights_are_sharded_by_the_same_rules_as_trainable_ones(
+    tiny_presets, eight_devices
+):
+    model = from_preset(str(tiny_presets["gemma"]), lora_rank=4)
+    trainer = Trainer(
+        model, optax.adamw(1e-3), token_batches(), steps=1, sharding="fsdp",
+        min_shard_size=256, tracking=False,
+    )  # fmt: skip
+    shardings = trainer.state_shardings.non_trainable
+    frozen = dict(zip(trainer.key_groups["non_trainable"], model.non_trainable_variables))
+    large = [key for key, var in frozen.items() if np.prod(var.shape) >= 256]
+    assert len(large) >= 8
+    for key in large:
+        assert "fsdp" in shardings[key].spec, key
+    for key, var in frozen.items():
+        if np.prod(var.shape) < 256:
+            assert shardings[key].is_fully_replicated, key
+
+
+def test_a_hugging_face_folder_loads_through_keras_hubs_converter(tmp_path):
+    model = presets.build_causal_lm("mistral", seed=3)
+    folder = tmp_path / "hf_mistral"
+    model.export_to_transformers(str(folder))  # config.json, model.safetensors, tokenizer
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "mistral"
+    assert is_preset(str(folder))
+    loaded = from_preset(str(folder))
+    assert type(loaded).__name__ == "MistralCausalLM"
+    np.testing.assert_allclose(logits_of(loaded, IDS), logits_of(model, IDS), atol=1e-4)
+    assert models.preset_tokenizer(str(folder)).vocabulary_size() == presets.VOCAB_SIZE
+
+
+def test_a_hugging_face_folder_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"without \*\.safetensors"):
+        from_preset(str(tmp_path))
+
+
+def test_a_folder_without_config_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
+        models.resolve_model(str(tmp_path), vocab_size=259, seq_len=32)
+
+
+def test_the_preset_tokenizer_is_loadable(tiny_presets):
+    tokenizer = models.preset_tokenizer(str(tiny_presets["llama"]))
+    ids = np.asarray(tokenizer("The quick brown fox"))
+    assert tokenizer.vocabulary_size() == presets.VOCAB_SIZE
+    assert ids.size > 0 and ids.max() < presets.VOCAB_SIZE
+
+
+def test_without_keras_hub_a_preset_asks_for_the_extra(tiny_presets, monkeypatch):
+    monkeypatch.setitem(sys.modules, "keras_hub", None)  # import keras_hub now fails
+    with pytest.raises(ConfigError, match=r"pip install 'kithara-ops\[hub\]'"):
+        from_preset(str(tiny_presets["gpt2"]))
+
+
+def test_the_fingerprint_follows_the_weights_not_the_folder(tiny_presets, tmp_path):
+    folder = tiny_presets["qwen"]
+    moved = shutil.copytree(folder, tmp_path / "moved")
+    other = presets.build_preset("qwen", tmp_path / "other", seed=1)
+    assert fingerprint(str(folder)) == fingerprint(str(moved))
+    assert fingerprint(str(folder)) != fingerprint(str(other))
+    assert fingerprint("hf://google/gemma-2b") is None
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_of_a_preset_lowers_the_loss(tiny_presets):
+    model = models.resolve_model(str(tiny_presets["llama"]), vocab_size=259, seq_len=32)
+    before = [np.asarray(v.value) for v in model.trainable_variables]
+    data = [next(token_batches(seed=0))] * 8  # one batch, learned by heart
+    result = Trainer(model, optax.adamw(1e-2), data, steps=8, tracking=False).train()
+    assert result.loss < np.log(presets.VOCAB_SIZE) - 0.5  # ~5.77 at initialisation
+    assert len(before) == len(model.trainable_variables) > 8  # every weight trains
+    assert all(
+        not np.array_equal(old, new.value) for old, new in zip(before, model.trainable_variables)
+    )
+
+
+@pytest.mark.slow
+def test_a_resume_against_another_base_model_is_refused(tiny_presets, tmp_path):
+    other = presets.build_preset("gemma", tmp_path / "other", seed=1)
+    first = Trainer(
+        from_preset(str(tiny_presets["gemma"]), lora_rank=2), optax.sgd(0.1), token_batches(),
+        steps=1, checkpoint_dir=str(tmp_path / "ckpt"), tracking=False,
+    )  # fmt: skip
+    first.train()
+    again = Trainer(
+        from_preset(str(other), lora_rank=2), optax.sgd(0.1), token_batches(), steps=2,
+        checkpoint_dir=str(tmp_path / "ckpt"), tracking=False,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="was trained on") as err:
+        again.train(resume=True)
+    assert "\n" not in str(err.value)
+
+
+def test_a_keras_hub_layout_map_is_accepted_as_layout_rules(tiny_presets, eight_devices):
+    import keras
+
+    model = from_preset(str(tiny_presets["gemma"]), lora_rank=4)
+    # Gemma's map splits attention heads over "model": 2 key/value heads split 2 ways.
+    mesh = keras.distribution.DeviceMesh((4, 2), ["batch", "model"], eight_devices)
+    layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
+    trainer = Trainer(
+        model, optax.sgd(0.1), token_batches(), steps=1, sharding="fsdp", mesh_shape=(4, 2),
+        layout_rules=layout_map, tracking=False,
+    )  # fmt: skip
+    frozen = trainer.state_shardings.non_trainable
+    assert layout_map["token_embedding/embeddings"].axes == ("model", "batch")
+    assert tuple(frozen["token_embedding/embeddings"].spec) == ("fsdp", "data")
+    assert "fsdp" in frozen["decoder_block_0/attention/query/kernel"].spec
+    # Whole paths, as Keras matches them: a scale no entry names stays replicated.
+    assert frozen["final_normalization/scale"].is_fully_replicated
+
+
+def test_a_preset_is_loaded_straight_into_its_shardings(tiny_presets, eight_devices):
+    from kithara_ops.sharding import make_mesh
+
+    folder = str(tiny_presets["gemma"])
+    model = from_preset(folder, mesh=make_mesh("fsdp"), min_shard_size=256)
+    reference = from_preset(folder)
+    device0 = eight_devices[0]
+    total = on_device0 = small = 0
+    for var, ref in zip(model.weights, reference.weights):
+        value = var.value
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(ref.value))
+        total += value.nbytes
+        on_device0 += sum(s.data.nbytes for s in value.addressable_shards if s.device == device0)
+        if np.prod(value.shape) >= 256:
+            assert "fsdp" in value.sharding.spec, var.path
+        else:
+            small += value.nbytes
+    print(f"loaded: device 0 holds {on_device0} of {total} bytes")
+    assert on_device0 <= total / 8 + small
+    np.testing.assert_allclose(logits_of(model, IDS), logits_of(reference, IDS), atol=1e-5)

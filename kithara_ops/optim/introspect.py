@@ -105,6 +105,8 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
             and all(isinstance(v, optax.GradientTransformation) for v in _values(value))
         ):
             node.children.extend(_walk(v.update, v.init) for v in _values(value))
+        elif _is_key(value):
+            node.hyperparams[key] = key_text(value)
         elif _is_plain(value):
             node.hyperparams[key] = value
         elif isinstance(value, tuple | list) and all(callable(v) for v in value):
@@ -114,6 +116,17 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
         elif isinstance(value, dict | tuple | list):
             node.hyperparams[key] = value
     return node
+
+
+def _is_key(value: Any) -> bool:
+    """True for a typed PRNG key array (``jax.random.key(0)``)."""
+    return isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+
+
+def key_text(key: jax.Array) -> str:
+    """A typed key as text, ``key(threefry2x32, [0, 0])``: its kind and its bits."""
+    bits = np.asarray(jax.random.key_data(key)).tolist()
+    return f"key({jax.random.key_impl(key)}, {bits})"
 
 
 def _is_plain(value: Any) -> bool:

@@ -97,6 +97,8 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
     for key, value in values.items():
         if isinstance(value, optax.GradientTransformation):
             node.children.append(_walk(value.update, value.init))
+        elif isinstance(value, tuple | list) and value and all(map(_is_named_part, value)):
+            node.children.extend(_walk(tx.update, tx.init) for _, tx in value)  # named_chain
         elif isinstance(value, tuple | list) and value and all(map(_is_update_fn, value)):
             node.children.extend(_walk(fn) for fn in value)
         elif (
@@ -116,6 +118,16 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
         elif isinstance(value, dict | tuple | list):
             node.hyperparams[key] = value
     return node
+
+
+def _is_named_part(value: Any) -> bool:
+    """True for a ``(name, transformation)`` pair, as ``named_chain`` keeps its parts."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], optax.GradientTransformation)
+    )
 
 
 def _is_key(value: Any) -> bool:

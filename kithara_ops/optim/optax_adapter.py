@@ -21,6 +21,14 @@ _LINE_SEARCH = (
 _NEEDS_A_FUNCTION = {  # transformation -> (what its update needs that the step cannot give, fix)
     "scale_by_zoom_linesearch": _LINE_SEARCH,
     "scale_by_backtracking_linesearch": _LINE_SEARCH,
+    "hutchinson_estimator_diag_hessian": (
+        "the loss as a function of the parameters (obj_fn) for Hessian-vector products",
+        "use an optimizer without curvature estimates, such as optax.adamw",
+    ),
+    "differentially_private_aggregate": (
+        "per-example gradients (a batch axis on every gradient)",
+        "use optax.chain(optax.clip_by_global_norm(...), optax.sgd(...)) instead",
+    ),
 }
 
 
@@ -28,8 +36,9 @@ def refuse_unsupported(tree: TxNode) -> None:
     """Raise ``ConfigError`` for a transformation whose update needs more than the loss.
 
     The train step hands ``update`` the gradients, the parameters and the loss (``value``);
-    a line search also needs the loss as a function to call at other points, and opaque
-    SAM a gradient function (``grad_fn``), which a compiled step over batches cannot offer.
+    a line search or Sophia's Hessian estimate also needs the loss as a function to call at
+    other points, opaque SAM a gradient function (``grad_fn``) and DP-SGD per-example
+    gradients, which a compiled step over batches cannot offer.
     """
     why, fix = _NEEDS_A_FUNCTION.get(tree.name, (None, None))
     if tree.name == "sam" and tree.hyperparams.get("opaque_mode"):
@@ -44,7 +53,7 @@ def refuse_unsupported(tree: TxNode) -> None:
         refuse_unsupported(child)
 
 
-def _takes_value(update: Any) -> bool:
+def takes_value(update: Any) -> bool:
     """Whether ``update`` accepts ``value=`` (named, or through ``**extra_args``)."""
     try:
         params = inspect.signature(update).parameters.values()
@@ -68,7 +77,7 @@ class OptaxAdapter:
     def __init__(self, tx: optax.GradientTransformation, user_object: Any = None):
         self.optimizer = user_object if user_object is not None else tx
         self._tx = tx
-        self._extra_args = isinstance(tx, optax.GradientTransformationExtraArgs) and _takes_value(
+        self._extra_args = isinstance(tx, optax.GradientTransformationExtraArgs) and takes_value(
             tx.update
         )
         tree = walk(tx)

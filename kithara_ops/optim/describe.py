@@ -30,6 +30,7 @@ from kithara_ops.optim.schedules import (
     short_number,
     value_text,
 )
+from kithara_ops.optim.selectors import PathLabels, PathMask
 
 _CORES = {  # the transformation that gives an Optax alias its update direction
     "scale_by_adam": "adam", "scale_by_adamax": "adamax", "scale_by_lion": "lion",
@@ -39,7 +40,7 @@ _CORES = {  # the transformation that gives an Optax alias its update direction
     "scale_by_adadelta": "adadelta", "scale_by_sm3": "sm3", "scale_by_novograd": "novograd",
     "scale_by_lbfgs": "lbfgs", "scale_by_polyak": "polyak_sgd", "scale_by_rprop": "rprop",
     "scale_by_optimistic_gradient": "optimistic_gradient_descent", "scale_by_muon": "muon",
-    "scale_by_sign": "signum", "add_noise": "noisy_sgd",
+    "scale_by_sign": "sign_sgd", "add_noise": "noisy_sgd",
 }  # fmt: skip
 _CLIPPERS = {  # Optax clipping transformation -> (clipping kind, its threshold argument)
     "clip_by_global_norm": ("global_norm", "max_norm"), "clip": ("value", "max_delta"),
@@ -55,6 +56,7 @@ _EXTRAS = {  # hyperparameters an alias's other parts add: part -> {closure name
     "clip_by_block_rms": {"threshold": "clipping_threshold"},
 }  # fmt: skip
 _CHAINS = {"chain", "named_chain"}
+_KERAS_NAMES = {"MultiOptimizer": "multi_optimizer", "ScheduleFreeAdamW": "schedule_free_adamw"}
 _SGD_PARTS = {"identity", "trace", "scale", "scale_by_schedule", "add_decayed_weights", "masked",
               "apply_if_finite", *_CLIPPERS}  # fmt: skip
 _RENAMES = {"beta_1": "b1", "beta_2": "b2", "epsilon": "eps"}
@@ -180,9 +182,38 @@ def _keras_config(opt: keras.optimizers.Optimizer) -> dict[str, Any]:
     return {**config, "learning_rate": lr}
 
 
+def _without_names(config: Any) -> Any:
+    """A Keras config without ``name`` entries at any depth: Keras numbers default names per
+    session (``adam_6``), so two identical runs would describe differently."""
+    if isinstance(config, dict):
+        return {k: _without_names(v) for k, v in config.items() if k != "name"}
+    if isinstance(config, list):
+        return [_without_names(v) for v in config]
+    return config
+
+
+def _describe_loss_scaled(opt: Any) -> dict[str, Any]:
+    """A ``LossScaleOptimizer``: its inner optimizer's description, the loss scaling first."""
+    described = _describe_keras(opt.inner_optimizer)
+    config = opt.get_config()
+    scaling = {k: json_safe(config[k]) for k in ("initial_scale", "dynamic_growth_steps") if k in config}  # fmt: skip
+    chain = [{"name": "loss_scale", "hyperparams": scaling}, *described["chain"]]
+    safe_config = json_safe(_without_names(config))
+    return {
+        **described,
+        "hyperparams": {**described["hyperparams"], "loss_scale": scaling},
+        "chain": chain,
+        "chain_text": " -> ".join(_element_text(element) for element in chain),
+        "tree": {"class_name": type(opt).__name__, "config": safe_config},
+        "config": safe_config,
+    }
+
+
 def _describe_keras(opt: keras.optimizers.Optimizer) -> dict[str, Any]:
-    config = _keras_config(opt)
-    name, lr = type(opt).__name__.lower(), config.get("learning_rate")
+    if isinstance(getattr(opt, "inner_optimizer", None), keras.optimizers.Optimizer):
+        return _describe_loss_scaled(opt)
+    config = _without_names(_keras_config(opt))
+    name, lr = _KERAS_NAMES.get(type(opt).__name__, type(opt).__name__.lower()), config.get("learning_rate")  # fmt: skip
     if isinstance(lr, float) and float(np.float32(lr)) == lr:
         lr = float(str(np.float32(lr)))  # a float32 variable's value: 0.001, not 0.00100000005
     hyperparams = {
@@ -208,7 +239,11 @@ def _describe_optax(opt: Any) -> dict[str, Any]:
     multi_steps = root.name == "MultiSteps" and bool(root.children)
     inner = root.children[0] if multi_steps else root
     parts = _elements(inner)
-    main = next((part for part in parts if part.alias), None)
+    main = _whole(inner)
+    if main is not None:
+        parts = [main]
+    else:
+        main = next((part for part in parts if part.alias), None)
     if main is None:  # no alias: read the algorithm from all the primitives together
         main = _Part(*_recognise(_primitives(inner)))
     clip = next((p for p in parts if p.name in _CLIPPERS and not p.alias), None)
@@ -239,6 +274,7 @@ def _elements(node: TxNode) -> list[_Part]:
             return [_Part(name, hyperparams, lr, alias=True)]  # an alias: one element
         return [p for child in node.children for p in _elements(child)]
     hyperparams = {k: json_safe(v) for k, v in node.hyperparams.items() if v is not None}
+    hyperparams.update(_selectors(node))
     lr = None
     if node.name == "scale_by_schedule":
         lr = introspect.find_learning_rate(dataclasses.replace(node, children=[]))
@@ -255,9 +291,20 @@ def _recognise(primitives: list[TxNode]) -> tuple[str, dict[str, Any], Any]:
     """(name, normalised hyperparameters, learning rate) of a flat list of transformations."""
     names = [p.name for p in primitives]
     lr = introspect.find_learning_rate(TxNode("chain", {}, {}, primitives))
-    core = next((p for p in primitives if p.name in _CORES), None)
-    if core is not None:
-        name = _CORES[core.name]
+    # scale_by_galore, scale_by_adopt, ...: the alias built around a core of its own, even
+    # when it also uses a known one (GaLore projects Adam's moments).
+    core = next((p for p in primitives if p.name not in _CORES and _alias_of(p.name)), None)
+    core = core or next((p for p in primitives if p.name in _CORES), None)
+    if "scale_by_optimistic_gradient" in names:  # after Adam's direction: not NAdam
+        core = primitives[names.index("scale_by_optimistic_gradient")]
+        v2 = lr is not None and lr != core.hyperparams.get("alpha")
+        name = "optimistic_adam_v2" if v2 else "optimistic_adam"
+        lr = lr if v2 else core.hyperparams.get("alpha")
+        return name, _normalise(name, dict(core.hyperparams)), lr
+    if core is not None and core.name == "scale_by_sign":
+        name = "signum" if "ema" in names else "sign_sgd"
+    elif core is not None:
+        name = _alias_of(core.name) if core.name not in _CORES else _CORES[core.name]
     elif "scale_by_trust_ratio" in names:
         core = primitives[names.index("scale_by_trust_ratio")]
         name = "lars" if "trace" in names else "fromage"
@@ -287,8 +334,55 @@ def _recognise(primitives: list[TxNode]) -> tuple[str, dict[str, Any], Any]:
         hyperparams["centered"] = True
     elif name == "adafactor":
         hyperparams["multiply_by_parameter_scale"] = "scale_by_param_block_rms" in names
+    for p in primitives:  # a path mask inside an alias (adamw's weight-decay mask)
+        hyperparams.update(_selectors(p))
     internal_lr = hyperparams.pop("learning_rate", None)  # rprop keeps it inside its core
     return name, _normalise(name, hyperparams), lr if lr is not None else internal_lr
+
+
+def _selectors(node: TxNode) -> dict[str, str]:
+    """Masks and labels selected by path in a spec, as the text that made them."""
+    return {
+        key: fn.__qualname__
+        for key, fn in node.functions.items()
+        if isinstance(fn, PathMask | PathLabels)
+    }
+
+
+def _alias_of(factory: str) -> str | None:
+    """``"adopt"`` for ``scale_by_adopt`` when ``optax.contrib.adopt`` or ``optax.adopt`` is
+    a public optimizer: the alias built around that core."""
+    if not factory.startswith("scale_by_"):
+        return None
+    name = factory[len("scale_by_") :]
+    return name if _is_alias(name) else None
+
+
+def _is_alias(name: str) -> bool:
+    """Whether ``name`` is a public function of ``optax`` or ``optax.contrib``."""
+    return any(callable(getattr(ns, name, None)) for ns in (optax, optax.contrib)) and not name.startswith("_")  # fmt: skip
+
+
+def _whole(node: TxNode) -> _Part | None:
+    """An optimizer built as one transformation by its own factory (``prodigy``,
+    ``dadapt_adamw``, ``momo``, ``mechanize``, ``schedule_free``), named after it."""
+    own = callable(getattr(optax.contrib, node.name, None)) and not node.name.startswith("_")
+    if node.name in _CHAINS or not own or node.name.startswith("scale_by_"):
+        return None
+    hyperparams = dict(node.hyperparams)
+    lr = hyperparams.pop("learning_rate", None)
+    name = node.name
+    if node.children:  # a wrapper: the inner optimizer's fields, under the wrapper's name
+        inner_name, inner_hyper, inner_lr = _recognise(_primitives(node.children[0]))
+        if name == "schedule_free":
+            base = {"rmsprop": "adamw", "sgd": "sgd"}.get(inner_name)
+            name = f"schedule_free_{base}" if base else f"schedule_free_{inner_name}"
+            inner_hyper.pop("decay", None) if base == "adamw" else None
+        else:
+            name = f"{name}_{inner_name}"
+        hyperparams = {**inner_hyper, **hyperparams}
+        lr = lr if lr is not None else inner_lr
+    return _Part(name, _normalise(name, hyperparams), lr, alias=True)
 
 
 def _injected(node: TxNode) -> _Part:

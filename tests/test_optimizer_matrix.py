@@ -28,7 +28,7 @@ import numpy as np
 import optax
 import pytest
 
-from kithara_ops import ConfigError, Trainer, feed
+from kithara_ops import ConfigError, Trainer, describe_optimizer, feed
 from kithara_ops.integrity import signature
 from kithara_ops.saved_form import from_saved, to_saved
 
@@ -274,3 +274,24 @@ def test_what_cannot_train_is_refused_in_one_line(name):
     with pytest.raises(ConfigError) as refused:
         trainer_for(_build(factory, name))
     assert "\n" not in str(refused.value) and "cannot be trained here" in str(refused.value)
+
+
+def _spec_names():
+    """Cases a spec can write as ``name(learning_rate=0.01)``: no other arguments needed."""
+    for name in sorted(TRAINABLE):
+        short = name.rsplit(".", 1)[-1]
+        if name in WRAPPERS or name in ARGS or name in COMPOSED:
+            continue
+        if name.startswith("keras."):
+            yield name, f"keras.optimizers.{short}(learning_rate={LR})"
+        else:
+            factory = getattr(optax.contrib if ".contrib." in name else optax, short)
+            if "learning_rate" in inspect.signature(factory).parameters:
+                yield name, f"{name}(learning_rate={LR})"
+
+
+@pytest.mark.parametrize(("name", "spec"), list(_spec_names()), ids=[n for n, _ in _spec_names()])
+def test_a_spec_and_the_python_object_describe_alike(name, spec):
+    from kithara_ops.optim.spec import build_optimizer
+
+    assert describe_optimizer(build_optimizer(spec)) == describe_optimizer(TRAINABLE[name]())

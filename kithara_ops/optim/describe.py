@@ -69,7 +69,7 @@ _KERAS_BOOKKEEPING = {"loss_scale_factor": None, "gradient_accumulation_steps": 
                       "use_ema": False, "is_legacy_optimizer": False}  # fmt: skip
 _SHORT_KINDS = {"warmup_exponential_decay": "warmup_exp", "piecewise_constant": "piecewise",
                 "piecewise_constant_decay": "piecewise", "exponential_decay": "exp_decay"}  # fmt: skip
-_PEAK_KEYS = ("peak", "warmup_target", "init_value", "initial_learning_rate", "init", "value",
+_PEAK_KEYS = ("peak", "peak_value", "warmup_target", "init_value", "initial_learning_rate", "init", "value",
               "end_value", "end")  # fmt: skip
 _LABEL_LENGTH = 40
 

@@ -30,6 +30,7 @@ import pytest
 
 from kithara_ops import ConfigError, Trainer, describe_optimizer, feed
 from kithara_ops.integrity import signature
+from kithara_ops.optim.spec import build_optimizer
 from kithara_ops.saved_form import from_saved, to_saved
 
 pytestmark = pytest.mark.slow
@@ -156,6 +157,12 @@ WRAPPERS = {
         keras.optimizers.Adam(LR)
     ),
     "keras.MultiOptimizer": keras_multi,
+    # Masks and labels written in a spec select the Trainer's parameters by path.
+    "optax.multi_transform-spec": lambda: build_optimizer(
+        'optax.multi_transform({"adam": optax.adam(0.01), "sgd": optax.sgd(0.01, 0.9)}, '
+        '{"emb": "adam", ".*": "sgd"})'
+    ),
+    "optax.adamw-mask-spec": lambda: build_optimizer('optax.adamw(0.01, mask="kernel$")'),
 }
 CASES = {**dict(keras_cases()), **dict(optax_cases()), **WRAPPERS}
 TRAINABLE = {k: v for k, v in CASES.items() if k not in REFUSED}
@@ -292,6 +299,4 @@ def _spec_names():
 
 @pytest.mark.parametrize(("name", "spec"), list(_spec_names()), ids=[n for n, _ in _spec_names()])
 def test_a_spec_and_the_python_object_describe_alike(name, spec):
-    from kithara_ops.optim.spec import build_optimizer
-
     assert describe_optimizer(build_optimizer(spec)) == describe_optimizer(TRAINABLE[name]())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,18 @@ def test_transformations_that_take_the_loss_pass_the_spec_check(spec):
     state = tx.init(PARAMS)
     updates, _ = tx.update(GRADS, state, PARAMS, value=jnp.float32(2.0))
     assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+
+
+def test_describe_shows_a_path_mask_and_refuses_a_bad_one_in_one_line():
+    from typer.testing import CliRunner
+
+    from kithara_ops.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["describe", 'optax.adamw(1e-3, mask="kernel$")', "--json"])
+    assert shown.exit_code == 0, shown.output
+    params = json.loads(shown.output)["params"]
+    assert params["optimizer.mask"] == "paths('kernel$')"
+    refused = runner.invoke(app, ["describe", 'optax.adamw(1e-3, mask="[")'])
+    assert refused.exit_code == 2
+    assert refused.output.strip().count("\n") == 0 and "mask of optax.adamw" in refused.output

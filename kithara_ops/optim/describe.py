@@ -21,6 +21,17 @@ import optax
 from kithara_ops.errors import ConfigError
 from kithara_ops.optim import introspect
 from kithara_ops.optim.introspect import TxNode
+from kithara_ops.optim.recognise import (
+    CHAINS,
+    CLIPPERS,
+    Part,
+    flat_parts,
+    injected,
+    normalise,
+    recognise,
+    selector_texts,
+    whole_optimizer,
+)
 from kithara_ops.optim.schedules import (
     call_text,
     callable_name,
@@ -30,41 +41,12 @@ from kithara_ops.optim.schedules import (
     short_number,
     value_text,
 )
-from kithara_ops.optim.selectors import PathLabels, PathMask
 
-_CORES = {  # the transformation that gives an Optax alias its update direction
-    "scale_by_adam": "adam", "scale_by_adamax": "adamax", "scale_by_lion": "lion",
-    "scale_by_factored_rms": "adafactor", "scale_by_rms": "rmsprop", "scale_by_stddev": "rmsprop",
-    "scale_by_rss": "adagrad", "scale_by_belief": "adabelief", "scale_by_amsgrad": "amsgrad",
-    "scale_by_yogi": "yogi", "scale_by_radam": "radam", "scale_by_adan": "adan",
-    "scale_by_adadelta": "adadelta", "scale_by_sm3": "sm3", "scale_by_novograd": "novograd",
-    "scale_by_lbfgs": "lbfgs", "scale_by_polyak": "polyak_sgd", "scale_by_rprop": "rprop",
-    "scale_by_optimistic_gradient": "optimistic_gradient_descent", "scale_by_muon": "muon",
-    "scale_by_sign": "sign_sgd", "add_noise": "noisy_sgd",
-}  # fmt: skip
-_CLIPPERS = {  # Optax clipping transformation -> (clipping kind, its threshold argument)
-    "clip_by_global_norm": ("global_norm", "max_norm"), "clip": ("value", "max_delta"),
-    "clip_by_block_rms": ("block_rms", "threshold"), "adaptive_grad_clip": ("adaptive", "clipping"),
-}  # fmt: skip
 _KERAS_CLIPS = {  # Keras argument -> (clipping kind, Optax-style element, its argument)
     "global_clipnorm": ("global_norm", "clip_by_global_norm", "max_norm"),
     "clipnorm": ("norm", "clip_by_norm", "max_norm"), "clipvalue": ("value", "clip", "max_delta"),
 }  # fmt: skip
-_EXTRAS = {  # hyperparameters an alias's other parts add: part -> {closure name: our name}
-    "add_decayed_weights": {"weight_decay": "weight_decay"}, "ema": {"decay": "momentum"},
-    "trace": {"decay": "momentum", "nesterov": "nesterov"},
-    "clip_by_block_rms": {"threshold": "clipping_threshold"},
-}  # fmt: skip
-_CHAINS = {"chain", "named_chain"}
 _KERAS_NAMES = {"MultiOptimizer": "multi_optimizer", "ScheduleFreeAdamW": "schedule_free_adamw"}
-_SGD_PARTS = {"identity", "trace", "scale", "scale_by_schedule", "add_decayed_weights", "masked",
-              "apply_if_finite", *_CLIPPERS}  # fmt: skip
-_RENAMES = {"beta_1": "b1", "beta_2": "b2", "epsilon": "eps"}
-_NEUTRAL = {  # left out at these values (unless core to the algorithm): they change nothing
-    "mu_dtype": None, "accumulator_dtype": None, "amsgrad": False, "eps_root": 0.0,
-    "nesterov": False, "centered": False, "momentum": 0.0,
-}  # fmt: skip
-_FIRST = ("b1", "b2", "eps", "weight_decay", "momentum", "nesterov")
 _KERAS_BOOKKEEPING = {"loss_scale_factor": None, "gradient_accumulation_steps": None,
                       "use_ema": False, "is_legacy_optimizer": False}  # fmt: skip
 _SHORT_KINDS = {"warmup_exponential_decay": "warmup_exp", "piecewise_constant": "piecewise",
@@ -72,17 +54,6 @@ _SHORT_KINDS = {"warmup_exponential_decay": "warmup_exp", "piecewise_constant": 
 _PEAK_KEYS = ("peak", "peak_value", "warmup_target", "init_value", "initial_learning_rate", "init", "value",
               "end_value", "end")  # fmt: skip
 _LABEL_LENGTH = 40
-
-
-@dataclasses.dataclass
-class _Part:
-    """One element of the chain, before it is made JSON-safe."""
-
-    name: str
-    hyperparams: dict[str, Any]
-    learning_rate: Any = None  # a number, an Optax schedule, a Keras schedule config, or None
-    alias: bool = False
-    injected: bool = False
 
 
 def describe_optimizer(opt: Any) -> dict[str, Any]:
@@ -223,12 +194,12 @@ def _describe_keras(opt: keras.optimizers.Optimizer) -> dict[str, Any]:
         and not (key in _KERAS_BOOKKEEPING and value == _KERAS_BOOKKEEPING[key])
         and not (key.startswith("ema_") and not config.get("use_ema"))
     }
-    parts = [_Part(name, _normalise(name, hyperparams), lr, alias=True)]
+    parts = [Part(name, normalise(name, hyperparams), lr, alias=True)]
     clipping = None
     for key, (kind, element, argument) in _KERAS_CLIPS.items():
         if config.get(key) is not None and clipping is None:  # Keras allows only one
             clipping = {"kind": kind, "value": json_safe(config[key])}
-            parts.insert(0, _Part(element, {argument: clipping["value"]}))
+            parts.insert(0, Part(element, {argument: clipping["value"]}))
     safe_config = json_safe(config)
     tree = {"class_name": type(opt).__name__, "config": safe_config}
     return {**_assemble("keras", parts[-1], clipping, parts), "tree": tree, "config": safe_config}
@@ -239,17 +210,17 @@ def _describe_optax(opt: Any) -> dict[str, Any]:
     multi_steps = root.name == "MultiSteps" and bool(root.children)
     inner = root.children[0] if multi_steps else root
     parts = _elements(inner)
-    main = _whole(inner)
+    main = whole_optimizer(inner)
     if main is not None:
         parts = [main]
     else:
         main = next((part for part in parts if part.alias), None)
     if main is None:  # no alias: read the algorithm from all the primitives together
-        main = _Part(*_recognise(_primitives(inner)))
-    clip = next((p for p in parts if p.name in _CLIPPERS and not p.alias), None)
+        main = Part(*recognise(flat_parts(inner)))
+    clip = next((p for p in parts if p.name in CLIPPERS and not p.alias), None)
     clipping = None
     if clip is not None:
-        kind, argument = _CLIPPERS[clip.name]
+        kind, argument = CLIPPERS[clip.name]
         clipping = {"kind": kind, "value": clip.hyperparams.get(argument)}
     if multi_steps:
         every_k = root.hyperparams.get("every_k_schedule", root.functions.get("every_k_schedule"))
@@ -260,144 +231,25 @@ def _describe_optax(opt: Any) -> dict[str, Any]:
     return {**_assemble("optax", main, clipping, parts, multi_steps), "tree": _tree(root)}
 
 
-def _elements(node: TxNode) -> list[_Part]:
+def _elements(node: TxNode) -> list[Part]:
     """The chain as the user wrote it; a recognised alias sub-chain is one element."""
     if node.name == "inject_hyperparams":
-        return [_injected(node)]
-    if node.name in _CHAINS:
-        primitives = _primitives(node)
-        name, hyperparams, lr = _recognise(primitives)
+        return [injected(node)]
+    if node.name in CHAINS:
+        primitives = flat_parts(node)
+        name, hyperparams, lr = recognise(primitives)
         names = ["", *(p.name for p in primitives)]  # Adafactor's own clip follows its core
         own = ("scale_by_factored_rms", "clip_by_block_rms")
-        user_clip = any(b in _CLIPPERS and (a, b) != own for a, b in itertools.pairwise(names))
+        user_clip = any(b in CLIPPERS and (a, b) != own for a, b in itertools.pairwise(names))
         if lr is not None and name != "unknown" and not user_clip:
-            return [_Part(name, hyperparams, lr, alias=True)]  # an alias: one element
+            return [Part(name, hyperparams, lr, alias=True)]  # an alias: one element
         return [p for child in node.children for p in _elements(child)]
     hyperparams = {k: json_safe(v) for k, v in node.hyperparams.items() if v is not None}
-    hyperparams.update(_selectors(node))
+    hyperparams.update(selector_texts(node))
     lr = None
     if node.name == "scale_by_schedule":
         lr = introspect.find_learning_rate(dataclasses.replace(node, children=[]))
-    return [_Part(node.name, hyperparams, lr), *(p for c in node.children for p in _elements(c))]
-
-
-def _primitives(node: TxNode) -> list[TxNode]:
-    """All transformations under ``node`` in order: chains flattened, wrappers kept as markers."""
-    inner = [p for child in node.children for p in _primitives(child)]
-    return inner if node.name in _CHAINS else [dataclasses.replace(node, children=[]), *inner]
-
-
-def _recognise(primitives: list[TxNode]) -> tuple[str, dict[str, Any], Any]:
-    """(name, normalised hyperparameters, learning rate) of a flat list of transformations."""
-    names = [p.name for p in primitives]
-    lr = introspect.find_learning_rate(TxNode("chain", {}, {}, primitives))
-    # scale_by_galore, scale_by_adopt, ...: the alias built around a core of its own, even
-    # when it also uses a known one (GaLore projects Adam's moments).
-    core = next((p for p in primitives if p.name not in _CORES and _alias_of(p.name)), None)
-    core = core or next((p for p in primitives if p.name in _CORES), None)
-    if "scale_by_optimistic_gradient" in names:  # after Adam's direction: not NAdam
-        core = primitives[names.index("scale_by_optimistic_gradient")]
-        v2 = lr is not None and lr != core.hyperparams.get("alpha")
-        name = "optimistic_adam_v2" if v2 else "optimistic_adam"
-        lr = lr if v2 else core.hyperparams.get("alpha")
-        return name, _normalise(name, dict(core.hyperparams)), lr
-    if core is not None and core.name == "scale_by_sign":
-        name = "signum" if "ema" in names else "sign_sgd"
-    elif core is not None:
-        name = _alias_of(core.name) if core.name not in _CORES else _CORES[core.name]
-    elif "scale_by_trust_ratio" in names:
-        core = primitives[names.index("scale_by_trust_ratio")]
-        name = "lars" if "trace" in names else "fromage"
-    elif lr is not None and set(names) <= _SGD_PARTS:
-        name = "sgd"
-    else:
-        merged: dict[str, Any] = {}  # whatever can be read, first value of a name wins
-        for p in (p for p in primitives if p.name not in _CLIPPERS):
-            for key, value in p.hyperparams.items():
-                merged.setdefault(key, value)
-        return "unknown", _normalise("unknown", merged), lr
-    hyperparams = dict(core.hyperparams) if core is not None else {}
-    after_core = core is None
-    for p in primitives:
-        after_core = after_core or p is core
-        if p is not core and (after_core or p.name not in _CLIPPERS):  # not a user's clip
-            for source, target in _EXTRAS.get(p.name, {}).items():
-                if source in p.hyperparams:
-                    hyperparams.setdefault(target, p.hyperparams[source])
-    decayed = "add_decayed_weights" in names
-    if name == "adam":
-        nadam = "nadam" if core.hyperparams.get("nesterov") else "adam"
-        name = "lamb" if "scale_by_trust_ratio" in names else nadam + ("w" if decayed else "")
-    elif name == "adamax" and decayed:
-        name = "adamaxw"
-    elif name == "rmsprop" and core.name == "scale_by_stddev":
-        hyperparams["centered"] = True
-    elif name == "adafactor":
-        hyperparams["multiply_by_parameter_scale"] = "scale_by_param_block_rms" in names
-    for p in primitives:  # a path mask inside an alias (adamw's weight-decay mask)
-        hyperparams.update(_selectors(p))
-    internal_lr = hyperparams.pop("learning_rate", None)  # rprop keeps it inside its core
-    return name, _normalise(name, hyperparams), lr if lr is not None else internal_lr
-
-
-def _selectors(node: TxNode) -> dict[str, str]:
-    """Masks and labels selected by path in a spec, as the text that made them."""
-    return {
-        key: fn.__qualname__
-        for key, fn in node.functions.items()
-        if isinstance(fn, PathMask | PathLabels)
-    }
-
-
-def _alias_of(factory: str) -> str | None:
-    """``"adopt"`` for ``scale_by_adopt`` when ``optax.contrib.adopt`` or ``optax.adopt`` is
-    a public optimizer: the alias built around that core."""
-    if not factory.startswith("scale_by_"):
-        return None
-    name = factory[len("scale_by_") :]
-    return name if _is_alias(name) else None
-
-
-def _is_alias(name: str) -> bool:
-    """Whether ``name`` is a public function of ``optax`` or ``optax.contrib``."""
-    return any(callable(getattr(ns, name, None)) for ns in (optax, optax.contrib)) and not name.startswith("_")  # fmt: skip
-
-
-def _whole(node: TxNode) -> _Part | None:
-    """An optimizer built as one transformation by its own factory (``prodigy``,
-    ``dadapt_adamw``, ``momo``, ``mechanize``, ``schedule_free``), named after it."""
-    own = callable(getattr(optax.contrib, node.name, None)) and not node.name.startswith("_")
-    if node.name in _CHAINS or not own or node.name.startswith("scale_by_"):
-        return None
-    hyperparams = dict(node.hyperparams)
-    lr = hyperparams.pop("learning_rate", None)
-    name = node.name
-    if node.children:  # a wrapper: the inner optimizer's fields, under the wrapper's name
-        inner_name, inner_hyper, inner_lr = _recognise(_primitives(node.children[0]))
-        if name == "schedule_free":
-            base = {"rmsprop": "adamw", "sgd": "sgd"}.get(inner_name)
-            name = f"schedule_free_{base}" if base else f"schedule_free_{inner_name}"
-            inner_hyper.pop("decay", None) if base == "adamw" else None
-        else:
-            name = f"{name}_{inner_name}"
-        hyperparams = {**inner_hyper, **hyperparams}
-        lr = lr if lr is not None else inner_lr
-    return _Part(name, _normalise(name, hyperparams), lr, alias=True)
-
-
-def _injected(node: TxNode) -> _Part:
-    """The element for ``optax.inject_hyperparams(factory)(**hyperparams)``."""
-    values: dict[str, Any] = {}
-    for group in ("other_hps", "numeric_hps", "sched_hps"):
-        values.update(node.hyperparams.get(group) or {})
-    values = {k: getattr(v, "schedule_fn", v) for k, v in values.items()}  # unwrap schedules
-    factory = node.functions.get("inner_factory")
-    name = getattr(getattr(factory, "func", factory), "__name__", "unknown").lower()
-    if name in ("adam", "adamw") and values.get("nesterov"):
-        name = "n" + name
-    lr = values.pop("learning_rate", None)
-    values = {k: schedule_text(v) if callable(v) else v for k, v in values.items()}
-    return _Part(name, _normalise(name, values), lr, alias=True, injected=True)
+    return [Part(node.name, hyperparams, lr), *(p for c in node.children for p in _elements(c))]
 
 
 def _tree(node: TxNode) -> dict[str, Any]:
@@ -409,7 +261,7 @@ def _tree(node: TxNode) -> dict[str, Any]:
     }
 
 
-def _assemble(family: str, main: _Part, clipping: Any, parts: list[_Part], multi_steps: bool = False) -> dict[str, Any]:  # fmt: skip
+def _assemble(family: str, main: Part, clipping: Any, parts: list[Part], multi_steps: bool = False) -> dict[str, Any]:  # fmt: skip
     lr, schedule = describe_learning_rate(main.learning_rate)
     chain = [_element(part) for part in parts]
     return {
@@ -427,7 +279,7 @@ def _assemble(family: str, main: _Part, clipping: Any, parts: list[_Part], multi
     }
 
 
-def _element(part: _Part) -> dict[str, Any]:
+def _element(part: Part) -> dict[str, Any]:
     element = {"name": part.name, "hyperparams": json_safe(part.hyperparams)}
     if part.alias or part.learning_rate is not None:
         element["learning_rate"] = describe_learning_rate(part.learning_rate)[0]
@@ -441,7 +293,7 @@ def _element_text(element: dict[str, Any]) -> str:
     return call_text(element["name"], {**args, **element.get("hyperparams", {})})
 
 
-def _label(family: str, main: _Part, clipping: Any, lr: Any, schedule: Any) -> str:
+def _label(family: str, main: Part, clipping: Any, lr: Any, schedule: Any) -> str:
     label = f"{family}:{'clip+' if clipping else ''}{main.name}"
     if schedule is not None:
         peaks = [schedule.get(k) for k in _PEAK_KEYS] + list(schedule.get("values") or [])
@@ -454,31 +306,6 @@ def _label(family: str, main: _Part, clipping: Any, lr: Any, schedule: Any) -> s
     if isinstance(every_k, int) and not isinstance(every_k, bool):
         label += f" k={every_k}"
     return _shorten(label, _LABEL_LENGTH)
-
-
-def _normalise(name: str, hyperparams: dict[str, Any]) -> dict[str, Any]:
-    """Shared names, unset and neutral values left out, the common ones first."""
-    out: dict[str, Any] = {}
-    for key, value in hyperparams.items():
-        key = "decay" if (name, key) == ("rmsprop", "rho") else _RENAMES.get(key, key)
-        if value is not None and key not in out:
-            out[key] = json_safe(value)
-    if name == "sgd":
-        out["momentum"] = out.get("momentum") or 0.0
-        out.setdefault("nesterov", False)
-    elif name in ("adam", "adamw", "nadam", "nadamw"):
-        out.pop("nesterov", None)  # already in the name
-    core = ("momentum", "nesterov") if name == "sgd" else ()
-    out = {k: v for k, v in out.items() if k in core or not _is_neutral(k, v)}
-    order = {key: i for i, key in enumerate(_FIRST)}
-    return dict(sorted(out.items(), key=lambda item: order.get(item[0], len(order))))
-
-
-def _is_neutral(key: str, value: Any) -> bool:
-    """True when ``value`` is ``key``'s neutral default (``0`` is not taken for ``False``)."""
-    if key not in _NEUTRAL:
-        return False
-    return isinstance(value, bool) == isinstance(_NEUTRAL[key], bool) and value == _NEUTRAL[key]
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -131,3 +131,19 @@ def test_describe_shows_a_path_mask_and_refuses_a_bad_one_in_one_line():
     refused = runner.invoke(app, ["describe", 'optax.adamw(1e-3, mask="[")'])
     assert refused.exit_code == 2
     assert refused.output.strip().count("\n") == 0 and "mask of optax.adamw" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("spec", "why"),
+    [
+        ("optax.lbfgs(1e-2)", "value_fn"),
+        ("optax.contrib.sophia(1e-2)", "obj_fn"),
+        ("optax.contrib.dpsgd(1e-2, 1.0, 0.1, 0)", "per-example gradients"),
+        ("optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.1), opaque_mode=True)", "grad_fn"),
+    ],
+)
+def test_a_spec_that_cannot_train_is_refused_naming_why(spec, why):
+    with pytest.raises(ConfigError) as refused:
+        build_optimizer(spec)
+    message = str(refused.value)
+    assert "cannot be trained here" in message and why in message and "\n" not in message

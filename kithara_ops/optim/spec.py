@@ -347,6 +347,13 @@ def check_optimizer(optimizer: Any, spec: str) -> Any:
             f"Optimizer spec {_quote(spec)} builds a {type(optimizer).__name__}, not an optimizer: "
             "use an optax transformation or a keras.optimizers class."
         )
+    from kithara_ops.optim.introspect import walk
+    from kithara_ops.optim.optax_adapter import refuse_unsupported
+
+    try:
+        refuse_unsupported(walk(optimizer))  # needs a loss function, per-example gradients...
+    except ConfigError as err:
+        raise ConfigError(f"Optimizer spec {_quote(spec)}: {err}") from None
     params = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
     # Transformations that take the loss (polyak_sgd, contrib.momo, reduce_on_plateau) get
     # one, as the train step gives it.

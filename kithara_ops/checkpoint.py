@@ -43,6 +43,7 @@ from kithara_ops.errors import CheckpointWriteError, first_line
 from kithara_ops.integrity import by_path, checksum_arrays
 from kithara_ops.run_lock import DirectoryLock
 from kithara_ops.run_record import RunRecord, new_record
+from kithara_ops.saved_form import from_saved, to_saved
 from kithara_ops.state import all_finite
 
 log = logging.getLogger("kithara_ops.checkpoint")
@@ -211,7 +212,8 @@ class Checkpointer(Callback):
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())
+                    state=ocp.args.StandardSave(to_saved(state)),
+                    meta=ocp.args.JsonSave(record.to_json()),
                 ),
             )
         except Exception as err:
@@ -318,9 +320,9 @@ class Checkpointer(Callback):
     def restore(self, step: int, template: Any) -> Any:
         """Read a checkpoint's state into ``template``'s structure, shapes and shardings."""
         restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(to_saved(template)))
         )
-        return restored["state"]
+        return from_saved(restored["state"], template)
 
     def delete(self, step: int) -> None:
         """Delete one saved checkpoint (a folder that is not a checkpoint is never deleted)."""

@@ -24,7 +24,7 @@ def checksums(tree: Any) -> dict[str, int]:
 
 def by_path(tree: Any, sums: list) -> dict[str, int]:
     """``{normalised leaf path: checksum}`` from ``checksum_arrays``' fetched values."""
-    paths = [_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [path_text(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     return {path: int(value) for path, value in zip(paths, sums, strict=True)}
 
 
@@ -41,6 +41,8 @@ def _checksum(leaf: jax.Array) -> jax.Array:
     The flat index is built from iotas in the array's own shape: a reshape to one dimension
     would gather a sharded array.
     """
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)  # a typed key: its bits are what identify it
     if leaf.dtype == jnp.bool_:
         bits = leaf.astype(jnp.uint32)
     else:
@@ -64,10 +66,10 @@ def signature(tree: Any) -> dict[str, tuple]:
     keys and indices only.
     """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
+    return {path_text(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
 
 
-def _path(path) -> str:
+def path_text(path) -> str:
     parts = []
     for entry in path:
         for attr in ("key", "name", "idx"):

@@ -12,6 +12,7 @@ damaged array is an unreadable checkpoint, like a missing file.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax
 
+from kithara_ops import saved_form
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.errors import ConfigError, first_line
 from kithara_ops.integrity import checksums, signature
@@ -105,7 +107,9 @@ def rename_keys(tree: Any, mapping: dict[str, str]) -> Any:
             *(rename_keys(getattr(tree, f.name), mapping) for f in dataclasses.fields(tree))
         )
     if isinstance(tree, dict):
-        return {mapping.get(k, k): rename_keys(v, mapping) for k, v in tree.items()}
+        renamed = ((mapping.get(k, k), rename_keys(v, mapping)) for k, v in tree.items())
+        # named_chain's state is an OrderedDict: the step's shardings expect one back.
+        return type(tree)(renamed) if type(tree) is collections.OrderedDict else dict(renamed)
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
         return type(tree)(*(rename_keys(v, mapping) for v in tree))
     if isinstance(tree, list | tuple):
@@ -153,7 +157,7 @@ def restore(
     abstract = rename_keys(template.abstract, to_saved)
     saved_structure = _read(store.saved_structure, step)
     saved_model, saved_opt = _split(signature(saved_structure))
-    wanted_model, wanted_opt = _split(signature(abstract))
+    wanted_model, wanted_opt = _split(signature(saved_form.to_saved(abstract)))
     if saved_model != wanted_model:
         different = sorted(set(saved_model.items()) ^ set(wanted_model.items()))
         raise ConfigError(

@@ -404,3 +404,89 @@ def test_optimizer_label():
 def test_other_objects_are_refused(bad):
     with pytest.raises(ConfigError, match=type(bad).__qualname__):
         describe_optimizer(bad)
+
+
+# --------------------------------------------------------------------------- named by factory
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: optax.optimistic_adam(1e-2), "optimistic_adam"),
+        (lambda: optax.optimistic_adam_v2(1e-2), "optimistic_adam_v2"),
+        (lambda: optax.sign_sgd(1e-2), "sign_sgd"),
+        (lambda: optax.signum(1e-2), "signum"),
+        (lambda: optax.nadam(1e-2), "nadam"),
+        (lambda: optax.contrib.schedule_free_adamw(1e-2), "schedule_free_adamw"),
+        (lambda: optax.contrib.schedule_free_sgd(1e-2), "schedule_free_sgd"),
+        (lambda: optax.contrib.prodigy(), "prodigy"),
+        (lambda: optax.contrib.dadapt_adamw(), "dadapt_adamw"),
+        (lambda: optax.contrib.cocob(), "cocob"),
+        (lambda: optax.contrib.adopt(1e-2), "adopt"),
+        (lambda: optax.contrib.galore(1e-2), "galore"),
+        (lambda: optax.contrib.mechanize(optax.sgd(1e-2)), "mechanize_sgd"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_optax_optimizers_are_named_by_their_factory(make, name):
+    assert describe_optimizer(make())["name"] == name
+
+
+@pytest.mark.parametrize(
+    ("make", "base"),
+    [
+        (lambda: optax.contrib.prodigy(), 1.0),
+        (lambda: optax.contrib.dadapt_adamw(learning_rate=0.5), 0.5),
+        (lambda: optax.contrib.cocob(learning_rate=2.0), 2.0),
+        (lambda: optax.polyak_sgd(max_learning_rate=0.3), 0.3),
+        (lambda: optax.optimistic_adam(0.02), 0.02),
+    ],
+)
+def test_learning_rate_free_methods_report_their_configured_base(make, base):
+    from kithara_ops.optim.optax_adapter import OptaxAdapter
+
+    tx = make()
+    assert describe_optimizer(tx)["learning_rate"] == base
+    params = {"w": jnp.ones((3,))}
+    adapter = OptaxAdapter(tx)
+    _, _, used = adapter.update(params, adapter.init(params), params, jnp.float32(1.0))
+    assert float(used) == pytest.approx(base)
+
+
+def test_loss_scale_optimizer_is_its_inner_optimizer_with_no_session_names():
+    first = describe_optimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2)))
+    again = describe_optimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-2)))
+    assert first == again
+    assert (first["name"], first["learning_rate"], first["hyperparams"]["b1"]) == (
+        "adam",
+        0.01,
+        0.9,
+    )
+    assert first["chain_text"].startswith("loss_scale(initial_scale=32768.0")
+    assert "adam_" not in json.dumps(first)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "kind", "fields"),
+    [
+        (lambda: optax.cosine_onecycle_schedule(100, 1e-2), "cosine_onecycle",
+         {"transition_steps": 100, "peak_value": 0.01, "pct_start": 0.3, "div_factor": 25.0}),
+        (lambda: optax.linear_onecycle_schedule(200, 1e-3, pct_final=0.9), "linear_onecycle",
+         {"transition_steps": 200, "peak_value": 0.001, "pct_final": 0.9}),
+        (lambda: optax.sgdr_schedule([{"init_value": 0.0, "peak_value": 0.01, "warmup_steps": 5,
+                                       "decay_steps": 20, "end_value": 0.0}] * 2), "sgdr", {}),
+    ],
+    ids=["cosine_onecycle", "linear_onecycle", "sgdr"],
+)  # fmt: skip
+def test_schedules_are_described_by_their_constructor(schedule, kind, fields):
+    described = describe_optimizer(optax.adam(schedule()))["learning_rate_schedule"]
+    assert described["kind"] == kind
+    assert {k: described[k] for k in fields} == fields
+
+
+def test_a_called_cosine_schedule_keeps_its_whole_decay_steps():
+    schedule = optax.cosine_decay_schedule(1e-2, 20)
+    before = describe_optimizer(optax.adam(schedule))
+    schedule(3)  # Optax turns decay_steps into a float on the first call
+    assert describe_optimizer(optax.adam(schedule)) == before
+    assert before["learning_rate_schedule"]["decay_steps"] == 20

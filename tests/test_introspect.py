@@ -143,11 +143,6 @@ def test_walk_masked_transformation_keeps_its_inner_part():
     assert scale.hyperparams == {"step_size": -0.01}
 
 
-@pytest.mark.xfail(
-    reason="named_chain keeps its parts as (name, transformation) pairs, which walk does not "
-    "descend into: the tree has no children and the optimizer is described as unknown",
-    strict=True,
-)
 def test_walk_named_chain_descends_into_its_parts():
     tx = optax.named_chain(("clip", optax.clip(0.5)), ("opt", optax.sgd(0.1, momentum=0.9)))
     root = walk(tx)

@@ -241,11 +241,6 @@ def test_optax_sgd_with_a_schedule_to_keras_takes_its_count():
         )
 
 
-@pytest.mark.xfail(
-    reason="Keras SGD -> optax.sgd with a constant learning rate sets a 'count' the Optax "
-    "state does not have (only schedules keep one): optax.tree_utils.tree_set raises KeyError",
-    strict=True,
-)
 def test_keras_sgd_momentum_to_optax_sgd_with_a_constant_rate():
     keys = variable_keys(layer_variables("old"))
     saved = keras.optimizers.SGD(0.1, momentum=0.9)
@@ -259,11 +254,6 @@ def test_keras_sgd_momentum_to_optax_sgd_with_a_constant_rate():
         )
 
 
-@pytest.mark.xfail(
-    reason="the module promises u = -lr * b at the current rate for a schedule, but the "
-    "saved Keras schedule's initial value is used whatever the iteration",
-    strict=True,
-)
 def test_keras_sgd_with_a_schedule_divides_by_the_rate_at_the_saved_iteration():
     keys = variable_keys(layer_variables("old"))
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
@@ -280,12 +270,6 @@ def test_keras_sgd_with_a_schedule_divides_by_the_rate_at_the_saved_iteration():
         )
 
 
-@pytest.mark.xfail(
-    reason="SGD with momentum on one side and none on the other counts as the same algorithm: "
-    "Keras -> Optax raises KeyError ('trace' not found), Optax -> Keras adds momentum slots "
-    "the Keras optimizer does not have, instead of returning None",
-    strict=True,
-)
 @pytest.mark.parametrize("direction", ["keras_to_optax", "optax_to_keras"])
 def test_sgd_momentum_on_one_side_only_does_not_migrate(direction):
     keys = variable_keys(layer_variables("old"))

@@ -70,7 +70,10 @@ def _header(description: dict[str, Any]) -> list[tuple[str, str]]:
         "  kithara-ops describe 'optax.chain(optax.clip_by_global_norm(1.0), "
         "optax.adamw(1e-3, weight_decay=0.01))'\n\n"
         "  kithara-ops describe 'keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=0.01, "
-        "global_clipnorm=1.0)' --json"
+        "global_clipnorm=1.0)' --json\n\n"
+        "  kithara-ops describe 'optax.adamw(1e-3, mask=\"kernel$\")'  (decay the kernels only)\n\n"
+        '  kithara-ops describe \'optax.multi_transform({"a": optax.adam(1e-3), '
+        '"s": optax.sgd(1e-2)}, {"embeddings": "s", ".*": "a"})\''
     )
 )
 @user_errors

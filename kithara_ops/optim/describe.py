@@ -21,6 +21,17 @@ import optax
 from kithara_ops.errors import ConfigError
 from kithara_ops.optim import introspect
 from kithara_ops.optim.introspect import TxNode
+from kithara_ops.optim.recognise import (
+    CHAINS,
+    CLIPPERS,
+    Part,
+    flat_parts,
+    injected,
+    normalise,
+    recognise,
+    selector_texts,
+    whole_optimizer,
+)
 from kithara_ops.optim.schedules import (
     call_text,
     callable_name,
@@ -31,56 +42,18 @@ from kithara_ops.optim.schedules import (
     value_text,
 )
 
-_CORES = {  # the transformation that gives an Optax alias its update direction
-    "scale_by_adam": "adam", "scale_by_adamax": "adamax", "scale_by_lion": "lion",
-    "scale_by_factored_rms": "adafactor", "scale_by_rms": "rmsprop", "scale_by_stddev": "rmsprop",
-    "scale_by_rss": "adagrad", "scale_by_belief": "adabelief", "scale_by_amsgrad": "amsgrad",
-    "scale_by_yogi": "yogi", "scale_by_radam": "radam", "scale_by_adan": "adan",
-    "scale_by_adadelta": "adadelta", "scale_by_sm3": "sm3", "scale_by_novograd": "novograd",
-    "scale_by_lbfgs": "lbfgs", "scale_by_polyak": "polyak_sgd", "scale_by_rprop": "rprop",
-    "scale_by_optimistic_gradient": "optimistic_gradient_descent", "scale_by_muon": "muon",
-    "scale_by_sign": "signum", "add_noise": "noisy_sgd",
-}  # fmt: skip
-_CLIPPERS = {  # Optax clipping transformation -> (clipping kind, its threshold argument)
-    "clip_by_global_norm": ("global_norm", "max_norm"), "clip": ("value", "max_delta"),
-    "clip_by_block_rms": ("block_rms", "threshold"), "adaptive_grad_clip": ("adaptive", "clipping"),
-}  # fmt: skip
 _KERAS_CLIPS = {  # Keras argument -> (clipping kind, Optax-style element, its argument)
     "global_clipnorm": ("global_norm", "clip_by_global_norm", "max_norm"),
     "clipnorm": ("norm", "clip_by_norm", "max_norm"), "clipvalue": ("value", "clip", "max_delta"),
 }  # fmt: skip
-_EXTRAS = {  # hyperparameters an alias's other parts add: part -> {closure name: our name}
-    "add_decayed_weights": {"weight_decay": "weight_decay"}, "ema": {"decay": "momentum"},
-    "trace": {"decay": "momentum", "nesterov": "nesterov"},
-    "clip_by_block_rms": {"threshold": "clipping_threshold"},
-}  # fmt: skip
-_CHAINS = {"chain", "named_chain"}
-_SGD_PARTS = {"identity", "trace", "scale", "scale_by_schedule", "add_decayed_weights", "masked",
-              "apply_if_finite", *_CLIPPERS}  # fmt: skip
-_RENAMES = {"beta_1": "b1", "beta_2": "b2", "epsilon": "eps"}
-_NEUTRAL = {  # left out at these values (unless core to the algorithm): they change nothing
-    "mu_dtype": None, "accumulator_dtype": None, "amsgrad": False, "eps_root": 0.0,
-    "nesterov": False, "centered": False, "momentum": 0.0,
-}  # fmt: skip
-_FIRST = ("b1", "b2", "eps", "weight_decay", "momentum", "nesterov")
+_KERAS_NAMES = {"MultiOptimizer": "multi_optimizer", "ScheduleFreeAdamW": "schedule_free_adamw"}
 _KERAS_BOOKKEEPING = {"loss_scale_factor": None, "gradient_accumulation_steps": None,
                       "use_ema": False, "is_legacy_optimizer": False}  # fmt: skip
 _SHORT_KINDS = {"warmup_exponential_decay": "warmup_exp", "piecewise_constant": "piecewise",
                 "piecewise_constant_decay": "piecewise", "exponential_decay": "exp_decay"}  # fmt: skip
-_PEAK_KEYS = ("peak", "warmup_target", "init_value", "initial_learning_rate", "init", "value",
+_PEAK_KEYS = ("peak", "peak_value", "warmup_target", "init_value", "initial_learning_rate", "init", "value",
               "end_value", "end")  # fmt: skip
 _LABEL_LENGTH = 40
-
-
-@dataclasses.dataclass
-class _Part:
-    """One element of the chain, before it is made JSON-safe."""
-
-    name: str
-    hyperparams: dict[str, Any]
-    learning_rate: Any = None  # a number, an Optax schedule, a Keras schedule config, or None
-    alias: bool = False
-    injected: bool = False
 
 
 def describe_optimizer(opt: Any) -> dict[str, Any]:
@@ -180,9 +153,38 @@ def _keras_config(opt: keras.optimizers.Optimizer) -> dict[str, Any]:
     return {**config, "learning_rate": lr}
 
 
+def _without_names(config: Any) -> Any:
+    """A Keras config without ``name`` entries at any depth: Keras numbers default names per
+    session (``adam_6``), so two identical runs would describe differently."""
+    if isinstance(config, dict):
+        return {k: _without_names(v) for k, v in config.items() if k != "name"}
+    if isinstance(config, list):
+        return [_without_names(v) for v in config]
+    return config
+
+
+def _describe_loss_scaled(opt: Any) -> dict[str, Any]:
+    """A ``LossScaleOptimizer``: its inner optimizer's description, the loss scaling first."""
+    described = _describe_keras(opt.inner_optimizer)
+    config = opt.get_config()
+    scaling = {k: json_safe(config[k]) for k in ("initial_scale", "dynamic_growth_steps") if k in config}  # fmt: skip
+    chain = [{"name": "loss_scale", "hyperparams": scaling}, *described["chain"]]
+    safe_config = json_safe(_without_names(config))
+    return {
+        **described,
+        "hyperparams": {**described["hyperparams"], "loss_scale": scaling},
+        "chain": chain,
+        "chain_text": " -> ".join(_element_text(element) for element in chain),
+        "tree": {"class_name": type(opt).__name__, "config": safe_config},
+        "config": safe_config,
+    }
+
+
 def _describe_keras(opt: keras.optimizers.Optimizer) -> dict[str, Any]:
-    config = _keras_config(opt)
-    name, lr = type(opt).__name__.lower(), config.get("learning_rate")
+    if isinstance(getattr(opt, "inner_optimizer", None), keras.optimizers.Optimizer):
+        return _describe_loss_scaled(opt)
+    config = _without_names(_keras_config(opt))
+    name, lr = _KERAS_NAMES.get(type(opt).__name__, type(opt).__name__.lower()), config.get("learning_rate")  # fmt: skip
     if isinstance(lr, float) and float(np.float32(lr)) == lr:
         lr = float(str(np.float32(lr)))  # a float32 variable's value: 0.001, not 0.00100000005
     hyperparams = {
@@ -192,12 +194,12 @@ def _describe_keras(opt: keras.optimizers.Optimizer) -> dict[str, Any]:
         and not (key in _KERAS_BOOKKEEPING and value == _KERAS_BOOKKEEPING[key])
         and not (key.startswith("ema_") and not config.get("use_ema"))
     }
-    parts = [_Part(name, _normalise(name, hyperparams), lr, alias=True)]
+    parts = [Part(name, normalise(name, hyperparams), lr, alias=True)]
     clipping = None
     for key, (kind, element, argument) in _KERAS_CLIPS.items():
         if config.get(key) is not None and clipping is None:  # Keras allows only one
             clipping = {"kind": kind, "value": json_safe(config[key])}
-            parts.insert(0, _Part(element, {argument: clipping["value"]}))
+            parts.insert(0, Part(element, {argument: clipping["value"]}))
     safe_config = json_safe(config)
     tree = {"class_name": type(opt).__name__, "config": safe_config}
     return {**_assemble("keras", parts[-1], clipping, parts), "tree": tree, "config": safe_config}
@@ -208,13 +210,17 @@ def _describe_optax(opt: Any) -> dict[str, Any]:
     multi_steps = root.name == "MultiSteps" and bool(root.children)
     inner = root.children[0] if multi_steps else root
     parts = _elements(inner)
-    main = next((part for part in parts if part.alias), None)
+    main = whole_optimizer(inner)
+    if main is not None:
+        parts = [main]
+    else:
+        main = next((part for part in parts if part.alias), None)
     if main is None:  # no alias: read the algorithm from all the primitives together
-        main = _Part(*_recognise(_primitives(inner)))
-    clip = next((p for p in parts if p.name in _CLIPPERS and not p.alias), None)
+        main = Part(*recognise(flat_parts(inner)))
+    clip = next((p for p in parts if p.name in CLIPPERS and not p.alias), None)
     clipping = None
     if clip is not None:
-        kind, argument = _CLIPPERS[clip.name]
+        kind, argument = CLIPPERS[clip.name]
         clipping = {"kind": kind, "value": clip.hyperparams.get(argument)}
     if multi_steps:
         every_k = root.hyperparams.get("every_k_schedule", root.functions.get("every_k_schedule"))
@@ -225,85 +231,25 @@ def _describe_optax(opt: Any) -> dict[str, Any]:
     return {**_assemble("optax", main, clipping, parts, multi_steps), "tree": _tree(root)}
 
 
-def _elements(node: TxNode) -> list[_Part]:
+def _elements(node: TxNode) -> list[Part]:
     """The chain as the user wrote it; a recognised alias sub-chain is one element."""
     if node.name == "inject_hyperparams":
-        return [_injected(node)]
-    if node.name in _CHAINS:
-        primitives = _primitives(node)
-        name, hyperparams, lr = _recognise(primitives)
+        return [injected(node)]
+    if node.name in CHAINS:
+        primitives = flat_parts(node)
+        name, hyperparams, lr = recognise(primitives)
         names = ["", *(p.name for p in primitives)]  # Adafactor's own clip follows its core
         own = ("scale_by_factored_rms", "clip_by_block_rms")
-        user_clip = any(b in _CLIPPERS and (a, b) != own for a, b in itertools.pairwise(names))
+        user_clip = any(b in CLIPPERS and (a, b) != own for a, b in itertools.pairwise(names))
         if lr is not None and name != "unknown" and not user_clip:
-            return [_Part(name, hyperparams, lr, alias=True)]  # an alias: one element
+            return [Part(name, hyperparams, lr, alias=True)]  # an alias: one element
         return [p for child in node.children for p in _elements(child)]
     hyperparams = {k: json_safe(v) for k, v in node.hyperparams.items() if v is not None}
+    hyperparams.update(selector_texts(node))
     lr = None
     if node.name == "scale_by_schedule":
         lr = introspect.find_learning_rate(dataclasses.replace(node, children=[]))
-    return [_Part(node.name, hyperparams, lr), *(p for c in node.children for p in _elements(c))]
-
-
-def _primitives(node: TxNode) -> list[TxNode]:
-    """All transformations under ``node`` in order: chains flattened, wrappers kept as markers."""
-    inner = [p for child in node.children for p in _primitives(child)]
-    return inner if node.name in _CHAINS else [dataclasses.replace(node, children=[]), *inner]
-
-
-def _recognise(primitives: list[TxNode]) -> tuple[str, dict[str, Any], Any]:
-    """(name, normalised hyperparameters, learning rate) of a flat list of transformations."""
-    names = [p.name for p in primitives]
-    lr = introspect.find_learning_rate(TxNode("chain", {}, {}, primitives))
-    core = next((p for p in primitives if p.name in _CORES), None)
-    if core is not None:
-        name = _CORES[core.name]
-    elif "scale_by_trust_ratio" in names:
-        core = primitives[names.index("scale_by_trust_ratio")]
-        name = "lars" if "trace" in names else "fromage"
-    elif lr is not None and set(names) <= _SGD_PARTS:
-        name = "sgd"
-    else:
-        merged: dict[str, Any] = {}  # whatever can be read, first value of a name wins
-        for p in (p for p in primitives if p.name not in _CLIPPERS):
-            for key, value in p.hyperparams.items():
-                merged.setdefault(key, value)
-        return "unknown", _normalise("unknown", merged), lr
-    hyperparams = dict(core.hyperparams) if core is not None else {}
-    after_core = core is None
-    for p in primitives:
-        after_core = after_core or p is core
-        if p is not core and (after_core or p.name not in _CLIPPERS):  # not a user's clip
-            for source, target in _EXTRAS.get(p.name, {}).items():
-                if source in p.hyperparams:
-                    hyperparams.setdefault(target, p.hyperparams[source])
-    decayed = "add_decayed_weights" in names
-    if name == "adam":
-        nadam = "nadam" if core.hyperparams.get("nesterov") else "adam"
-        name = "lamb" if "scale_by_trust_ratio" in names else nadam + ("w" if decayed else "")
-    elif name == "adamax" and decayed:
-        name = "adamaxw"
-    elif name == "rmsprop" and core.name == "scale_by_stddev":
-        hyperparams["centered"] = True
-    elif name == "adafactor":
-        hyperparams["multiply_by_parameter_scale"] = "scale_by_param_block_rms" in names
-    internal_lr = hyperparams.pop("learning_rate", None)  # rprop keeps it inside its core
-    return name, _normalise(name, hyperparams), lr if lr is not None else internal_lr
-
-
-def _injected(node: TxNode) -> _Part:
-    """The element for ``optax.inject_hyperparams(factory)(**hyperparams)``."""
-    values: dict[str, Any] = {}
-    for group in ("other_hps", "numeric_hps", "sched_hps"):
-        values.update(node.hyperparams.get(group) or {})
-    values = {k: getattr(v, "schedule_fn", v) for k, v in values.items()}  # unwrap schedules
-    factory = node.functions.get("inner_factory")
-    name = getattr(getattr(factory, "func", factory), "__name__", "unknown").lower()
-    if name in ("adam", "adamw") and values.get("nesterov"):
-        name = "n" + name
-    lr = values.pop("learning_rate", None)
-    values = {k: schedule_text(v) if callable(v) else v for k, v in values.items()}
-    return _Part(name, _normalise(name, values), lr, alias=True, injected=True)
+    return [Part(node.name, hyperparams, lr), *(p for c in node.children for p in _elements(c))]
 
 
 def _tree(node: TxNode) -> dict[str, Any]:
@@ -315,7 +261,7 @@ def _tree(node: TxNode) -> dict[str, Any]:
     }
 
 
-def _assemble(family: str, main: _Part, clipping: Any, parts: list[_Part], multi_steps: bool = False) -> dict[str, Any]:  # fmt: skip
+def _assemble(family: str, main: Part, clipping: Any, parts: list[Part], multi_steps: bool = False) -> dict[str, Any]:  # fmt: skip
     lr, schedule = describe_learning_rate(main.learning_rate)
     chain = [_element(part) for part in parts]
     return {
@@ -333,7 +279,7 @@ def _assemble(family: str, main: _Part, clipping: Any, parts: list[_Part], multi
     }
 
 
-def _element(part: _Part) -> dict[str, Any]:
+def _element(part: Part) -> dict[str, Any]:
     element = {"name": part.name, "hyperparams": json_safe(part.hyperparams)}
     if part.alias or part.learning_rate is not None:
         element["learning_rate"] = describe_learning_rate(part.learning_rate)[0]
@@ -347,7 +293,7 @@ def _element_text(element: dict[str, Any]) -> str:
     return call_text(element["name"], {**args, **element.get("hyperparams", {})})
 
 
-def _label(family: str, main: _Part, clipping: Any, lr: Any, schedule: Any) -> str:
+def _label(family: str, main: Part, clipping: Any, lr: Any, schedule: Any) -> str:
     label = f"{family}:{'clip+' if clipping else ''}{main.name}"
     if schedule is not None:
         peaks = [schedule.get(k) for k in _PEAK_KEYS] + list(schedule.get("values") or [])
@@ -360,31 +306,6 @@ def _label(family: str, main: _Part, clipping: Any, lr: Any, schedule: Any) -> s
     if isinstance(every_k, int) and not isinstance(every_k, bool):
         label += f" k={every_k}"
     return _shorten(label, _LABEL_LENGTH)
-
-
-def _normalise(name: str, hyperparams: dict[str, Any]) -> dict[str, Any]:
-    """Shared names, unset and neutral values left out, the common ones first."""
-    out: dict[str, Any] = {}
-    for key, value in hyperparams.items():
-        key = "decay" if (name, key) == ("rmsprop", "rho") else _RENAMES.get(key, key)
-        if value is not None and key not in out:
-            out[key] = json_safe(value)
-    if name == "sgd":
-        out["momentum"] = out.get("momentum") or 0.0
-        out.setdefault("nesterov", False)
-    elif name in ("adam", "adamw", "nadam", "nadamw"):
-        out.pop("nesterov", None)  # already in the name
-    core = ("momentum", "nesterov") if name == "sgd" else ()
-    out = {k: v for k, v in out.items() if k in core or not _is_neutral(k, v)}
-    order = {key: i for i, key in enumerate(_FIRST)}
-    return dict(sorted(out.items(), key=lambda item: order.get(item[0], len(order))))
-
-
-def _is_neutral(key: str, value: Any) -> bool:
-    """True when ``value`` is ``key``'s neutral default (``0`` is not taken for ``False``)."""
-    if key not in _NEUTRAL:
-        return False
-    return isinstance(value, bool) == isinstance(_NEUTRAL[key], bool) and value == _NEUTRAL[key]
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -97,6 +97,8 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
     for key, value in values.items():
         if isinstance(value, optax.GradientTransformation):
             node.children.append(_walk(value.update, value.init))
+        elif isinstance(value, tuple | list) and value and all(map(_is_named_part, value)):
+            node.children.extend(_walk(tx.update, tx.init) for _, tx in value)  # named_chain
         elif isinstance(value, tuple | list) and value and all(map(_is_update_fn, value)):
             node.children.extend(_walk(fn) for fn in value)
         elif (
@@ -105,6 +107,8 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
             and all(isinstance(v, optax.GradientTransformation) for v in _values(value))
         ):
             node.children.extend(_walk(v.update, v.init) for v in _values(value))
+        elif _is_key(value):
+            node.hyperparams[key] = key_text(value)
         elif _is_plain(value):
             node.hyperparams[key] = value
         elif isinstance(value, tuple | list) and all(callable(v) for v in value):
@@ -114,6 +118,27 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
         elif isinstance(value, dict | tuple | list):
             node.hyperparams[key] = value
     return node
+
+
+def _is_named_part(value: Any) -> bool:
+    """True for a ``(name, transformation)`` pair, as ``named_chain`` keeps its parts."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], optax.GradientTransformation)
+    )
+
+
+def _is_key(value: Any) -> bool:
+    """True for a typed PRNG key array (``jax.random.key(0)``)."""
+    return isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+
+
+def key_text(key: jax.Array) -> str:
+    """A typed key as text, ``key(threefry2x32, [0, 0])``: its kind and its bits."""
+    bits = np.asarray(jax.random.key_data(key)).tolist()
+    return f"key({jax.random.key_impl(key)}, {bits})"
 
 
 def _is_plain(value: Any) -> bool:
@@ -140,9 +165,44 @@ def find_learning_rate(node: TxNode) -> float | Callable | None:
     Optax's ``scale_by_learning_rate(lr)`` becomes ``scale(-lr)`` for a constant and
     ``scale_by_schedule(lambda count: -lr(count))`` for a schedule. With ``flip_sign=False``
     (Adafactor) it is ``scale(lr)`` and a separate ``scale(-1)`` flips the sign later; the
-    ``-1`` is a sign, not a learning rate. Returns ``None`` when nothing is recognised.
+    ``-1`` is a sign, not a learning rate.
+
+    Learning-rate-free methods keep their configured base inside their core (Prodigy's and
+    D-Adaptation's ``learning_rate`` multiplies the step size they estimate, Polyak's
+    ``max_learning_rate`` caps it, COCOB's ``scale(learning_rate)`` comes before its core):
+    when no negative step is found, that base is the learning rate. Returns ``None`` when
+    nothing is recognised.
     """
-    return _find_learning_rate(node, sign_flipped=False)[0]
+    found = _find_learning_rate(node, sign_flipped=False)[0]
+    return found if found is not None else _configured_base(node)
+
+
+def _configured_base(node: TxNode) -> float | Callable | None:
+    """A ``learning_rate`` (or ``max_learning_rate``) closed over anywhere under ``node``,
+    else the step of a positive ``scale`` placed before a core."""
+    for key in ("learning_rate", "max_learning_rate"):
+        for part in _all_nodes(node):
+            value = part.hyperparams.get(key, part.functions.get(key))
+            if _is_scalar(value):
+                value = value.item()
+            if callable(value) or (isinstance(value, numbers.Number) and not isinstance(value, bool)):  # fmt: skip
+                return value
+    parts = _all_nodes(node)
+    for part in parts:  # optimistic_adam's step size is the optimistic gradient's alpha
+        alpha = part.hyperparams.get("alpha")
+        if part.name == "scale_by_optimistic_gradient" and isinstance(alpha, numbers.Number):
+            return float(alpha)
+    for i, part in enumerate(parts):
+        step = part.hyperparams.get("step_size")
+        positive = part.name == "scale" and isinstance(step, numbers.Number) and step > 0
+        # Before a core (COCOB), the core sets the sign; after every core it is an ascent.
+        if positive and any(p.name.startswith("scale_by_") for p in parts[i + 1 :]):
+            return float(step)
+    return None
+
+
+def _all_nodes(node: TxNode) -> list[TxNode]:
+    return [node, *(n for child in node.children for n in _all_nodes(child))]
 
 
 def _find_learning_rate(node: TxNode, sign_flipped: bool) -> tuple[Any, bool]:

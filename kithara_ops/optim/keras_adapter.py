@@ -14,8 +14,19 @@ import jax
 import jax.numpy as jnp
 import keras
 
+from kithara_ops.optim import placement
 from kithara_ops.optim.adapter import Params, Shardings
 from kithara_ops.state import variable_keys
+
+
+def _learning_rate(optimizer: keras.optimizers.Optimizer) -> jax.Array:
+    """The optimizer's current learning rate; NaN for a MultiOptimizer, which has one per
+    group of parameters and none of its own."""
+    try:
+        value = optimizer.learning_rate
+    except AttributeError:
+        return jnp.float32(jnp.nan)
+    return jnp.asarray(keras.ops.convert_to_tensor(value), jnp.float32)
 
 
 class KerasAdapter:
@@ -49,18 +60,26 @@ class KerasAdapter:
 
     def _record_slot_owners(self, variables: list[keras.Variable]) -> None:
         """Build the optimizer, remembering which parameter each slot variable mirrors."""
-        make_slot = self.optimizer.add_variable_from_reference
+        # Wrappers (MultiOptimizer, LossScaleOptimizer) make slots in their inner optimizers.
+        inner = [*getattr(self.optimizer, "optimizers", ()), getattr(self.optimizer, "inner_optimizer", None)]  # fmt: skip
+        owners = [opt for opt in (self.optimizer, *inner) if opt is not None]
+        for opt in owners:
+            opt.add_variable_from_reference = self._recording(opt.add_variable_from_reference)
+        try:
+            self.optimizer.build(variables)
+        finally:
+            for opt in owners:
+                del opt.add_variable_from_reference
+
+    def _recording(self, make_slot):
+        """``make_slot`` that also remembers which parameter each slot mirrors."""
 
         def recording(reference_variable, *args, **kwargs):
             slot = make_slot(reference_variable, *args, **kwargs)
             self._slot_owner[id(slot)] = self._key_of.get(id(reference_variable), "")
             return slot
 
-        self.optimizer.add_variable_from_reference = recording
-        try:
-            self.optimizer.build(variables)
-        finally:
-            del self.optimizer.add_variable_from_reference
+        return recording
 
     def init(self, params: Params) -> dict[str, jax.Array]:
         """The optimizer variables' initial values (slots zero, iteration 0)."""
@@ -72,9 +91,7 @@ class KerasAdapter:
         del loss
         opt_values = [opt_state[p] for p in self._opt_paths]
         with keras.StatelessScope(state_mapping=list(zip(self._opt_vars, opt_values))):
-            learning_rate = jnp.asarray(
-                keras.ops.convert_to_tensor(self.optimizer.learning_rate), jnp.float32
-            )
+            learning_rate = _learning_rate(self.optimizer)
         new_params, new_opt = self.optimizer.stateless_apply(
             opt_values,
             [grads[p] for p in self._param_paths],
@@ -87,12 +104,12 @@ class KerasAdapter:
         )
 
     def state_shardings(self, abstract_state, param_shardings: Shardings, replicated):
-        """Slots take their parameter's sharding; counters and scalars are replicated."""
-        del abstract_state
-        return {
-            p: param_shardings.get(self._slot_owner.get(id(v), ""), replicated)
-            for p, v in zip(self._opt_paths, self._opt_vars)
-        }
+        """Slots take their parameter's sharding where it divides their shape (Adafactor's
+        factored slots do not have their parameter's shape); counters and scalars replicate."""
+        owners = {p: self._slot_owner.get(id(v)) for p, v in zip(self._opt_paths, self._opt_vars)}
+        return placement.state_shardings(
+            abstract_state, param_shardings, replicated, lambda path: owners.get(path[0].key)
+        )
 
     @property
     def variables(self) -> list[keras.Variable]:

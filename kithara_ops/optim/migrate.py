@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import keras
 import optax
 
 _SAME_ALGORITHM = {("adam", "adam"), ("adamw", "adamw"), ("sgd", "sgd")}
@@ -80,11 +81,14 @@ def _keras_to_optax(name, keras_state, fresh, saved_keys, keys, saved, meta):
         mu = {k: keras_state[_slot(s, "momentum")] for s, k in zip(saved_keys, keys)}
         nu = {k: keras_state[_slot(s, "velocity")] for s, k in zip(saved_keys, keys)}
         return optax.tree_utils.tree_set(fresh, mu=mu, nu=nu, count=count)
+    has_trace = bool(optax.tree_utils.tree_get_all_with_path(fresh, "trace"))
+    if _slot(saved_keys[0], "momentum") not in keras_state or not has_trace:
+        return None  # momentum on one side only (or neither): nothing carries over
     lr = _learning_rate_at(saved, int(iteration))
-    if _slot(saved_keys[0], "momentum") not in keras_state:
-        return None  # plain SGD keeps no momentum: nothing to carry
     trace = {k: -keras_state[_slot(s, "momentum")] / lr for s, k in zip(saved_keys, keys)}
-    return optax.tree_utils.tree_set(fresh, trace=trace, count=count)
+    # Only a schedule keeps a count in optax.sgd's state.
+    has_count = bool(optax.tree_utils.tree_get_all_with_path(fresh, "count"))
+    return optax.tree_utils.tree_set(fresh, trace=trace, **({"count": count} if has_count else {}))
 
 
 def _optax_to_keras(name, optax_state, fresh, keys, current, adapter):
@@ -96,6 +100,8 @@ def _optax_to_keras(name, optax_state, fresh, keys, current, adapter):
     iteration_key = next(k for k in out if k.endswith("iteration"))
     if counts:
         out[iteration_key] = jnp.asarray(counts[0], out[iteration_key].dtype)
+    if name == "sgd" and _slot(keys[0], "momentum") not in out:
+        return None  # the Keras SGD has no momentum to carry the trace into
     for key in keys:
         if name == "sgd":
             lr = _learning_rate_at(current, int(out[iteration_key]))
@@ -107,10 +113,16 @@ def _optax_to_keras(name, optax_state, fresh, keys, current, adapter):
 
 
 def _learning_rate_at(description: dict, step: int) -> float:
-    """The constant learning rate, or the schedule's peak when only text describes it."""
+    """The learning rate at ``step``: a constant, a Keras schedule rebuilt from its config,
+    or (when only text describes the schedule) its peak."""
     lr = description.get("learning_rate")
     if isinstance(lr, int | float):
         return float(lr)
+    config = (description.get("tree") or {}).get("config") or {}
+    schedule_config = config.get("learning_rate") if isinstance(config, dict) else None
+    if isinstance(schedule_config, dict) and "class_name" in schedule_config:
+        schedule = keras.optimizers.schedules.deserialize(schedule_config)
+        return float(schedule(step))
     schedule = description.get("learning_rate_schedule") or {}
     for key in ("peak", "init_value", "initial_learning_rate", "init"):
         if isinstance(schedule.get(key), int | float) and schedule[key] > 0:

@@ -2,14 +2,64 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from kithara_ops.errors import ConfigError
+from kithara_ops.optim import placement
 from kithara_ops.optim.adapter import Params, Shardings
-from kithara_ops.optim.introspect import find_learning_rate, walk
+from kithara_ops.optim.introspect import TxNode, find_learning_rate, walk
+
+_LINE_SEARCH = (
+    "a line search that calls the loss function (value_fn)",
+    "use optax.lbfgs(..., linesearch=None) or an optimizer such as optax.adamw",
+)
+_NEEDS_A_FUNCTION = {  # transformation -> (what its update needs that the step cannot give, fix)
+    "scale_by_zoom_linesearch": _LINE_SEARCH,
+    "scale_by_backtracking_linesearch": _LINE_SEARCH,
+    "hutchinson_estimator_diag_hessian": (
+        "the loss as a function of the parameters (obj_fn) for Hessian-vector products",
+        "use an optimizer without curvature estimates, such as optax.adamw",
+    ),
+    "differentially_private_aggregate": (
+        "per-example gradients (a batch axis on every gradient)",
+        "use optax.chain(optax.clip_by_global_norm(...), optax.sgd(...)) instead",
+    ),
+}
+
+
+def refuse_unsupported(tree: TxNode) -> None:
+    """Raise ``ConfigError`` for a transformation whose update needs more than the loss.
+
+    The train step hands ``update`` the gradients, the parameters and the loss (``value``);
+    a line search or Sophia's Hessian estimate also needs the loss as a function to call at
+    other points, opaque SAM a gradient function (``grad_fn``) and DP-SGD per-example
+    gradients, which a compiled step over batches cannot offer.
+    """
+    why, fix = _NEEDS_A_FUNCTION.get(tree.name, (None, None))
+    if tree.name == "sam" and tree.hyperparams.get("opaque_mode"):
+        why = "a gradient function to call at perturbed parameters (grad_fn, opaque_mode=True)"
+        fix = "use optax.contrib.sam(..., opaque_mode=False)"
+    if why is not None:
+        raise ConfigError(
+            f"optax {tree.name} cannot be trained here: its update needs {why}, which the "
+            f"train step cannot provide: {fix}."
+        )
+    for child in tree.children:
+        refuse_unsupported(child)
+
+
+def takes_value(update: Any) -> bool:
+    """Whether ``update`` accepts ``value=`` (named, or through ``**extra_args``)."""
+    try:
+        params = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "value" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class OptaxAdapter:
@@ -27,8 +77,12 @@ class OptaxAdapter:
     def __init__(self, tx: optax.GradientTransformation, user_object: Any = None):
         self.optimizer = user_object if user_object is not None else tx
         self._tx = tx
-        self._extra_args = isinstance(tx, optax.GradientTransformationExtraArgs)
-        self._learning_rate = find_learning_rate(walk(tx))
+        self._extra_args = isinstance(tx, optax.GradientTransformationExtraArgs) and takes_value(
+            tx.update
+        )
+        tree = walk(tx)
+        refuse_unsupported(tree)
+        self._learning_rate = find_learning_rate(tree)
 
     def init(self, params: Params) -> Any:
         """``tx.init(params)``."""
@@ -67,12 +121,6 @@ class OptaxAdapter:
         del opt_state
 
     def state_shardings(self, abstract_state, param_shardings: Shardings, replicated):
-        """Per-parameter leaves (moments, traces) follow their parameter; the rest replicate."""
-        return optax.tree_map_params(
-            self._tx,
-            lambda _, sharding: sharding,
-            abstract_state,
-            param_shardings,
-            transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
-        )
+        """Each leaf by its own shape: its parameter's sharding where that divides it, else
+        replicated (see ``placement.py``)."""
+        return placement.state_shardings(abstract_state, param_shardings, replicated)

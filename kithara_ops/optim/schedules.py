@@ -18,6 +18,7 @@ import numpy as np
 from kithara_ops.optim.introspect import closure_values, factory_name
 
 _LINEAR = ("init_value", "end_value", "transition_steps", "transition_begin")
+_COUNTS = {"decay_steps", "transition_steps", "transition_begin", "warmup_steps"}
 
 
 _OPTAX_SCHEDULES = {  # factory -> (kind, closure parameters in the factory's order)
@@ -32,8 +33,15 @@ _OPTAX_SCHEDULES = {  # factory -> (kind, closure parameters in the factory's or
 def describe_optax_schedule(fn: Any) -> dict[str, Any]:
     """``{"kind": ..., <params>}`` for an Optax schedule, read from its closure."""
     kind, values = factory_name(fn), closure_values(fn)
+    # Some schedules turn their step counts into floats the first time they are called
+    # (cosine_decay_schedule's ``nonlocal decay_steps``): a count is described as a count.
+    values = {k: _whole(v) if k in _COUNTS else v for k, v in values.items()}
     if kind == "join_schedules" and (warmup := _warmup_schedule(values)) is not None:
         return warmup
+    if kind == "join_schedules" and (cycles := _sgdr(values)) is not None:
+        return cycles
+    if kind == "piecewise_interpolate_schedule" and (one := _onecycle(values)) is not None:
+        return one
     if kind == "polynomial_schedule":
         power_1 = values.get("power") == 1
         kind, keys = ("linear", _LINEAR) if power_1 else ("polynomial", (*_LINEAR, "power"))
@@ -75,6 +83,48 @@ def _warmup_schedule(values: dict[str, Any]) -> dict[str, Any] | None:
         tail = {**{k: main.get(k) for k in keys}, "end": main.get("end_value")}
         return json_safe({"kind": "warmup_exponential_decay", **head, **tail})
     return None
+
+
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _exact(value: float) -> float:
+    """``value`` at 12 significant digits: 0.01, not 0.010000000000000002, after a product."""
+    return float(f"{float(value):.12g}")
+
+
+def _onecycle(values: dict[str, Any]) -> dict[str, Any] | None:
+    """``cosine_onecycle`` / ``linear_onecycle`` from the piecewise interpolation they build.
+
+    Optax builds them from ``init = peak / div_factor`` with boundaries at
+    ``int(pct_start * T)`` (and ``int(pct_final * T)``), ``T``, and
+    scales ``div_factor`` then ``1 / (div_factor * final_div_factor)`` (cosine) or
+    ``1 / div_factor`` then ``1 / final_div_factor`` (linear).
+    """
+    interpolate = getattr(values.get("interpolate_fn"), "__name__", "")
+    bounds, scales = list(values.get("boundaries") or []), list(values.get("scales") or [])
+    init = values.get("init_value")
+    if not isinstance(init, int | float) or not bounds or len(bounds) != len(scales):
+        return None
+    steps, div = bounds[-1], float(scales[0])
+    head = {"transition_steps": steps, "peak_value": _exact(init * div), "pct_start": _exact(bounds[0] / steps)}  # fmt: skip
+    if interpolate == "_cosine_interpolate" and len(bounds) == 2:
+        tail = {"div_factor": _exact(div), "final_div_factor": _exact(1 / (scales[1] * div))}
+        return {"kind": "cosine_onecycle", **head, **tail}
+    if interpolate == "_linear_interpolate" and len(bounds) == 3:
+        tail = {"pct_final": _exact(bounds[1] / steps), "div_factor": _exact(div), "final_div_factor": _exact(1 / scales[2])}  # fmt: skip
+        return {"kind": "linear_onecycle", **head, **tail}
+    return None
+
+
+def _sgdr(values: dict[str, Any]) -> dict[str, Any] | None:
+    """``sgdr``: warm restarts, a ``join_schedules`` of warm-up cosine cycles."""
+    parts = list(values.get("schedules") or [])
+    cycles = [describe_optax_schedule(part) for part in parts]
+    if len(cycles) < 2 or any(c.get("kind") != "warmup_cosine" for c in cycles):
+        return None
+    return {"kind": "sgdr", "cycles": [{k: v for k, v in c.items() if k != "kind"} for c in cycles]}
 
 
 def describe_keras_schedule(config: dict[str, Any]) -> dict[str, Any]:

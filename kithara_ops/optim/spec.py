@@ -25,6 +25,7 @@ import keras
 import optax
 
 from kithara_ops.errors import ConfigError, first_line
+from kithara_ops.optim import selectors
 from kithara_ops.optim.spec_checks import (
     MAX_NESTING,
     abstract_base,
@@ -276,6 +277,7 @@ def _build(node: ast.expr, spec: str) -> Any:
             fn = resolve_name(name)
         args = [_build(a, spec) for a in node.args]
         kwargs = {kw.arg: _build(kw.value, spec) for kw in node.keywords}
+        args, kwargs = _with_selectors(fn, name, args, kwargs)
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # the arguments came from the user: any failure is theirs
@@ -295,10 +297,38 @@ def _build(node: ast.expr, spec: str) -> Any:
     return ast.literal_eval(node)  # a checked constant or signed number
 
 
+def _with_selectors(fn: Any, name: str, args: list, kwargs: dict) -> tuple[list, dict]:
+    """Masks and labels written as literals (a regex string, a dict of regex -> label) as
+    the path selectors Optax calls with the parameters (see ``selectors.py``)."""
+    if not (getattr(fn, "__module__", "") or "").startswith("optax"):
+        return args, kwargs
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return args, kwargs  # the call itself reports the mismatch
+    takes = selectors.MASK_ARGUMENTS | selectors.LABEL_ARGUMENTS
+    if not takes & set(bound.arguments):
+        return args, kwargs
+    for argument in takes & set(bound.arguments):
+        where = f"{argument} of {name}"
+        bound.arguments[argument] = selectors.literal_selector(
+            argument, bound.arguments[argument], where
+        )
+    return list(bound.args), dict(bound.kwargs)
+
+
 def _first_line(err: Exception) -> str:
     """The error's type and first line: a library's message names what it refused."""
     line = first_line(err, limit=None)
     return f"{type(err).__name__}: {line}" if str(err).strip() else line
+
+
+def _takes_value(optimizer: Any) -> bool:
+    """Whether the optimizer's update accepts the loss as ``value`` (as the adapter passes it)."""
+    from kithara_ops.optim.optax_adapter import takes_value
+
+    extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+    return extra_args and takes_value(optimizer.update)
 
 
 def check_optimizer(optimizer: Any, spec: str) -> Any:
@@ -317,10 +347,22 @@ def check_optimizer(optimizer: Any, spec: str) -> Any:
             f"Optimizer spec {_quote(spec)} builds a {type(optimizer).__name__}, not an optimizer: "
             "use an optax transformation or a keras.optimizers class."
         )
+    from kithara_ops.optim.introspect import walk
+    from kithara_ops.optim.optax_adapter import refuse_unsupported
+
+    try:
+        refuse_unsupported(walk(optimizer))  # needs a loss function, per-example gradients...
+    except ConfigError as err:
+        raise ConfigError(f"Optimizer spec {_quote(spec)}: {err}") from None
     params = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    # Transformations that take the loss (polyak_sgd, contrib.momo, reduce_on_plateau) get
+    # one, as the train step gives it.
+    extra = {"value": jnp.float32(1.0)} if _takes_value(optimizer) else {}
     try:
         state = jax.eval_shape(optimizer.init, params)
-        jax.eval_shape(lambda g, s, p: optimizer.update(g, s, p), params, state, params)
+        jax.eval_shape(lambda g, s, p: optimizer.update(g, s, p, **extra), params, state, params)
+    except selectors.UnmatchedParameter:
+        pass  # "w" stands in for the model's parameters: their paths are checked at start
     except Exception as err:
         raise ConfigError(
             f"Optimizer spec {_quote(spec)} cannot update parameters: {_first_line(err)}"

@@ -1,0 +1,302 @@
+"""Every optimizer a user can bring, enumerated from the installed Keras and Optax.
+
+The cases are read from the packages at collection time, so a new release's optimizers are
+covered without editing this file: every concrete ``keras.optimizers`` class, every alias in
+``optax`` (the functions of ``optax._src.alias``) and every public ``optax.contrib`` function
+that builds a ``GradientTransformation``, plus the wrappers and combinators. What cannot
+work is listed in ``REFUSED`` with the reason, and must be refused with one ``ConfigError``
+line before anything compiles.
+
+Each case, on a tiny model (an embedding and a dense layer, 8 virtual devices, fsdp):
+describe it (family, name, learning rate), take 6 steps with finite losses and a
+``learning_rate`` metric equal to the rate the step used, and compare 6 straight steps with
+3 steps, a save and a restore into a fresh optimizer's template, then 3 more: parameters and
+optimizer state must be bitwise equal. The enumerated cases round-trip the state through
+its saved form in memory (what a checkpoint stores; fast); the wrappers whose state is the
+hard part go through the Trainer with real checkpoints on disk (``FULL_RESUME``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+
+import jax
+import keras
+import numpy as np
+import optax
+import pytest
+
+from kithara_ops import ConfigError, Trainer, describe_optimizer, feed
+from kithara_ops.integrity import signature
+from kithara_ops.optim.spec import build_optimizer
+from kithara_ops.saved_form import from_saved, to_saved
+
+pytestmark = pytest.mark.slow
+
+LR = 1e-2
+EMBEDDINGS, KERNEL, BIAS = "tiny/emb/embeddings", "tiny/out/kernel", "tiny/out/bias"
+
+# ------------------------------------------------------------------------------ the cases
+
+KERAS_WRAPPERS = {"LossScaleOptimizer", "MultiOptimizer"}  # built below, around an inner one
+ARGS = {  # factories that need more than a learning rate
+    "optax.noisy_sgd": {"key": jax.random.key(0)},
+    "optax.contrib.schedule_free": {"base_optimizer": optax.sgd(LR)},
+    "optax.contrib.mechanize": {"base_optimizer": optax.sgd(LR)},
+    "optax.contrib.sam": {"optimizer": optax.sgd(LR), "adv_optimizer": optax.sgd(LR)},
+    "optax.contrib.split_real_and_imaginary": {"inner": optax.adam(LR)},
+    "optax.contrib.dpsgd": {"l2_norm_clip": 1.0, "noise_multiplier": 0.1, "seed": 0},
+    "optax.contrib.differentially_private_aggregate": {
+        "l2_norm_clip": 1.0,
+        "noise_multiplier": 0.1,
+        "seed": 0,
+    },
+}
+COMPOSED = {  # parts that are no optimizer alone (they would ascend): tried behind one
+    "optax.contrib.reduce_on_plateau": lambda part: optax.chain(optax.sgd(LR), part()),
+    "optax.contrib.normalize": lambda part: optax.chain(part(), optax.sgd(LR)),
+}
+NOT_OPTIMIZERS = {  # public optax.contrib functions that build something else
+    "optax.contrib.schedule_free_eval_params": "maps a state to evaluation parameters",
+}
+REFUSED = {  # cannot train in a compiled step over batches: each gets a ConfigError
+    "optax.lbfgs": "its zoom line search calls the loss function (value_fn) at other points",
+    "optax.contrib.dpsgd": "needs per-example gradients; the step computes batch gradients",
+    "optax.contrib.differentially_private_aggregate": "needs per-example gradients",
+    "optax.contrib.hutchinson_estimator_diag_hessian": "needs the loss function (obj_fn)",
+    "optax.contrib.sophia": "its Hessian estimate needs the loss function (obj_fn)",
+}
+NO_LEARNING_RATE = {  # described without a learning rate: there is none to read
+    "keras.MultiOptimizer": "one learning rate per group of parameters, none of its own",
+}
+
+
+def _build(factory, name):
+    if name in COMPOSED:
+        return COMPOSED[name](factory)
+    kwargs = dict(ARGS.get(name, {}))
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    if "learning_rate" in accepted and "learning_rate" not in kwargs:
+        kwargs["learning_rate"] = LR
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return factory(**kwargs)
+
+
+def keras_cases():
+    for name in sorted(dir(keras.optimizers)):
+        cls = getattr(keras.optimizers, name)
+        concrete = isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)
+        if concrete and cls is not keras.optimizers.Optimizer and name not in KERAS_WRAPPERS:
+            yield f"keras.{name}", lambda cls=cls: cls(learning_rate=LR)
+
+
+def optax_cases():
+    aliases = [
+        (f"optax.{n}", getattr(optax, n))
+        for n in sorted(dir(optax))
+        if not n.startswith("_")
+        and getattr(getattr(optax, n), "__module__", "") == "optax._src.alias"
+    ]
+    contrib = [
+        (f"optax.contrib.{n}", getattr(optax.contrib, n))
+        for n in sorted(dir(optax.contrib))
+        if not n.startswith(("_", "scale_by_"))  # scale_by_*: the parts the optimizers use
+        and inspect.isfunction(getattr(optax.contrib, n))
+    ]
+    for name, factory in aliases + contrib:
+        if name in NOT_OPTIMIZERS:
+            continue
+        # A contrib function that does not build with a learning rate must be listed in ARGS
+        # (this raises at collection, naming it, rather than silently dropping it).
+        built = _build(factory, name)
+        if isinstance(built, optax.GradientTransformation):
+            yield name, lambda factory=factory, name=name: _build(factory, name)
+
+
+def labels():
+    return {EMBEDDINGS: "adam", KERNEL: "sgd", BIAS: "sgd"}
+
+
+def keras_multi():
+    groups = keras.optimizers.OptimizerMap(default_optimizer=keras.optimizers.SGD(LR, 0.9))
+    groups["^tiny/emb/.*"] = keras.optimizers.Adam(LR)
+    return keras.optimizers.MultiOptimizer(groups)
+
+
+WRAPPERS = {
+    "optax.chain": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(LR)),
+    "optax.named_chain": lambda: optax.named_chain(
+        ("clip", optax.clip(1.0)), ("opt", optax.adam(LR))
+    ),
+    "optax.multi_transform": lambda: optax.multi_transform(
+        {"adam": optax.adam(LR), "sgd": optax.sgd(LR, momentum=0.9)}, labels()
+    ),
+    "optax.partition": lambda: optax.partition(
+        {"adam": optax.adam(LR), "sgd": optax.sgd(LR)}, labels()
+    ),
+    "optax.masked": lambda: optax.chain(
+        optax.masked(optax.add_decayed_weights(0.1), {k: k != BIAS for k in labels()}),
+        optax.sgd(LR),
+    ),
+    "optax.adamw-mask": lambda: optax.adamw(LR, mask={k: k != BIAS for k in labels()}),
+    "optax.freeze": lambda: optax.chain(
+        optax.freeze({k: k == EMBEDDINGS for k in labels()}), optax.adam(LR)
+    ),
+    "optax.flatten": lambda: optax.flatten(optax.adam(LR)),
+    "optax.MultiSteps": lambda: optax.MultiSteps(optax.adam(LR), every_k_schedule=2),
+    "optax.apply_if_finite": lambda: optax.apply_if_finite(optax.adam(LR), 3),
+    "optax.inject_hyperparams": lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=LR),
+    "optax.noisy_sgd-seed": lambda: optax.noisy_sgd(LR, seed=0),
+    "keras.LossScaleOptimizer": lambda: keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.Adam(LR)
+    ),
+    "keras.MultiOptimizer": keras_multi,
+    # Masks and labels written in a spec select the Trainer's parameters by path.
+    "optax.multi_transform-spec": lambda: build_optimizer(
+        'optax.multi_transform({"adam": optax.adam(0.01), "sgd": optax.sgd(0.01, 0.9)}, '
+        '{"emb": "adam", ".*": "sgd"})'
+    ),
+    "optax.adamw-mask-spec": lambda: build_optimizer('optax.adamw(0.01, mask="kernel$")'),
+}
+CASES = {**dict(keras_cases()), **dict(optax_cases()), **WRAPPERS}
+TRAINABLE = {k: v for k, v in CASES.items() if k not in REFUSED}
+FULL_RESUME = [
+    "optax.named_chain",
+    "optax.contrib.galore",
+    "optax.noisy_sgd",
+    "optax.noisy_sgd-seed",
+    "optax.MultiSteps",
+    "optax.apply_if_finite",
+    "optax.multi_transform",
+    "keras.LossScaleOptimizer",
+    "keras.MultiOptimizer",
+    "keras.Adafactor",
+]
+
+# ------------------------------------------------------------------------------ the runs
+
+
+def tiny_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.layers.Embedding(16, 8, name="emb"), keras.layers.Dense(16, name="out")],
+        name="tiny",
+    )
+    model.build((None, 4))
+    return model
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 16, (6, 2, 8, 4), dtype=np.int32)
+    return [{"x": x, "y": y} for x, y in tokens]
+
+
+def trainer_for(optimizer, **options) -> Trainer:
+    options = {"tracking": False, "system_metrics": False, "sharding": "fsdp", **options}
+    return Trainer(tiny_model(), optimizer, batches(), steps=6, min_shard_size=1, **options)
+
+
+def host(tree):
+    """Numpy copies (keys as their data): what a checkpoint holds, off the devices."""
+    return jax.tree.map(np.asarray, jax.device_get(to_saved(tree)))
+
+
+def assert_bitwise(a, b):
+    a_leaves, b_leaves = jax.tree.leaves(host(a)), jax.tree.leaves(host(b))
+    assert len(a_leaves) == len(b_leaves)
+    for x, y in zip(a_leaves, b_leaves):
+        np.testing.assert_array_equal(x, y)
+
+
+def train(trainer, state, data):
+    metrics = []
+    for batch in data:
+        state, step_metrics = trainer.steps.train_step(
+            state, feed.to_device(batch, trainer.batch_sharding)
+        )
+        metrics.append(jax.device_get(step_metrics))
+    return state, metrics
+
+
+@pytest.mark.parametrize("name", sorted(TRAINABLE))
+def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
+    make = TRAINABLE[name]
+    trainer = trainer_for(make())
+    description = trainer.description
+    assert description["family"] == name.split(".")[0]
+    assert description["name"] and description["name"] != "unknown", description["chain_text"]
+    if name not in NO_LEARNING_RATE:
+        assert description["learning_rate"] is not None, description["chain_text"]
+
+    data = batches()
+    state, first = train(trainer, trainer.initial_state(), data[:3])
+    halfway = host(state)
+    straight, second = train(trainer, state, data[3:])
+    metrics = first + second
+    assert all(math.isfinite(float(m["loss"])) for m in metrics)
+    assert int(straight.step) == 6
+    rate = float(metrics[0]["learning_rate"])
+    if isinstance(description["learning_rate"], float) and name != "optax.contrib.schedule_free":
+        assert rate == pytest.approx(description["learning_rate"], rel=1e-6)
+    # A fresh optimizer object restores the saved form and continues to the same bits.
+    fresh = trainer_for(make())
+    template = fresh.state_template().abstract
+    saved_form = to_saved(template)
+    assert [s for _, s in sorted(signature(saved_form).items())] == [
+        s for _, s in sorted(signature(halfway).items())
+    ]
+    placed = jax.device_put(
+        jax.tree.unflatten(jax.tree.structure(saved_form), jax.tree.leaves(halfway)),
+        jax.tree.map(lambda leaf: leaf.sharding, saved_form),
+    )
+    resumed, _ = train(fresh, from_saved(placed, template), data[3:])
+    assert_bitwise(resumed.params, straight.params)
+    assert_bitwise(resumed.opt_state, straight.opt_state)
+
+
+@pytest.mark.parametrize("name", FULL_RESUME)
+def test_resume_from_disk_with_a_fresh_optimizer_is_bitwise(name, tmp_path, eight_devices):
+    make = TRAINABLE[name]
+    directory = str(tmp_path / "ckpt")
+    straight = trainer_for(make(), checkpoint_dir=directory, save_every=3)
+    straight.train()
+    resumed = trainer_for(make(), checkpoint_dir=directory)
+    resumed.train(resume=3, overwrite=True)
+    assert int(resumed.state.step) == 6
+    assert_bitwise(resumed.state.params, straight.state.params)
+    assert_bitwise(resumed.state.opt_state, straight.state.opt_state)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_cannot_train_is_refused_in_one_line(name):
+    namespace, short = name.rsplit(".", 1)
+    factory = getattr(optax.contrib if namespace.endswith("contrib") else optax, short)
+    with pytest.raises(ConfigError) as refused:
+        trainer_for(_build(factory, name))
+    assert "\n" not in str(refused.value) and "cannot be trained here" in str(refused.value)
+
+
+def _spec_names():
+    """Cases a spec can write as ``name(learning_rate=0.01)``: no other arguments needed."""
+    for name in sorted(TRAINABLE):
+        short = name.rsplit(".", 1)[-1]
+        if name in WRAPPERS or name in ARGS or name in COMPOSED:
+            continue
+        if name.startswith("keras."):
+            yield name, f"keras.optimizers.{short}(learning_rate={LR})"
+        else:
+            factory = getattr(optax.contrib if ".contrib." in name else optax, short)
+            if "learning_rate" in inspect.signature(factory).parameters:
+                yield name, f"{name}(learning_rate={LR})"
+
+
+@pytest.mark.parametrize(("name", "spec"), list(_spec_names()), ids=[n for n, _ in _spec_names()])
+def test_a_spec_and_the_python_object_describe_alike(name, spec):
+    assert describe_optimizer(build_optimizer(spec)) == describe_optimizer(TRAINABLE[name]())

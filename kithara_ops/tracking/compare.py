@@ -250,7 +250,7 @@ def table_columns(summaries: Sequence[RunSummary]) -> list[Column]:
         Column("optimizer", [s.optimizer or "-" for s in summaries], drop_rank=3),
         Column("lr", [s.learning_rate or "-" for s in summaries], drop_rank=1),
         Column("status", [s.status for s in summaries]),
-        Column("steps", ["-" if s.steps is None else str(s.steps) for s in summaries], True),
+        Column("steps", ["-" if s.steps is None else str(s.steps) for s in summaries], number=True),
         Column("final", [_number(s.final) for s in summaries], number=True),
         Column("best", [_number(s.best) for s in summaries], number=True),
         Column(
@@ -325,8 +325,12 @@ def print_table(
     _, widths = fit_columns(table_columns(summaries), width)
     # Rich would squeeze a table wider than the console, cutting numbers: widen the console
     # instead (a terminal then wraps the long rows; a file has no width to respect).
-    console.width = max(console.width, table_width(widths))
-    console.print(format_table(summaries, metric, width=width))
+    narrow = console.width
+    console.width = max(narrow, table_width(widths))
+    try:
+        console.print(format_table(summaries, metric, width=width))
+    finally:
+        console.width = narrow
 
 
 def to_csv(summaries: Sequence[RunSummary]) -> str:

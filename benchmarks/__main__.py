@@ -16,7 +16,7 @@ def positive(text: str) -> int:
     return value
 
 
-SUITES = ("tracking", "step_time", "checkpointing", "resume", "memory")
+SUITES = ("tracking", "step_time", "checkpointing", "resume", "memory", "startup")
 """Modules of this package, each with ``main(repeats=..., **sizes)`` and ``QUICK`` sizes."""
 
 

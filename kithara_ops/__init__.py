@@ -11,21 +11,39 @@ Public API:
   describe_optimizer: what a Keras or Optax optimizer is, as a JSON-safe dict.
   resume: continue a checkpointed run, rebuilding it from its saved config.
   TrainingStopped: raised after a clean stop on SIGTERM or Ctrl-C (the state was saved).
+
+The names are loaded on first use (PEP 562), so that ``import kithara_ops`` and the command
+line's ``--help`` do not pay for importing JAX, Keras, Optax and MLflow.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from kithara_ops._backend import require_jax_backend
 
+# Cheap (no Keras import): it only fixes KERAS_BACKEND before anything can import Keras.
 require_jax_backend()
 
-from kithara_ops.build import resume  # noqa: E402
-from kithara_ops.callbacks import Callback, RunInfo, TrainResult  # noqa: E402
-from kithara_ops.config import RunConfig, load_config  # noqa: E402
-from kithara_ops.errors import CheckpointWriteError, ConfigError, Diverged, StoreFailed  # noqa: E402
-from kithara_ops.interrupt import TrainingStopped  # noqa: E402
-from kithara_ops.optim.describe import describe_optimizer  # noqa: E402
-from kithara_ops.trainer import Trainer  # noqa: E402
-
 __version__ = "0.1.0"
+
+_HOMES = {
+    "Callback": "kithara_ops.callbacks",
+    "CheckpointWriteError": "kithara_ops.errors",
+    "ConfigError": "kithara_ops.errors",
+    "Diverged": "kithara_ops.errors",
+    "StoreFailed": "kithara_ops.errors",
+    "RunConfig": "kithara_ops.config",
+    "RunInfo": "kithara_ops.callbacks",
+    "TrainResult": "kithara_ops.callbacks",
+    "Trainer": "kithara_ops.trainer",
+    "TrainingStopped": "kithara_ops.interrupt",
+    "describe_optimizer": "kithara_ops.optim.describe",
+    "load_config": "kithara_ops.config",
+    "resume": "kithara_ops.build",
+}
+"""Each public name and the module that defines it."""
 
 __all__ = [
     "Callback",
@@ -43,3 +61,29 @@ __all__ = [
     "load_config",
     "resume",
 ]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
+    from kithara_ops.build import resume
+    from kithara_ops.callbacks import Callback, RunInfo, TrainResult
+    from kithara_ops.config import RunConfig, load_config
+    from kithara_ops.errors import CheckpointWriteError, ConfigError, Diverged
+    from kithara_ops.interrupt import TrainingStopped
+    from kithara_ops.optim.describe import describe_optimizer
+    from kithara_ops.trainer import Trainer
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name here."""
+    home = _HOMES.get(name)
+    if home is None:
+        # AttributeError (not ImportError) lets ``from kithara_ops import data`` fall back to
+        # importing the submodule.
+        raise AttributeError(f"module 'kithara_ops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's attributes, including the public names not loaded yet."""
+    return sorted({*globals(), *__all__})

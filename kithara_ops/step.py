@@ -41,6 +41,18 @@ def masked_cross_entropy(
     return jnp.sum(per_token * mask), jnp.sum(mask)
 
 
+def global_norm(tree: Any) -> jax.Array:
+    r"""The Euclidean norm of all the arrays of ``tree`` taken as one vector, in float32.
+
+    .. math:: \lVert \theta \rVert = \sqrt{\textstyle\sum_{\text{arrays } a} \sum_i a_i^2}
+
+    Squares are summed in float32 even for bfloat16 arrays, whose own sums would lose the
+    small terms.
+    """
+    squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(squares, jnp.float32(0)))
+
+
 class StepBuilder:
     """Builds the train and eval steps for one Keras model and one optimizer adapter.
 
@@ -155,9 +167,15 @@ class StepBuilder:
             opt_state=opt_state,
             rng=rng,
         )
+        # Optimizer dynamics, on the devices like the rest: the update actually applied (after
+        # the optimizer's own clipping or scaling, zero for a skipped step) and the parameters
+        # it led to. ``grad_norm`` above is the raw gradient's, before any clipping.
+        update = jax.tree.map(jnp.subtract, params, state.params)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
+            "update_norm": global_norm(update),
+            "param_norm": global_norm(params),
             "learning_rate": learning_rate,
             "tokens": count,
             "finite": finite,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ["tracking", "step_time", "checkpointing", "resume", "memory"]
+SUITES = ["tracking", "step_time", "checkpointing", "resume", "memory", "startup"]
 TABLE_HEADER = "variant"
 
 

@@ -250,7 +250,8 @@ def test_table_lists_every_run_with_its_values(store):
     text = console.export_text()
     for label in ORDER:
         assert label in text
-    assert "Final loss" in text and "1.625" in text and "cosine_decay(0.01, 100)" in text
+    assert "loss (lower is better)" in text and "final" in text and "best" in text
+    assert "1.625" in text and "cosine_decay(0.01, 100)" in text
     assert text.index(ORDER[0]) < text.index(ORDER[1]) < text.index(ORDER[2])
 
 

@@ -202,7 +202,9 @@ def test_train_step_is_one_sgd_step_on_the_independent_gradient():
     np.testing.assert_allclose(float(metrics["learning_rate"]), 0.1, rtol=1e-7)
     assert float(metrics["tokens"]) == float(np.asarray(batch["mask"]).sum())
     assert bool(metrics["finite"])
-    assert set(metrics) == {"loss", "grad_norm", "learning_rate", "tokens", "finite"}
+    assert set(metrics) == {
+        "loss", "grad_norm", "update_norm", "param_norm", "learning_rate", "tokens", "finite"
+    }  # fmt: skip
 
 
 def test_train_step_gradient_agrees_with_finite_differences():

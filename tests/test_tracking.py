@@ -103,7 +103,13 @@ def check_two_families(uri, experiment):
         loss = history(client, run.info.run_id, "loss")
         assert [s for s, _ in loss] == [4, 8, 12, 16, 20, 24]
         assert loss[-1][1] < loss[0][1]
-        for key in ("grad_norm", "tokens_per_second", "step_time_seconds"):
+        for key in (
+            "grad_norm",
+            "update_norm",
+            "param_norm",
+            "tokens_per_second",
+            "step_time_seconds",
+        ):
             assert len(history(client, run.info.run_id, key)) == 6, key
     assert set(keras_run.data.params) == set(optax_run.data.params)
     # The learning rate logged is the schedule's value at the step that used it.

@@ -28,6 +28,7 @@ def _artifact_name(metric: str) -> str:
         "  kithara-ops compare\n\n"
         "  kithara-ops compare --metric eval_loss --output charts/eval_loss.png\n\n"
         "  kithara-ops compare --tracking-uri http://127.0.0.1:5000 --experiment sweep --json\n\n"
+        "  kithara-ops compare --csv > runs.csv\n\n"
         "  kithara-ops compare --parent 3f2a... --log-artifact"
     )
 )
@@ -88,10 +89,20 @@ def compare(
             rich_help_panel=OUTPUT,
         ),
     ] = False,
+    csv_output: Annotated[
+        bool,
+        typer.Option(
+            "--csv",
+            help="Print the runs as CSV (a header row, then one row per run) instead of a table.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = False,
 ) -> None:
     """Compare the runs of an experiment on one metric, best first."""
-    from kithara_ops.tracking.compare import compare_runs, format_table, plot_runs
+    from kithara_ops.tracking.compare import compare_runs, plot_runs, print_table, to_csv
 
+    if json_output and csv_output:
+        raise ConfigError("--json and --csv both print the runs: pick one.")
     if log_artifact and parent is None:
         raise ConfigError("--log-artifact needs --parent RUN_ID: the run to log the chart to.")
     if output is not None and output.suffix.lower() != ".png":
@@ -108,23 +119,20 @@ def compare(
     if summaries and not plotted:
         typer.echo(f"Warning: no run in experiment {experiment!r} logged {metric!r}.", err=True)
 
+    for_scripts = json_output or csv_output  # stdout holds the data alone
     if json_output:
-        typer.echo(json.dumps([summary.to_dict() for summary in summaries]))
+        rows = [summary.to_dict() for summary in summaries]
+        typer.echo(json.dumps(rows, allow_nan=False))
+    elif csv_output:
+        typer.echo(to_csv(summaries), nl=False)
     elif not summaries:
         typer.echo(f"No runs to compare in experiment {experiment!r}.")
     else:
-        from rich.console import Console
-
-        console = Console()
-        table = format_table(summaries, metric)
-        if not console.is_terminal:  # piped: keep each row on one line, however wide
-            wide = console.options.update_width(10_000)
-            console.width = max(console.width, console.measure(table, options=wide).maximum)
-        console.print(table)
+        print_table(summaries, metric)
 
     chart = plot_runs(summaries, metric, output) if output is not None else None
     if chart is not None:
-        typer.echo(f"Chart: {chart}", err=json_output)
+        typer.echo(f"Chart: {chart}", err=for_scripts)
     if log_artifact:
         from mlflow.tracking import MlflowClient
 
@@ -135,4 +143,4 @@ def compare(
             else:
                 plot_runs(summaries, metric, png)
             MlflowClient(tracking_uri).log_artifact(parent, str(png), artifact_path="charts")
-        typer.echo(f"Logged charts/{png.name} to run {parent}.", err=json_output)
+        typer.echo(f"Logged charts/{png.name} to run {parent}.", err=for_scripts)

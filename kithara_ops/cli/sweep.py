@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from kithara_ops.cli.app import USAGE_ERRORS, app, user_errors
 from kithara_ops.errors import ConfigError
@@ -54,7 +53,7 @@ def sweep(
     from kithara_ops.cli.train import resolve_config
     from kithara_ops.optim.spec import build_optimizer
     from kithara_ops.tracking import experiments
-    from kithara_ops.tracking.compare import compare_runs, format_table
+    from kithara_ops.tracking.compare import compare_runs, print_table
     from kithara_ops.tracking.params import MAX_PARAM_LENGTH, MAX_PARAMS_PER_BATCH, shorten
     from kithara_ops.tracking.tracker import resolve_experiment
 
@@ -116,7 +115,7 @@ def sweep(
     if json_output:
         print(json.dumps({"parent_run_id": parent_id, "runs": [s.to_dict() for s in summaries]}))
     else:
-        Console().print(format_table(summaries, metric))
+        print_table(summaries, metric)
         typer.echo(f"parent run: {parent_id}")
     if failed:
         raise typer.Exit(1)

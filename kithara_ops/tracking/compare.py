@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from kithara_ops.errors import ConfigError
 from kithara_ops.tracking.experiments import experiment_state
 from kithara_ops.tracking.params import DIVERGED_TAG
+from kithara_ops.tracking.table import GAP, Column, fit_columns, table_width
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
+    from rich.console import Console as RichConsole
     from rich.table import Table
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -236,12 +238,43 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def format_table(summaries: Sequence[RunSummary], metric: str) -> Table:
+def table_columns(summaries: Sequence[RunSummary]) -> list[Column]:
+    """The comparison table's columns, one cell per run, most important first to stay.
+
+    ``optimizer`` goes first when the terminal is narrow (the run's label names it too), then
+    ``tok/s``, then ``lr``; rank, run, status, steps and the metric's values always stay.
+    """
+    return [
+        Column("#", [str(rank) for rank in range(1, len(summaries) + 1)], number=True),
+        Column("run", [s.label for s in summaries]),
+        Column("optimizer", [s.optimizer or "-" for s in summaries], drop_rank=3),
+        Column("lr", [s.learning_rate or "-" for s in summaries], drop_rank=1),
+        Column("status", [s.status for s in summaries]),
+        Column("steps", ["-" if s.steps is None else str(s.steps) for s in summaries], number=True),
+        Column("final", [_number(s.final) for s in summaries], number=True),
+        Column("best", [_number(s.best) for s in summaries], number=True),
+        Column(
+            "tok/s",
+            [
+                "-" if s.tokens_per_second is None else f"{s.tokens_per_second:,.0f}"
+                for s in summaries
+            ],
+            number=True,
+            drop_rank=2,
+        ),
+    ]
+
+
+def format_table(summaries: Sequence[RunSummary], metric: str, width: int | None = None) -> Table:
     """Return a ``rich`` table with one row per run, in the order given.
+
+    Numbers are never cut: in ``width`` columns, text cells wrap between words and, if that is
+    not enough, the least important columns are left out and named in the caption.
 
     Args:
         summaries: The runs, as returned by :func:`compare_runs`.
-        metric: The compared metric, named in the column headers.
+        metric: The compared metric, named in the title (``final`` and ``best`` are its values).
+        width: The terminal's width; ``None`` for one line per run, however wide.
 
     Returns:
         The table, ready for ``rich.console.Console.print``.
@@ -249,27 +282,67 @@ def format_table(summaries: Sequence[RunSummary], metric: str) -> Table:
     from rich.table import Table
     from rich.text import Text
 
+    columns = table_columns(summaries)
+    kept, widths = fit_columns(columns, width)
     better = "higher" if metric in HIGHER_IS_BETTER else "lower"
-    table = Table(title=Text(f"{metric} ({better} is better)"), title_justify="left")
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("Run", no_wrap=True, style="bold")
-    table.add_column("Optimizer")
-    table.add_column("LR")
-    table.add_column("Status")
-    table.add_column("Steps", justify="right")
-    table.add_column(Text(f"Final {metric}"), justify="right")
-    table.add_column(Text(f"Best {metric}"), justify="right")
-    table.add_column("Tokens/s", justify="right")
-    for rank, summary in enumerate(summaries, start=1):
-        table.add_row(
-            str(rank),
-            Text(summary.label),
-            Text(summary.optimizer or "-"),
-            Text(summary.learning_rate or "-"),
-            summary.status,
-            "-" if summary.steps is None else str(summary.steps),
-            _number(summary.final),
-            _number(summary.best),
-            "-" if summary.tokens_per_second is None else f"{summary.tokens_per_second:,.0f}",
+    left_out = [column.header for column in columns if column not in kept]
+    caption = f"left out to fit: {', '.join(left_out)} (--json shows all)" if left_out else None
+    table = Table(
+        title=Text(f"{metric} ({better} is better)"),
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+        box=None,
+        padding=(0, GAP // 2),
+        pad_edge=False,
+        collapse_padding=False,
+    )
+    for column, column_width in zip(kept, widths):
+        table.add_column(
+            column.header,
+            justify="right" if column.number else "left",
+            width=column_width,
+            no_wrap=column.number,
+            overflow="fold",  # a word longer than its cell wraps; it is never cut
         )
+    for row in range(len(summaries)):
+        table.add_row(*(Text(column.cells[row]) for column in kept))
     return table
+
+
+def print_table(
+    summaries: Sequence[RunSummary], metric: str, console: RichConsole | None = None
+) -> None:
+    """Print the comparison table so that no value is cut.
+
+    In a terminal the table fits the terminal's width (see :func:`format_table`); piped to a
+    file or another program, each run stays on one line, however long.
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    width = console.width if console.is_terminal else None
+    _, widths = fit_columns(table_columns(summaries), width)
+    # Rich would squeeze a table wider than the console, cutting numbers: widen the console
+    # instead (a terminal then wraps the long rows; a file has no width to respect).
+    narrow = console.width
+    console.width = max(narrow, table_width(widths))
+    try:
+        console.print(format_table(summaries, metric, width=width))
+    finally:
+        console.width = narrow
+
+
+def to_csv(summaries: Sequence[RunSummary]) -> str:
+    """The runs as CSV text: a header row of ``RunSummary`` field names (no history), a row
+    per run, empty cells for missing or non-finite values."""
+    import csv
+    import io
+
+    fields = [name for name in RunSummary.__dataclass_fields__ if name != "history"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for summary in summaries:
+        writer.writerow({k: "" if v is None else v for k, v in summary.to_dict().items()})
+    return out.getvalue()

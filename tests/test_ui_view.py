@@ -70,11 +70,16 @@ def test_differing_params_are_the_optimizer_keys_whose_values_differ():
         {"optimizer.name": "sgd", "optimizer.family": "optax", "seed": "1"},
         {"steps": "4"},  # a sweep's parent: no optimizer params, not counted
     ]  # fmt: skip
-    assert view.differing_params(runs) == ["optimizer.b1", "optimizer.name"]
+    assert view.differing_params(runs) == ["optimizer.name", "optimizer.b1"]
     assert view.differing_params(runs[:1]) == []
+    chains = [{"optimizer.chain": "adamw(...)", "optimizer.chain.0": "adamw(...)",
+               "optimizer.spec": "optax.adamw(1e-3)", "optimizer.eps": "1e-8"},
+              {"optimizer.chain": "sgd(...)", "optimizer.chain.0": "sgd(...)",
+               "optimizer.spec": "optax.sgd(1e-2)", "optimizer.eps": "1e-8"}]  # fmt: skip
+    assert view.differing_params(chains) == []  # whole chains and specs are too wide
     # With every param counted the parent counts too, and lacks what the others have.
     everything = view.differing_params(runs, prefix="")
-    assert everything == ["optimizer.b1", "optimizer.family", "optimizer.name", "seed", "steps"]
+    assert everything == ["optimizer.name", "optimizer.family", "optimizer.b1", "seed", "steps"]
 
 
 def test_state_lists_children_as_rows_and_shows_the_columns():
@@ -127,9 +132,9 @@ def test_share_comparison_writes_one_view_with_the_differing_columns(sweep_store
     assert view.share_comparison(client, experiment_id) == key  # the same view: one tag
     state = shared_views(client, experiment_id)[key]
     assert state["selectedColumns"] == [
-        "params.`optimizer.family`",  # the run outside the sweep has none
-        "params.`optimizer.learning_rate`",
         "params.`optimizer.name`",
+        "params.`optimizer.learning_rate`",
+        "params.`optimizer.family`",  # the run outside the sweep has none
         "metrics.`loss`",
     ]
     assert state["searchFilter"] == ""

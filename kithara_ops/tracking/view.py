@@ -36,6 +36,11 @@ SHARE_KEY_PARAM = "viewStateShareKey"
 """The runs page's URL parameter naming the shared view to load."""
 VIEW_NAME = "kithara-ops comparison"
 PARAM_PREFIX = "optimizer."
+FIRST_COLUMNS = ("optimizer.name", "optimizer.learning_rate", "optimizer.weight_decay",
+                 "optimizer.clipping", "optimizer.family")  # fmt: skip
+"""The columns that tell optimizers apart at a glance, shown first when they differ."""
+LONG_TEXT = re.compile(r"optimizer\.(chain(\.\d+)?|spec)")
+"""Params left out of the columns: a whole chain or spec is too wide for a table cell."""
 RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 """What an MLflow run id is made of; anything else is refused before it enters a filter."""
 MAX_RUNS = 1000
@@ -51,12 +56,20 @@ def differing_params(runs: Iterable[Mapping[str, str]], prefix: str = PARAM_PREF
     """The param keys starting with ``prefix`` whose value is not the same in every run.
 
     Each run is its params as a mapping. A key that some runs lack differs too; runs with no
-    such param at all (a sweep's parent) are not counted. Sorted by name.
+    such param at all (a sweep's parent) are not counted, nor are the long texts that repeat
+    the others (``optimizer.chain``, ``optimizer.spec``: the run name says as much).
+    ``FIRST_COLUMNS`` come first, then the rest by name (MLflow's table itself shows params
+    by name).
     """
-    tracked = [{k: v for k, v in params.items() if k.startswith(prefix)} for params in runs]
+    tracked = [
+        {k: v for k, v in params.items() if k.startswith(prefix) and not LONG_TEXT.fullmatch(k)}
+        for params in runs
+    ]
     tracked = [params for params in tracked if params]
     keys = sorted({key for params in tracked for key in params})
-    return [key for key in keys if len({params.get(key) for params in tracked}) > 1]
+    differing = [key for key in keys if len({params.get(key) for params in tracked}) > 1]
+    first = [key for key in FIRST_COLUMNS if key in differing]
+    return first + [key for key in differing if key not in first]
 
 
 def comparison_state(

@@ -212,3 +212,14 @@ def test_ui_falls_back_to_the_plain_chart_page_when_the_view_cannot_be_saved(
     url = result.stdout.strip().removeprefix("MLflow UI: ")
     assert url == f"http://127.0.0.1:5125/#/experiments/{experiment_id}/runs?compareRunsMode=CHART"
     assert "Permission denied" in result.stderr and "could not be saved" in result.stderr
+
+
+def test_sweep_points_a_local_store_at_the_ui_command_that_serves_its_page():
+    from kithara_ops.cli.sweep import _ui_pointer
+
+    # conftest points MLFLOW_TRACKING_URI at a local SQLite store: nothing serves it yet.
+    assert _ui_pointer(None, "1", "abc123", "loss") == "kithara-ops ui --run abc123"
+    assert (
+        _ui_pointer("sqlite:///my runs/x.db", "1", "abc123", "loss")
+        == "kithara-ops ui --tracking-uri 'sqlite:///my runs/x.db' --run abc123"
+    )

@@ -31,11 +31,13 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
-"""Prefix of the experiment tags the MLflow UI reads shared views from (MLflow 2.10+)."""
+"""Prefix of the experiment tags the MLflow UI reads shared views from (tested: MLflow 3.17)."""
 SHARE_KEY_PARAM = "viewStateShareKey"
 """The runs page's URL parameter naming the shared view to load."""
 VIEW_NAME = "kithara-ops comparison"
+"""The view's name, shown in the UI's view menu and its "shared view" banner."""
 PARAM_PREFIX = "optimizer."
+"""The params the columns are chosen from: the optimizer's, the same keys for every family."""
 FIRST_COLUMNS = ("optimizer.name", "optimizer.learning_rate", "optimizer.weight_decay",
                  "optimizer.clipping", "optimizer.family")  # fmt: skip
 """The columns that tell optimizers apart at a glance, shown first when they differ."""

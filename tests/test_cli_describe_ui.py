@@ -18,6 +18,7 @@ from kithara_ops.cli import app
 from kithara_ops.optim.describe import describe_optimizer, optimizer_params
 from kithara_ops.optim.spec import build_optimizer
 from kithara_ops.tracking import server as server_module
+from kithara_ops.tracking.view import SHARED_VIEW_TAG
 
 runner = CliRunner()
 OPTAX_CLIP_ADAMW = (
@@ -48,8 +49,15 @@ def one_error_line(result):
     return lines[0]
 
 
-def chart_url(port, experiment_id):
-    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART"
+def chart_url(port, experiment_id, uri):
+    """The comparison page on ``port``: the chart view loading the one shared view in ``uri``."""
+    tags = MlflowClient(uri).get_experiment(experiment_id).tags
+    keys = [k.removeprefix(SHARED_VIEW_TAG) for k in tags if k.startswith(SHARED_VIEW_TAG)]
+    assert len(keys) == 1, tags
+    return (
+        f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+        f"?viewStateShareKey={keys[0]}&compareRunsMode=CHART"
+    )
 
 
 def mlflow_servers_on(port):
@@ -177,7 +185,7 @@ def test_ui_print_url_names_the_experiment_and_starts_nothing(store, monkeypatch
         "ui", "--tracking-uri", uri, "--experiment", "ui-test", "--port", "5123", "--print-url"
     )
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == f"MLflow UI: {chart_url(5123, experiment_id)}"
+    assert result.stdout.strip() == f"MLflow UI: {chart_url(5123, experiment_id, uri)}"
 
 
 def test_ui_experiment_comes_from_the_environment(store, monkeypatch):
@@ -186,7 +194,7 @@ def test_ui_experiment_comes_from_the_environment(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "ui-test")
     result = run("ui", "--port", "5124", "--print-url")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == f"MLflow UI: {chart_url(5124, experiment_id)}"
+    assert result.stdout.strip() == f"MLflow UI: {chart_url(5124, experiment_id, uri)}"
 
 
 def test_ui_unknown_experiment_is_one_line_naming_it_and_the_existing_ones(store):
@@ -252,7 +260,7 @@ def test_ui_serves_the_chart_view_and_stops_its_server_on_sigterm(store, tmp_pat
                     url = line.removeprefix("MLflow UI: ").strip()
         assert url is not None, (tmp_path / "ui.err").read_text()
         port = int(url.removeprefix("http://127.0.0.1:").split("/", 1)[0])
-        assert url == chart_url(port, experiment_id)
+        assert url == chart_url(port, experiment_id, uri)
         assert answers(f"http://127.0.0.1:{port}/health") == 200
         assert mlflow_servers_on(port)
 
@@ -285,7 +293,10 @@ def test_ui_on_a_tracking_server_prints_its_chart_url_and_starts_nothing(
     monkeypatch.setattr(server_module.LocalServer, "start", refuse)
     result = run("ui", "--tracking-uri", mlflow_server.uri, "--experiment", "ui-remote")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == f"MLflow UI: {chart_url(mlflow_server.port, experiment_id)}"
+    assert (
+        result.stdout.strip()
+        == f"MLflow UI: {chart_url(mlflow_server.port, experiment_id, mlflow_server.uri)}"
+    )
     result = run("ui", "--tracking-uri", mlflow_server.uri, "--experiment", "nope-remote")
     assert result.exit_code == 2, result.output
     assert "'nope-remote'" in one_error_line(result)

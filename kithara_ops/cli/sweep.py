@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from kithara_ops.cli.app import USAGE_ERRORS, app, user_errors
-from kithara_ops.errors import ConfigError
+from kithara_ops.errors import ConfigError, first_line
 
 
 def _train_options(args: list[str]) -> dict:
@@ -22,6 +22,29 @@ def _train_options(args: list[str]) -> dict:
     except USAGE_ERRORS as err:
         raise ConfigError(f"{err.format_message()} (in the options passed to train)") from None
     return context.params
+
+
+def _ui_pointer(tracking_uri: str | None, experiment_id: str, parent_id: str, metric: str) -> str:
+    """Where the sweep is compared in the MLflow UI: the page of a tracking server, else the
+    ``kithara-ops ui`` command that serves a local store on that page."""
+    import shlex
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient, get_tracking_uri
+    from mlflow.exceptions import MlflowException
+
+    from kithara_ops.tracking.view import runs_url, share_comparison
+
+    uri = tracking_uri or get_tracking_uri()
+    if urlparse(uri).scheme not in ("http", "https"):
+        where = f" --tracking-uri {shlex.quote(tracking_uri)}" if tracking_uri else ""
+        return f"kithara-ops ui{where} --run {parent_id}"
+    try:
+        key = share_comparison(MlflowClient(uri), experiment_id, metric, parent_id)
+    except MlflowException as err:
+        typer.echo(f"Warning: the comparison view could not be saved: {first_line(err)}", err=True)
+        key = None
+    return runs_url(uri, experiment_id, key)
 
 
 @app.command(
@@ -112,10 +135,13 @@ def sweep(
     summaries = compare_runs(
         experiment_name, tracking_uri=config.tracking_uri, metric=metric, parent_run_id=parent_id
     )
+    ui = _ui_pointer(config.tracking_uri, experiment_id, parent_id, metric)
     if json_output:
-        print(json.dumps({"parent_run_id": parent_id, "runs": [s.to_dict() for s in summaries]}))
+        runs = [s.to_dict() for s in summaries]
+        print(json.dumps({"parent_run_id": parent_id, "runs": runs, "ui": ui}))
     else:
         print_table(summaries, metric)
         typer.echo(f"parent run: {parent_id}")
+        typer.echo(f"MLflow UI: {ui}")
     if failed:
         raise typer.Exit(1)

@@ -1,6 +1,8 @@
 """``kithara-ops ui``: the MLflow UI on an experiment's chart comparison of its runs.
 
-For a local store (``sqlite://``, ``file://`` or a folder) it runs ``mlflow server`` on
+The page opened is a shared view of the runs page (see ``kithara_ops.tracking.view``): every
+run's loss curve in one chart, the ``optimizer.*`` params that differ as table columns, and
+with ``--run`` only one sweep's runs. For a local store (``sqlite://``, ``file://`` or a folder) it runs ``mlflow server`` on
 127.0.0.1 until Ctrl-C or SIGTERM, then stops the server's whole process group. For a
 tracking server (``http(s)://``) it only prints that server's URL.
 """
@@ -32,9 +34,60 @@ LISTED_EXPERIMENTS = 5
 HOST = LOOPBACK
 
 
-def chart_url(base: str, experiment_id: str) -> str:
-    """The MLflow UI page comparing an experiment's runs as charts."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART"
+def comparison_url(uri: str, base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page (served at ``base``) comparing the runs of an experiment in ``uri``.
+
+    Writes the page's view into the experiment (an MLflow shared view); where the store
+    refuses that write, the plain chart page is returned and a warning says what is missing.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from kithara_ops.tracking.view import runs_url, share_comparison
+
+    try:
+        with _quick_http_failures():
+            key = share_comparison(MlflowClient(uri), experiment_id, parent_run_id=run_id)
+    except MlflowException as err:
+        typer.echo(
+            f"Warning: the comparison view could not be saved in the experiment "
+            f"({first_line(err)}); the page shows MLflow's default columns.",
+            err=True,
+        )
+        key = None
+    return runs_url(base, experiment_id, key)
+
+
+def _sweep_experiment(uri: str, run_id: str, name: str | None) -> str:
+    """The experiment id of the sweep whose parent run is ``run_id``; ``ConfigError`` if none."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from kithara_ops.tracking.view import RUN_ID, children_filter
+
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"--run {run_id!r} is not an MLflow run id (letters, digits, - and _).")
+    client = MlflowClient(uri)
+    try:
+        with _quick_http_failures():
+            run = client.get_run(run_id)
+            experiment = client.get_experiment(run.info.experiment_id)
+            children = client.search_runs(
+                [experiment.experiment_id],
+                children_filter(run_id),
+                max_results=1,
+            )
+    except MlflowException as err:
+        raise ConfigError(f"Run {run_id!r} cannot be read from {uri}: {first_line(err)}") from None
+    if name is not None and name != experiment.name:
+        raise ConfigError(
+            f"Run {run_id!r} is in experiment {experiment.name!r}, not {name!r}: drop --experiment."
+        )
+    if not children:
+        raise ConfigError(
+            f"Run {run_id!r} has no child runs: --run takes the parent run a sweep printed."
+        )
+    return str(experiment.experiment_id)
 
 
 def _local_store_path(uri: str) -> Path | None:
@@ -139,7 +192,7 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _serve(uri: str, port: int | None, experiment_id: str) -> None:
+def _serve(uri: str, port: int | None, experiment_id: str, run_id: str | None) -> None:
     """Run ``mlflow server`` on ``uri`` until a signal; print its chart URL once it answers."""
     from kithara_ops.tracking.server import LocalServer
 
@@ -153,21 +206,21 @@ def _serve(uri: str, port: int | None, experiment_id: str) -> None:
                 # The server must start under a Python handler: a process started while
                 # SIG_IGN is set inherits it, and may ignore the SIGTERM meant to stop it.
                 with handling_signals(_raise_stop):
-                    _run(server, uri, log_path, experiment_id)
+                    _run(server, uri, log_path, experiment_id, run_id)
             except _Stop:
                 pass
             finally:
                 _stop_group(server)
 
 
-def _run(server: Any, uri: str, log_path: Path, experiment_id: str) -> None:
+def _run(server: Any, uri: str, log_path: Path, experiment_id: str, run_id: str | None) -> None:
     """Start ``server``, print its chart URL and wait; exit 1 if it fails or stops by itself."""
     try:
         server.start()
     except RuntimeError as err:
         detail = _last_line(log_path)
         raise fail(f"{err}{' Last log line: ' + detail if detail else ''}", 1) from None
-    typer.echo(f"MLflow UI: {chart_url(server.uri, experiment_id)}")
+    typer.echo(f"MLflow UI: {comparison_url(uri, server.uri, experiment_id, run_id)}")
     sys.stdout.flush()
     typer.echo(f"Serving {uri} on {server.uri}; Ctrl-C to stop.", err=True)
     while server.process.poll() is None:
@@ -185,6 +238,7 @@ def _run(server: Any, uri: str, log_path: Path, experiment_id: str) -> None:
         "Examples:\n\n"
         "  kithara-ops ui\n\n"
         "  kithara-ops ui --experiment sweep --port 5000\n\n"
+        "  kithara-ops ui --run 0123456789abcdef0123456789abcdef\n\n"
         "  kithara-ops ui --tracking-uri sqlite:///runs/mlflow.db --print-url\n\n"
         "  kithara-ops ui --tracking-uri http://127.0.0.1:5000 --experiment sweep"
     )
@@ -217,6 +271,14 @@ def ui(
             rich_help_panel=SERVER,
         ),
     ] = None,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            help="Parent run of a sweep: show only its runs (its experiment is opened).",
+            rich_help_panel=SOURCE,
+        ),
+    ] = None,
     print_url: Annotated[
         bool,
         typer.Option(
@@ -226,16 +288,21 @@ def ui(
         ),
     ] = False,
 ) -> None:
-    """Open the MLflow UI on an experiment's runs, compared as charts."""
+    """Open the MLflow UI on an experiment's runs (or one sweep's), compared: every loss
+    curve in one chart, the optimizer params that differ as columns."""
     import mlflow
 
     from kithara_ops.tracking.tracker import DEFAULT_EXPERIMENT
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     name = experiment or DEFAULT_EXPERIMENT
+
+    def find_experiment() -> str:
+        return _sweep_experiment(uri, run, experiment) if run else _experiment_id(uri, name)
+
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
-        typer.echo(f"MLflow UI: {chart_url(uri, _experiment_id(uri, name))}")
+        typer.echo(f"MLflow UI: {comparison_url(uri, uri, find_experiment(), run)}")
         return
     store = _local_store_path(uri)
     if store is None:
@@ -248,11 +315,11 @@ def ui(
             f"No MLflow store at {str(store)!r} (tracking URI {uri!r}): train a run first "
             "or pass --tracking-uri."
         )
-    experiment_id = _experiment_id(uri, name)
+    experiment_id = find_experiment()
     if print_url:
         base = f"http://{HOST}:{port or free_port(HOST)}"
-        typer.echo(f"MLflow UI: {chart_url(base, experiment_id)}")
+        typer.echo(f"MLflow UI: {comparison_url(uri, base, experiment_id, run)}")
         return
     if port is not None:
         _check_port(port)
-    _serve(uri, port, experiment_id)
+    _serve(uri, port, experiment_id, run)

@@ -10,28 +10,12 @@ handle (``kaggle://...``, ``hf://...``, a built-in name; those need the network)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kithara_ops.data.tokenizer import ByteTokenizer
-from kithara_ops.errors import ConfigError
-
-HUB_EXTRA = "pip install 'kithara-ops[hub]'"
-"""The install command that brings KerasHub."""
-
-
-def keras_hub_module(what: str) -> Any:
-    """``keras_hub``, or a one-line ``ConfigError`` saying ``what`` needs it and how to get it."""
-    from kithara_ops._backend import require_jax_backend
-
-    require_jax_backend()
-    try:
-        import keras_hub
-    except ImportError:
-        raise ConfigError(f"{what} needs KerasHub: {HUB_EXTRA}.") from None
-    return keras_hub
+from kithara_ops.errors import ConfigError, first_line
 
 
 class PresetTokenizer:
@@ -79,14 +63,6 @@ class PresetTokenizer:
         return f"PresetTokenizer({name}, vocab_size={self.vocab_size}, handle={self.handle!r})"
 
 
-def is_preset_handle(spec: str) -> bool:
-    """Whether ``spec`` names a preset: a folder with a ``config.json``, or a hub handle."""
-    if spec.startswith(("kaggle://", "hf://", "gs://", "modelscope://")):
-        return True
-    path = Path(spec).expanduser()
-    return path.is_dir() and (path / "config.json").is_file()
-
-
 def load_tokenizer(spec: str) -> ByteTokenizer | PresetTokenizer:
     """The tokenizer ``spec`` names: ``"byte"``, or a preset (folder or handle).
 
@@ -95,17 +71,16 @@ def load_tokenizer(spec: str) -> ByteTokenizer | PresetTokenizer:
     """
     if spec == "byte":
         return ByteTokenizer()
-    if not is_preset_handle(spec):
+    from kithara_ops.models.hub import is_preset, preset_tokenizer
+
+    if not is_preset(spec):
         raise ConfigError(
             f"--tokenizer {spec!r} is neither 'byte' nor a preset folder (a folder with a "
             "config.json, written by save_to_preset or from Hugging Face) nor a hub handle."
         )
-    keras_hub = keras_hub_module(f"The tokenizer of {spec!r}")
     try:
-        tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(str(Path(spec).expanduser()))
+        tokenizer = preset_tokenizer(spec)
     except (ValueError, FileNotFoundError, OSError) as err:
-        from kithara_ops.errors import first_line
-
         raise ConfigError(
             f"No tokenizer could be loaded from {spec!r} ({first_line(err)}): pass "
             "--tokenizer byte or a preset folder that has one."
@@ -117,7 +92,9 @@ def run_tokenizer(tokenizer: str, model: str) -> ByteTokenizer | PresetTokenizer
     """The tokenizer a run's config names: ``auto`` is the model's own when ``model`` is a
     preset (folder or handle), and bytes for the built-in and user models."""
     if tokenizer == "auto":
-        return load_tokenizer(model) if is_preset_handle(model) else ByteTokenizer()
+        from kithara_ops.models.hub import is_preset
+
+        return load_tokenizer(model) if is_preset(model) else ByteTokenizer()
     return load_tokenizer(tokenizer)
 
 

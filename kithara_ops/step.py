@@ -19,6 +19,7 @@ import optax
 
 from kithara_ops.models.adapter import ModelAdapter, adapt_model
 from kithara_ops.optim.adapter import OptimizerAdapter
+from kithara_ops.optim.monitors import clipped, state_monitors
 from kithara_ops.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -67,6 +68,8 @@ class StepBuilder:
         optimizer state and non-trainable variables as they were.
       model_adapter: how a batch feeds the model and its output gives logits; by default
         ``adapt_model(model)``.
+      clipping: the optimizer's clipping (its description's ``{"kind", "value"}``), for the
+        ``clipped`` metric (``optim.monitors``).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class StepBuilder:
         micro_batch_sharding: jax.sharding.Sharding | None = None,
         skip_nonfinite: bool = False,
         model_adapter: ModelAdapter | None = None,
+        clipping: dict | None = None,
     ):
         self.model = model
         self.adapter = adapter
@@ -87,6 +91,7 @@ class StepBuilder:
         self.grad_accum_steps = grad_accum_steps
         self.micro_batch_sharding = micro_batch_sharding
         self.skip_nonfinite = skip_nonfinite
+        self.clipping = clipping
         self.model_adapter = model_adapter if model_adapter is not None else adapt_model(model)
         # Keras draws dropout noise from SeedGenerator states kept as non-trainable variables.
         # Refreshing them from the state's key each step makes that key the single source of
@@ -180,6 +185,10 @@ class StepBuilder:
             "tokens": count,
             "finite": finite,
         }
+        acted = clipped(grads, grad_norm, self.clipping)
+        if acted is not None:
+            metrics["clipped"] = acted
+        metrics.update(state_monitors(opt_state))
         return new_state, metrics
 
     def eval_step(

@@ -146,6 +146,7 @@ class Trainer:
             micro_batch_sharding=micro if accum > 1 else None,
             skip_nonfinite=self.config.on_nonfinite == "skip",
             model_adapter=self.model_adapter,
+            clipping=self.description.get("clipping"),
         )
         self.batch_sharding = batch_sharding(self.mesh)
         self.steps = compile_steps(builder, self.state_shardings, self.batch_sharding)

@@ -167,3 +167,37 @@ def test_a_backbone_from_a_factory_in_the_current_directory_exits_2_in_one_line(
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("Error:"), errors
     assert "no language-model head" in errors[0]
+
+
+def lora_model_of(runs, step):
+    """The base preset with LoRA rank 4 and the adapters a checkpoint saved."""
+    model = keras_hub.models.CausalLM.from_preset(str(runs["gemma"]))
+    model.backbone.enable_lora(4)
+    adapters = saved_state(runs["root"] / "straight", step)["params"]
+    for variable in model.trainable_variables:
+        variable.assign(np.asarray(adapters[variable.path]))
+    return model
+
+
+def test_an_exported_preset_gives_the_trained_models_logits(runs, tmp_path):
+    from kithara_ops.export import export
+
+    out = export(runs["root"] / "straight", tmp_path / "exported")
+    exported = keras_hub.models.CausalLM.from_preset(str(out))
+    assert not any("lora" in v.path for v in exported.weights)  # merged into the kernels
+    assert exported.preprocessor is not None  # with the preset's tokenizer
+    ids = np.arange(2 * 16, dtype=np.int32).reshape(2, 16) % presets.VOCAB_SIZE
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    trained = np.asarray(lora_model_of(runs, 6)(inputs))
+    np.testing.assert_allclose(np.asarray(exported(inputs)), trained, rtol=1e-4, atol=1e-4)
+    base = keras_hub.models.CausalLM.from_preset(str(runs["gemma"]))
+    assert np.abs(np.asarray(base(inputs)) - trained).max() > 1e-4  # the adapters count
+
+
+def test_an_hf_export_writes_safetensors_and_its_config(runs, tmp_path):
+    from kithara_ops.export import export
+
+    out = export(runs["root"] / "straight", tmp_path / "hf", format="hf", step=6)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma"
+    assert list(out.glob("*.safetensors"))

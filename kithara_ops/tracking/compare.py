@@ -51,6 +51,9 @@ class RunSummary:
         final: The metric's last value.
         best: The metric's minimum (maximum for metrics in ``HIGHER_IS_BETTER``), NaN ignored.
         tokens_per_second: The last logged ``tokens_per_second``.
+        flops_per_second: The last logged ``flops_per_second`` (achieved FLOP/s).
+        mfu: The last logged ``mfu``, where the devices' peak is known.
+        compile_seconds: The step's compile time, as logged.
         history: ``(step, value)`` pairs sorted by step; when a step was logged more than
             once (a resumed run), the value logged last is kept.
     """
@@ -65,6 +68,9 @@ class RunSummary:
     final: float | None = None
     best: float | None = None
     tokens_per_second: float | None = None
+    flops_per_second: float | None = None
+    mfu: float | None = None
+    compile_seconds: float | None = None
     history: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +182,9 @@ def _summary(client: MlflowClient, run: Run, metric: str) -> RunSummary:
         optimizer=params.get("optimizer.name"),
         learning_rate=params.get("optimizer.learning_rate"),
         tokens_per_second=latest.get("tokens_per_second"),
+        flops_per_second=latest.get("flops_per_second"),
+        mfu=latest.get("mfu"),
+        compile_seconds=latest.get("compile_seconds"),
     )
     if metric not in latest:
         return summary
@@ -241,8 +250,9 @@ def _number(value: float | None) -> str:
 def table_columns(summaries: Sequence[RunSummary]) -> list[Column]:
     """The comparison table's columns, one cell per run, most important first to stay.
 
-    ``optimizer`` goes first when the terminal is narrow (the run's label names it too), then
-    ``tok/s``, then ``lr``; rank, run, status, steps and the metric's values always stay.
+    ``mfu`` (shown where a run logged it) and ``flop/s`` go first when the terminal is
+    narrow, then ``optimizer`` (the run's label names it too), ``tok/s`` and ``lr``; rank,
+    run, status, steps and the metric's values always stay.
     """
     return [
         Column("#", [str(rank) for rank in range(1, len(summaries) + 1)], number=True),
@@ -262,7 +272,26 @@ def table_columns(summaries: Sequence[RunSummary]) -> list[Column]:
             number=True,
             drop_rank=2,
         ),
-    ]
+        Column("flop/s", [_si(s.flops_per_second) for s in summaries], number=True, drop_rank=4),
+    ] + (
+        [Column("mfu", [_percent(s.mfu) for s in summaries], number=True, drop_rank=5)]
+        if any(s.mfu is not None for s in summaries)
+        else []
+    )
+
+
+def _si(value: float | None) -> str:
+    """``value`` in 3 significant digits with an SI prefix (``22.8G``), or ``-``."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{prefix}"
+    return f"{value:.3g}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
 def format_table(summaries: Sequence[RunSummary], metric: str, width: int | None = None) -> Table:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import Any
 
 CHECKPOINT_MODEL_TYPE = "kithara-ops-checkpoint"
@@ -38,7 +37,8 @@ def log_checkpoint(client: Any, experiment_id: str, run_id: str, payload: dict) 
     """Record one checkpoint as a ready, external ``LoggedModel``; return its id.
 
     Args:
-      payload: ``{"step", "path", "metrics"}`` as ``RunWriter.log_checkpoint`` queued it.
+      payload: ``{"step", "path", "metrics"}`` as ``RunWriter.log_checkpoint`` queued it;
+        ``metrics`` maps a key to the run's point ``(value, timestamp_ms, step)`` it holds.
     """
     from mlflow.entities import LoggedModelStatus, Metric
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
@@ -51,10 +51,11 @@ def log_checkpoint(client: Any, experiment_id: str, run_id: str, payload: dict) 
         tags={MLFLOW_MODEL_IS_EXTERNAL: "true", PATH_TAG: payload["path"], STEP_TAG: str(step)},
         model_type=CHECKPOINT_MODEL_TYPE,
     )
-    now = int(time.time() * 1000)
+    # The run's own points, sent again with the model's id: MLflow stores a point it already
+    # holds once (same key, value, timestamp and step), so the run's curves stay as they were.
     metrics = [
-        Metric(key, float(value), now, step, model_id=model.model_id)
-        for key, value in payload["metrics"].items()
+        Metric(key, float(value), int(timestamp), int(at), model_id=model.model_id)
+        for key, (value, timestamp, at) in payload["metrics"].items()
         if math.isfinite(value)
     ]
     if metrics:

@@ -92,8 +92,9 @@ class MlflowTracker(Callback):
         self._ending = False
         self.experiment = resolve_experiment(config)
         self._last_logged: tuple[int, dict[str, float]] = (0, {})
-        self._latest: dict[str, float] = {}
-        self._snapshots: list[tuple[int, dict[str, float]]] = []  # (step, latest values)
+        # The linked metrics' last points, (value, timestamp, step) by key, as of each step.
+        self._latest: dict[str, tuple[float, int, int]] = {}
+        self._snapshots: list[tuple[int, dict[str, tuple[float, int, int]]]] = []
 
     @property
     def run_id(self) -> str | None:
@@ -176,17 +177,19 @@ class MlflowTracker(Callback):
         # before its step are the ones it holds.
         held = [values for at, values in self._snapshots if at <= step]
         self._snapshots = [(at, values) for at, values in self._snapshots if at >= step]
-        linked = {k: v for k, v in (held[-1] if held else {}).items() if k in LINKED_METRICS}
-        self.writer.log_checkpoint(step, path, linked)
+        self.writer.log_checkpoint(step, path, held[-1] if held else {})
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.writer is None:
             return
-        self._latest.update(metrics)
-        self._snapshots.append((step, dict(self._latest)))
+        timestamp = int(time.time() * 1000)
+        linked = {k: (v, timestamp, step) for k, v in metrics.items() if k in LINKED_METRICS}
+        if linked:
+            self._latest.update(linked)
+            self._snapshots.append((step, dict(self._latest)))
         # NaN and infinities are logged as they are: MLflow keeps NaN, and a diverged run's
         # curve must show where it diverged rather than end at its last finite point.
-        self.writer.log_metrics(step, metrics, int(time.time() * 1000))
+        self.writer.log_metrics(step, metrics, timestamp)
         self._last_logged = (step, metrics)
 
     def failure(self) -> Exception | None:

@@ -158,9 +158,13 @@ class RunWriter:
         """Queue a directory of artifacts (read when sent: keep it until ``finish``)."""
         self._put("artifacts", {"local_dir": str(local_dir), "artifact_path": artifact_path})
 
-    def log_checkpoint(self, step: int, path: str, metrics: dict[str, float]) -> None:
-        """Queue a complete checkpoint, recorded as a logged model (``logged_models``)."""
-        self._put("checkpoint", {"step": int(step), "path": str(path), "metrics": dict(metrics)})
+    def log_checkpoint(
+        self, step: int, path: str, metrics: dict[str, tuple[float, int, int]]
+    ) -> None:
+        """Queue a complete checkpoint, recorded as a logged model (``logged_models``) with
+        the run's points ``{key: (value, timestamp_ms, step)}`` it holds."""
+        points = {k: [float(v), int(ts), int(at)] for k, (v, ts, at) in metrics.items()}
+        self._put("checkpoint", {"step": int(step), "path": str(path), "metrics": points})
 
     def log_dataset(self, summary: dict) -> None:
         """Queue the training data's summary, recorded as the run's input."""

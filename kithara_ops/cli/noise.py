@@ -55,15 +55,25 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
     """Imports TensorFlow (which KerasHub's tokenizers run on) with its start-up log lines
     (CUDA probing, oneDNN notices: six lines from C++, before any Python logging) hidden."""
 
+    def __init__(self) -> None:
+        self._finding = False
+
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        # Libraries probe for TensorFlow (``importlib.util.find_spec``) without importing it:
+        # this finder stays until an import really runs, and wraps each spec it hands out.
+        if name != "tensorflow" or self._finding:
             return None
-        sys.meta_path.remove(self)  # once: the rest of the import goes the usual way
-        spec = importlib.util.find_spec(name)
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._finding = False
         if spec is not None and spec.loader is not None:
             run = spec.loader.exec_module
 
             def exec_module(module):
+                with contextlib.suppress(ValueError):
+                    sys.meta_path.remove(self)
                 with _stderr_discarded():
                     run(module)
 

@@ -29,10 +29,9 @@ def tmpfs(path: Path, options: str):
 
 
 def fill(directory: Path) -> None:
-    """Write into ``directory`` until its filesystem is full."""
-    with open(directory / "filler", "wb") as out:
-        block = b"\0" * (1 << 16)
-        with contextlib.suppress(OSError):
-            while True:
-                out.write(block)
-                out.flush()
+    """Write into ``directory`` until its filesystem is full (it may be already)."""
+    block = b"\0" * (1 << 16)
+    with contextlib.suppress(OSError), open(directory / "filler", "wb") as out:
+        while True:
+            out.write(block)
+            out.flush()

@@ -291,7 +291,9 @@ def test_a_read_only_store_stops_the_run_in_one_line(tmp_path):
     assert len(spools(tmp_path)) == 1
 
 
-def test_a_store_that_fills_up_stops_the_run_after_a_step_that_is_saved(tmp_path, make_model):
+def test_a_store_that_fills_up_stops_the_run_after_a_step_that_is_saved(
+    tmp_path, make_model, monkeypatch
+):
     import optax
 
     from kithara_ops import Callback, Trainer, data
@@ -302,7 +304,8 @@ def test_a_store_that_fills_up_stops_the_run_after_a_step_that_is_saved(tmp_path
             if record.step == 2:
                 fill(store)
 
-    with tmpfs(tmp_path / "store", "size=16m") as store:
+    monkeypatch.chdir(tmp_path)  # where what MLflow did not take is spooled
+    with tmpfs(tmp_path / "store", "size=64m") as store:
         ckpt = tmp_path / "ckpt"
         trainer = Trainer(
             make_model(), optax.adam(1e-3), data.load("synthetic", seq_len=32, batch_size=8),
@@ -316,7 +319,8 @@ def test_a_store_that_fills_up_stops_the_run_after_a_step_that_is_saved(tmp_path
     assert f"sqlite:///{store}/runs.db" in message
     stopped = int(re.search(r"stopped after step (\d+)", message).group(1))
     assert 2 < stopped < 5000
-    # The step it stopped after is the one saved.
+    # The step it stopped after is the one saved; what MLflow did not take is spooled.
+    assert len(spools(tmp_path)) == 1
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [stopped]
     assert int(trainer.sinks.checkpoints.read_record(stopped).step) == stopped
 

@@ -16,9 +16,9 @@ import logging
 import os
 import sys
 
-# Orbax logs through absl's logger; MLflow's SQL store logs each failed statement with its
-# traceback. (A logger's filters see only its own records, hence the full names.)
-_LIBRARY_LOGGERS = ("absl", "mlflow.store.db.utils")
+# Orbax logs through absl's logger, and its failed writes' futures through asyncio's ("never
+# retrieved"); MLflow's SQL store logs each failed statement with its traceback. (A logger's filters see only its own records, hence the full names.)
+_LIBRARY_LOGGERS = ("absl", "asyncio", "mlflow.store.db.utils")
 
 
 class _DropErrors(logging.Filter):

@@ -271,13 +271,13 @@ class Trainer:
         self, state: TrainState, batches: Iterator, total: int, clock: Clock, guard: Any
     ) -> Iterator[tuple[int, TrainState, dict, Any]]:
         """Run the compiled step to ``total``: ``(step, state, device metrics, position)``."""
-        step = int(state.step)
+        step = first = int(state.step)
         while step < total:
             batch, position = next(batches)
             state, metrics = self.steps.train_step(state, batch)
             step += 1
             clock.stepped(metrics, step)
-            if clock.cost is not None:  # after the first step, its lowering is cached
+            if clock.cost is not None and step == first + 1:  # its lowering is cached now
                 shapes = jax.tree.map(_abstract, (state, batch))
                 clock.cost.analyse(lambda shapes=shapes: self.steps.train_step.lower(*shapes))
             guard.stepped(metrics)

@@ -248,6 +248,19 @@ def test_an_experiment_name_mlflow_refuses_is_one_warning_and_training_goes_on(t
     assert len(spools(tmp_path)) == 1
 
 
+def stopped_by_the_store(proc, ckpt, cwd):
+    """The one error line of a run a store stopped, its stderr and the step it stopped after;
+    asserts exit 1, no traceback, only that step checkpointed and the rest spooled."""
+    code, stderr = finish(proc)
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    stopped = int(re.search(r"stopped after step (\d+)", errors[0]).group(1))
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [stopped]
+    assert len(spools(cwd)) == 1
+    return errors[0], stderr, stopped
+
+
 def test_a_store_that_cannot_be_opened_stops_the_run_in_one_line(tmp_path):
     (tmp_path / "not-a-dir").write_text("")
     db = tmp_path / "not-a-dir" / "runs.db"
@@ -255,16 +268,10 @@ def test_a_store_that_cannot_be_opened_stops_the_run_in_one_line(tmp_path):
     proc = train(tmp_path, "--steps", "5000", "--tracking-uri", f"sqlite:///{db}",
                  "--checkpoint-dir", str(ckpt), "--no-system-metrics",
                  KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT="120")  # fmt: skip
-    code, stderr = finish(proc)
-    assert code == 1, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, stderr
-    assert str(db) in errors[0] and "File exists" in errors[0], errors
-    stopped = int(re.search(r"stopped after step (\d+)", errors[0]).group(1))
-    assert stopped < 5000 and f"step {stopped} is checkpointed in {str(ckpt)!r}" in errors[0]
-    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [stopped]
-    assert "Traceback" not in stderr and "training goes on" not in stderr
-    assert len(spools(tmp_path)) == 1
+    error, stderr, stopped = stopped_by_the_store(proc, ckpt, tmp_path)
+    assert str(db) in error and "File exists" in error, error
+    assert stopped < 5000 and f"step {stopped} is checkpointed in {str(ckpt)!r}" in error
+    assert "training goes on" not in stderr
 
 
 @pytest.mark.slow
@@ -281,14 +288,8 @@ def test_a_read_only_store_stops_the_run_in_one_line(tmp_path):
         proc = train(tmp_path, "--steps", "5000", "--tracking-uri", f"sqlite:///{store}/runs.db",
                      "--checkpoint-dir", str(ckpt), "--no-system-metrics",
                      KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT="120")  # fmt: skip
-        code, stderr = finish(proc)
-    assert code == 1, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr
-    assert f"sqlite:///{store}/runs.db" in errors[0] and "readonly database" in errors[0], errors
-    stopped = int(re.search(r"stopped after step (\d+)", errors[0]).group(1))
-    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [stopped]
-    assert len(spools(tmp_path)) == 1
+        error, _, _ = stopped_by_the_store(proc, ckpt, tmp_path)
+    assert f"sqlite:///{store}/runs.db" in error and "readonly database" in error, error
 
 
 def test_a_store_that_fills_up_stops_the_run_after_a_step_that_is_saved(

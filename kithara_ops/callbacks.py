@@ -45,6 +45,8 @@ class RunInfo:
       num_trainable_params: number of trainable parameters (the adapters alone with LoRA).
       base_model: for a model loaded from a preset, ``models.hub.base_model_of(model)``:
         its handle, fingerprint and LoRA settings; else ``None``.
+      state_bytes: the placed state's size: ``total`` (every array once) and
+        ``per_device`` (the most any one device holds, replicated arrays counted on each).
     """
 
     config: RunConfig
@@ -62,6 +64,7 @@ class RunInfo:
     data: dict[str, Any] | None = None
     num_trainable_params: int = 0
     base_model: dict[str, Any] | None = None
+    state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,8 @@ class TrainResult:
       compile_seconds: time to compile and run the first step.
       metrics: the last logged metrics, by name.
       run_id: the MLflow run id, when the run was tracked (set by the tracker at the end).
+      state_bytes: ``RunInfo.state_bytes``: the state's total size and the most one device
+        holds.
     """
 
     step: int
@@ -108,6 +113,7 @@ class TrainResult:
     compile_seconds: float = 0.0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     run_id: str | None = None
+    state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Callback:

@@ -3,7 +3,10 @@
 One ``CheckpointManager`` step directory per save, holding two items:
 
 - ``state``: the ``TrainState`` pytree (parameters, non-trainable variables, the optimizer
-  state, step, RNG key), written from every host with its shardings, never gathered;
+  state, step, RNG key), written from every host with its shardings, never gathered. A
+  model loaded from a preset leaves out its frozen weights (a LoRA model's base, the
+  record's ``keys["frozen"]``): the preset holds them, and its handle and fingerprint are
+  in the record, so a LoRA checkpoint is the size of its adapters and their optimizer state;
 - ``meta``: the ``RunRecord`` as JSON (see ``run_record``).
 
 Orbax writes each save to a temporary directory and renames it when complete, so a save that
@@ -44,7 +47,7 @@ from kithara_ops.integrity import by_path, checksum_arrays
 from kithara_ops.run_lock import DirectoryLock
 from kithara_ops.run_record import RunRecord, new_record
 from kithara_ops.saved_form import from_saved, to_saved
-from kithara_ops.state import all_finite
+from kithara_ops.state import all_finite, saved_part
 
 log = logging.getLogger("kithara_ops.checkpoint")
 
@@ -191,11 +194,14 @@ class Checkpointer(Callback):
     def save(self, step: int, state: Any, record: RunRecord) -> bool:
         """Save ``state`` and its ``record`` as step ``step``; whether it was saved.
 
+        The non-trainable entries ``record.keys["frozen"]`` names are left out.
+
         A step already saved is not saved again, and a state holding a NaN or an infinity
         is never saved: the checkpoints before it stay the run's good ones.
         """
         if step in self.manager.all_steps():
             return False
+        state = saved_part(state, record.keys.get("frozen", ()))
         # One fetch from the devices for both: a save waits for the step anyway.
         finite, sums = jax.device_get((all_finite(state), checksum_arrays(state)))
         if not bool(finite):

@@ -27,7 +27,7 @@ from kithara_ops.integrity import checksums, signature
 from kithara_ops.models.hub import same_base
 from kithara_ops.optim.migrate import migrate_state
 from kithara_ops.run_record import RunRecord
-from kithara_ops.state import TrainState
+from kithara_ops.state import TrainState, saved_part
 
 log = logging.getLogger("kithara_ops.checkpoint")
 
@@ -43,6 +43,8 @@ class StateTemplate:
       init_optimizer: a fresh, placed optimizer state for given parameters.
       base_model: the preset the current model was loaded from
         (``models.hub.base_model_of``), or ``None``.
+      frozen_values: the current model's frozen weights (``key_groups["frozen"]``), placed:
+        what fills in the part a checkpoint leaves out.
     """
 
     abstract: TrainState
@@ -50,6 +52,7 @@ class StateTemplate:
     adapter: Any
     init_optimizer: Callable[[dict], Any]
     base_model: dict[str, Any] | None = None
+    frozen_values: Callable[[], dict[str, jax.Array]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,33 @@ def _split(sig: dict[str, tuple]) -> tuple[dict, dict]:
     return model, {k: v for k, v in sig.items() if k.startswith("opt_state")}
 
 
+def _filler(
+    step: int, record: RunRecord, template: StateTemplate, left_out: list[str]
+) -> Callable[[TrainState], TrainState]:
+    """Completes a restored state with the frozen weights its checkpoint left out.
+
+    They come from the current model, which was loaded from the same base (checked by
+    fingerprint before); a template that cannot supply them is refused in one line.
+    """
+    if not left_out:
+        return lambda state: state
+    handle = (record.base_model or {}).get("handle", "its base model")
+    known = set(template.key_groups.get("frozen", ()))
+    if template.frozen_values is None or not set(left_out) <= known:
+        raise ConfigError(
+            f"Checkpoint step {step} holds the changes to {handle!r}, not its frozen "
+            f"weights: resume or export it with the model loaded from {handle!r}."
+        )
+
+    def fill(state: TrainState) -> TrainState:
+        values = template.frozen_values()
+        return dataclasses.replace(
+            state, non_trainable={**state.non_trainable, **{k: values[k] for k in left_out}}
+        )
+
+    return fill
+
+
 def restore(
     store: Checkpointer, step: int, template: StateTemplate, reset_optimizer: bool = False
 ) -> Restored:
@@ -154,7 +184,9 @@ def restore(
         )
     to_saved = key_mapping(template.key_groups, record.keys)
     to_current = {v: k for k, v in to_saved.items()}
-    abstract = rename_keys(template.abstract, to_saved)
+    left_out = record.keys.get("frozen", [])
+    abstract = saved_part(rename_keys(template.abstract, to_saved), left_out)
+    fill = _filler(step, record, template, [to_current.get(k, k) for k in left_out])
     saved_structure = _read(store.saved_structure, step)
     saved_model, saved_opt = _split(signature(saved_structure))
     wanted_model, wanted_opt = _split(signature(saved_form.to_saved(abstract)))
@@ -166,7 +198,7 @@ def restore(
         )
     if saved_opt == wanted_opt:
         state = _verified(step, _read(store.restore, step, abstract), record)
-        return Restored(rename_keys(state, to_current), record)
+        return Restored(fill(rename_keys(state, to_current)), record)
 
     # The optimizer state differs: read it as saved (replicated), then migrate or reset it.
     replicated = jax.sharding.NamedSharding(
@@ -178,6 +210,7 @@ def restore(
     )
     partial = dataclasses.replace(abstract, opt_state=as_saved)
     state = rename_keys(_verified(step, _read(store.restore, step, partial), record), to_current)
+    state = fill(state)
     params_order = template.key_groups["params"]
     if not reset_optimizer:
         migrated = migrate_state(

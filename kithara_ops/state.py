@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -62,11 +62,17 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
-def key_groups(model: keras.Model, adapter: Any) -> dict[str, list[str]]:
+SEED_STATE = "seed_generator_state"
+"""Path suffix of Keras' RNG seed variables (non-trainable, rewritten from the key each step)."""
+
+
+def key_groups(model: keras.Model, adapter: Any, from_preset: bool = False) -> dict[str, list[str]]:
     """The state's variable keys by group, in the model's (and a Keras optimizer's) order.
 
     Checkpoints record them, so a rebuilt model whose layers Keras named differently is
-    matched by position.
+    matched by position. For a model loaded from a preset (``from_preset``), the group
+    ``frozen`` names its non-trainable weights (a LoRA model's base): the step never changes
+    them and checkpoints leave them out, since the preset holds them (see ``saved_part``).
     """
     groups = {
         "params": variable_keys(model.trainable_variables),
@@ -74,7 +80,55 @@ def key_groups(model: keras.Model, adapter: Any) -> dict[str, list[str]]:
     }
     if adapter.state_keys is not None:
         groups["opt"] = list(adapter.state_keys)
+    frozen = [k for k in groups["non_trainable"] if not k.endswith(SEED_STATE)]
+    if from_preset and frozen:
+        groups["frozen"] = frozen
     return groups
+
+
+def saved_part(state: TrainState, frozen: Iterable[str]) -> TrainState:
+    """``state`` without the ``frozen`` non-trainable entries: what a checkpoint holds.
+
+    Works on arrays and on abstract (``ShapeDtypeStruct``) states alike.
+    """
+    left_out = set(frozen)
+    kept = {k: v for k, v in state.non_trainable.items() if k not in left_out}
+    return dataclasses.replace(state, non_trainable=kept)
+
+
+def placed_variables(
+    model: keras.Model, keys: Sequence[str], shardings: dict[str, Any]
+) -> dict[str, jax.Array]:
+    """The model's non-trainable variables named ``keys``, placed by ``shardings``.
+
+    Each is copied straight into its sharding (never whole on one device first, where the
+    variable is already distributed): how a restore fills in the frozen base a checkpoint
+    leaves out.
+    """
+    wanted = set(keys)
+    return {
+        key: jax.device_put(var.value, shardings[key], may_alias=False)
+        for key, var in zip(
+            variable_keys(model.non_trainable_variables), model.non_trainable_variables
+        )
+        if key in wanted
+    }
+
+
+def state_bytes(tree: Any) -> dict[str, int]:
+    """The size of a placed state: ``total`` bytes (every array once) and ``per_device``.
+
+    ``per_device`` is the most any one (local) device holds, read from the arrays' shards: a
+    replicated array counts in full on every device, a sharded one by its shard. It is what
+    sharding saves, and what a device's memory must hold besides the step's activations.
+    """
+    held: dict[Any, int] = {}
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        total += leaf.nbytes
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return {"total": int(total), "per_device": int(max(held.values(), default=0))}
 
 
 def state_shardings(
@@ -101,7 +155,7 @@ def state_shardings(
     frozen_shapes = {
         k: tuple(v.shape)
         for k, v in zip(frozen_keys, model.non_trainable_variables)
-        if not k.endswith("seed_generator_state")
+        if not k.endswith(SEED_STATE)
     }
     frozen = parameter_shardings(mesh, frozen_shapes, layout_rules, min_shard_size)
     abstract_params = {

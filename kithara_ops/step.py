@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ import optax
 from kithara_ops.models.adapter import ModelAdapter, adapt_model
 from kithara_ops.optim.adapter import OptimizerAdapter
 from kithara_ops.optim.monitors import clipped, state_monitors
-from kithara_ops.state import TrainState
+from kithara_ops.state import SEED_STATE, TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -70,6 +70,8 @@ class StepBuilder:
         ``adapt_model(model)``.
       clipping: the optimizer's clipping (its description's ``{"kind", "value"}``), for the
         ``clipped`` metric (``optim.monitors``).
+      frozen_keys: non-trainable keys the step hands on unchanged whatever the model's call
+        returns (a LoRA model's base weights, which checkpoints leave out).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class StepBuilder:
         skip_nonfinite: bool = False,
         model_adapter: ModelAdapter | None = None,
         clipping: dict | None = None,
+        frozen_keys: Sequence[str] = (),
     ):
         self.model = model
         self.adapter = adapter
@@ -92,11 +95,12 @@ class StepBuilder:
         self.micro_batch_sharding = micro_batch_sharding
         self.skip_nonfinite = skip_nonfinite
         self.clipping = clipping
+        self.frozen_keys = list(frozen_keys)
         self.model_adapter = model_adapter if model_adapter is not None else adapt_model(model)
         # Keras draws dropout noise from SeedGenerator states kept as non-trainable variables.
         # Refreshing them from the state's key each step makes that key the single source of
         # randomness, which the checkpoint carries.
-        self.seed_keys = [k for k in non_trainable_keys if k.endswith("seed_generator_state")]
+        self.seed_keys = [k for k in non_trainable_keys if k.endswith(SEED_STATE)]
         # stateless_call hands its keywords to ``call`` itself: only a call that takes
         # ``training`` may be given it.
         self.passes_training = _takes(model.call, "training")
@@ -147,6 +151,9 @@ class StepBuilder:
             non_trainable[key] = seed.astype(non_trainable[key].dtype)
 
         loss_sum, count, grads, non_trainable = self._gradients(state.params, non_trainable, batch)
+        # Handed on as they came in, so a checkpoint without them loses nothing (and XLA
+        # aliases the donated buffers instead of copying the base model).
+        non_trainable.update({key: state.non_trainable[key] for key in self.frozen_keys})
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss = loss_sum / denom

@@ -107,7 +107,9 @@ class Trainer:
         self.mesh = make_mesh(self.config.sharding, self.config.mesh_shape, devices)
         rules = as_layout_rules(layout_rules) if layout_rules is not None else None
         rules = rules if rules is not None else layout_rules_of(model)
-        self.key_groups = state_lib.key_groups(model, self.adapter)
+        self.key_groups = state_lib.key_groups(
+            model, self.adapter, from_preset=base_model_of(model) is not None
+        )
         self.state_shardings = state_lib.state_shardings(
             self.mesh, model, self.adapter, rules, self.config.min_shard_size
         )
@@ -147,6 +149,7 @@ class Trainer:
             skip_nonfinite=self.config.on_nonfinite == "skip",
             model_adapter=self.model_adapter,
             clipping=self.description.get("clipping"),
+            frozen_keys=self.key_groups.get("frozen", ()),
         )
         self.batch_sharding = batch_sharding(self.mesh)
         self.steps = compile_steps(builder, self.state_shardings, self.batch_sharding)
@@ -165,12 +168,16 @@ class Trainer:
     def state_template(self) -> StateTemplate:
         """What a restore needs: the state's shapes, dtypes and shardings, keys, optimizer."""
         abstract = state_lib.abstract_state(self.initial_state, self.state_shardings)
+        frozen = self.key_groups.get("frozen", [])
         return StateTemplate(
             abstract,
             self.key_groups,
             self.adapter,
             self.steps.init_optimizer,
             base_model_of(self.model),
+            lambda: state_lib.placed_variables(
+                self.model, frozen, self.state_shardings.non_trainable
+            ),
         )
 
     def total_steps(self) -> int:
@@ -225,7 +232,8 @@ class Trainer:
         result, status = None, "FAILED"
         last_loss = restored.record.loss if restored else None
         eval_loss = restored.record.eval_loss if restored else None
-        self.callbacks.on_train_start(self._run_info(start, total, restored))
+        placed = state_lib.state_bytes(state)
+        self.callbacks.on_train_start(self._run_info(start, total, restored, placed))
         tokens = shape[0] * shape[1]
         cost = StepCost(_count(self.model.weights), tokens, self.mesh.devices.flat)
         clock = Clock(tokens_per_step=tokens, since=started, cost=cost)
@@ -257,8 +265,9 @@ class Trainer:
                 self._write_back(state)
                 self.state = state
                 result = TrainResult(
-                    step, last_loss, eval_loss, clock.elapsed(), clock.compile_seconds, clock.last
-                )
+                    step, last_loss, eval_loss, clock.elapsed(), clock.compile_seconds,
+                    clock.last, state_bytes=placed,
+                )  # fmt: skip
                 status = "FINISHED"
                 return result
             except (KeyboardInterrupt, Diverged) as stopped:
@@ -283,14 +292,16 @@ class Trainer:
             guard.stepped(metrics)
             yield step, state, metrics, position.get("iterator")
 
-    def _run_info(self, start: int, total: int, restored: Restored | None) -> RunInfo:
+    def _run_info(
+        self, start: int, total: int, restored: Restored | None, placed: dict | None = None
+    ) -> RunInfo:
         return RunInfo(
             config=self.config,
             model=self.model,
             optimizer=self.adapter.optimizer,
             description=self.description,
             num_params=_count(
-                v for v in self.model.variables if not v.path.endswith("seed_generator_state")
+                v for v in self.model.variables if not v.path.endswith(state_lib.SEED_STATE)
             ),
             num_trainable_params=_count(self.model.trainable_variables),
             mesh_shape=dict(self.mesh.shape),
@@ -302,6 +313,7 @@ class Trainer:
             optimizer_change=restored.optimizer_change if restored else None,
             data=self.train_data.summary() if hasattr(self.train_data, "summary") else None,
             base_model=base_model_of(self.model),
+            state_bytes=placed or {},
         )
 
     def _last_checkpoint(self) -> int | None:

@@ -10,6 +10,7 @@ import presets
 import pytest
 
 from kithara_ops import Trainer, models
+from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.errors import ConfigError
 from kithara_ops.models.adapter import adapt_model, check_trainable
 from kithara_ops.models.hub import base_model_of, fingerprint, from_preset, is_preset
@@ -157,6 +158,45 @@ def test_a_resume_against_another_base_model_is_refused(tiny_presets, tmp_path):
     with pytest.raises(ConfigError, match="was trained on") as err:
         again.train(resume=True)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_holds_the_adapters_and_the_base_stays_as_loaded(tiny_presets, tmp_path):
+    folder = str(tiny_presets["llama"])
+    trainer = Trainer(
+        from_preset(folder, lora_rank=2), optax.adam(1e-2), token_batches(), steps=3,
+        checkpoint_dir=str(tmp_path / "ckpt"), tracking=False,
+    )  # fmt: skip
+    trainer.train()
+    base = {v.path: np.asarray(v.value) for v in from_preset(folder).weights}
+    frozen = trainer.key_groups["frozen"]
+    assert frozen and set(frozen) <= set(base)
+    for key in frozen:  # bitwise, on the devices, after three steps
+        np.testing.assert_array_equal(np.asarray(trainer.state.non_trainable[key]), base[key])
+    saved = Checkpointer(tmp_path / "ckpt")
+    try:
+        structure = saved.saved_structure(3)
+        assert saved.read_record(3).keys["frozen"] == frozen
+    finally:
+        saved.close()
+    assert not set(structure["non_trainable"]) & set(frozen)
+    assert set(structure["params"]) == set(trainer.key_groups["params"])
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_without_its_base_model_is_refused_in_one_line(tiny_presets, tmp_path):
+    folder = str(tiny_presets["llama"])
+    args = dict(checkpoint_dir=str(tmp_path / "ckpt"), tracking=False)
+    Trainer(
+        from_preset(folder, lora_rank=2), optax.sgd(0.1), token_batches(), steps=1, **args
+    ).train()
+    # The same architecture and LoRA, but not loaded through from_preset: no base to fill in.
+    model = keras_hub.models.CausalLM.from_preset(folder)
+    model.backbone.enable_lora(2)
+    again = Trainer(model, optax.sgd(0.1), token_batches(), steps=2, **args)
+    with pytest.raises(ConfigError, match="not its frozen weights") as err:
+        again.train(resume=True)
+    assert "\n" not in str(err.value) and folder in str(err.value)
 
 
 def test_a_keras_hub_layout_map_is_accepted_as_layout_rules(tiny_presets, eight_devices):

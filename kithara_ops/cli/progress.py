@@ -68,6 +68,7 @@ def result_dict(result: TrainResult) -> dict:
         "compile_seconds": round(result.compile_seconds, 3),
         "metrics": result.metrics,
         "run_id": result.run_id,
+        "state_bytes": result.state_bytes,
     }
 
 
@@ -119,8 +120,21 @@ def print_summary(result: TrainResult, as_json: bool, console: Console | None = 
         table.add_row("eval loss", f"{result.eval_loss:.4f}")
     if "tokens_per_second" in result.metrics:
         table.add_row("tokens/s", f"{result.metrics['tokens_per_second']:,.0f}")
+    if result.state_bytes:
+        total, most = result.state_bytes["total"], result.state_bytes["per_device"]
+        table.add_row("state", f"{_size(total)}, at most {_size(most)} on one device")
     table.add_row("compile", f"{result.compile_seconds:.1f} s")
     table.add_row("wall time", f"{result.seconds:.1f} s")
     if result.run_id:
         table.add_row("MLflow run", result.run_id)
     console.print(table)
+
+
+def _size(count: int) -> str:
+    """A byte count in binary units: ``512 B``, ``15.4 KiB``, ``2.0 GiB``."""
+    value, unit = float(count), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"

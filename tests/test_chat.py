@@ -141,6 +141,36 @@ def test_a_hugging_face_folder_brings_its_own_template(chat_preset, files, tmp_p
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="no 'default'"):
         data.load_tokenizer(str(folder))
+    # A template Jinja cannot compile fails chat rows only, never plain text.
+    config["chat_template"] = "{% for m in messages %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    broken = data.load_tokenizer(str(folder))
+    assert len(data.pack([data.Document("the quick fox")], broken, 4).x) > 0
+    with pytest.raises(ConfigError, match="not a valid Jinja template"):
+        data.pack(data.read_documents(str(chat)), broken, 64)
+
+
+def test_python_load_takes_a_template_and_a_keras_hub_tokenizer(chat_preset, files, tmp_path):
+    template, chat = files
+    own = keras_hub.tokenizers.Tokenizer.from_preset(str(chat_preset))
+    dataset = data.load(
+        str(chat), seq_len=128, batch_size=1, shuffle=False, tokenizer=own, chat_template=template
+    )
+    expected = data.pack(
+        data.read_documents(str(chat)), data.run_tokenizer("auto", str(chat_preset), template), 128
+    )
+    batch = next(iter(dataset))
+    np.testing.assert_array_equal(batch["x"][0], expected.x[0])
+    np.testing.assert_array_equal(batch["mask"][0], expected.mask[0])
+    # Hugging Face's {% generation %} markers render as their body.
+    marked = tmp_path / "marked.jinja"
+    marked.write_text(
+        CHATML.replace(
+            "{% for m in messages %}", "{% for m in messages %}{% generation %}"
+        ).replace("{% endfor %}", "{% endgeneration %}{% endfor %}")
+    )
+    same = data.load(str(chat), seq_len=128, batch_size=1, tokenizer=own, chat_template=marked)
+    np.testing.assert_array_equal(same.packed.x, expected.x)
 
 
 def test_sentencepiece_control_tokens_in_the_text_become_their_ids(tiny_presets, tmp_path):

@@ -46,26 +46,9 @@ class ChatTemplate:
     """
 
     def __init__(self, source: str, origin: str, bos_token: str = "", eos_token: str = ""):
-        # Imported here: only chat data needs Jinja, and it is a sandboxed environment
-        # because a template is code from a downloaded model folder.
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         self.origin, self.bos_token, self.eos_token = origin, bos_token, eos_token
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        try:
-            self._template = env.from_string(source)
-        except TemplateError as err:
-            raise ConfigError(
-                f"Chat template {origin!r} is not a valid Jinja template ({first_line(err)}): "
-                "fix it or pass another with --chat-template FILE."
-            ) from None
-        self._error = TemplateError
+        # Compiled on first use: a folder's template must not fail runs on plain text.
+        self._source, self._template = source, None
 
     def render(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
@@ -73,22 +56,68 @@ class ChatTemplate:
         """The text of ``messages``, as Hugging Face's ``apply_chat_template`` renders it.
 
         Raises:
-          ConfigError: the template fails or calls ``raise_exception`` on these messages.
+          ConfigError: the template is not valid Jinja, or it fails or calls
+            ``raise_exception`` on these messages.
         """
+        from jinja2 import TemplateError
+
+        template = self._compiled()
         try:
-            return self._template.render(
+            return template.render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
-        except self._error as err:
+        except TemplateError as err:
             raise ConfigError(
                 f"Chat template {self.origin!r} refused a conversation ({first_line(err)})"
             ) from None
 
+    def _compiled(self) -> Any:
+        if self._template is not None:
+            return self._template
+        # Imported here: only chat data needs Jinja. The environment is a sandbox because a
+        # template is code from a downloaded model folder.
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols", _generation_extension()],
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(self._source)
+        except TemplateError as err:
+            raise ConfigError(
+                f"Chat template {self.origin!r} is not a valid Jinja template ({first_line(err)}): "
+                "fix it or pass another with --chat-template FILE."
+            ) from None
+        return self._template
+
     def __repr__(self) -> str:
         return f"ChatTemplate({self.origin!r})"
+
+
+def _generation_extension() -> type:
+    """``{% generation %}...{% endgeneration %}``, which some Hugging Face templates wrap
+    their replies in: rendered as its body (replies are located by rendering, see above)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = frozenset({"generation"})
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return Generation
 
 
 def _raise_exception(message: str) -> None:

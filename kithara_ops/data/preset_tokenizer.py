@@ -89,8 +89,9 @@ def load_tokenizer(
         chosen: ByteTokenizer | PresetTokenizer = ByteTokenizer()
     else:
         chosen = _preset_tokenizer(spec)
-        found = folder_template(spec) if Path(spec).expanduser().is_dir() else None
-        if chat_template is None and found is not None:
+        is_folder = chat_template is None and Path(spec).expanduser().is_dir()
+        found = folder_template(spec) if is_folder else None
+        if found is not None:
             source, origin, tokens = found
             chosen.chat_template = ChatTemplate(
                 source,

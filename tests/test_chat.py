@@ -244,3 +244,45 @@ def test_cli_trains_on_chat_data_with_a_template_file(chat_preset, files, tmp_pa
     assert refused.exit_code == 2
     assert "--chat-template FILE" in refused.output
     assert len(refused.output.strip().splitlines()) == 1
+
+
+MISTRAL = (  # Mistral-7B-Instruct-v0.1's template, as its tokenizer_config.json ships it
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+@pytest.mark.slow
+def test_a_hugging_face_folder_trains_on_chat_data_with_its_own_template(tmp_path):
+    folder = tmp_path / "hf_mistral"
+    presets.build_causal_lm("mistral", seed=3).export_to_transformers(str(folder))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config  # KerasHub's exporter writes none
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": MISTRAL}))
+    tokenizer = data.run_tokenizer("auto", str(folder))
+    assert (tokenizer.chat_template.bos_token, tokenizer.chat_template.eos_token) == ("<s>", "</s>")
+    messages = [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "jumps"}]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": messages * k}) + "\n" for k in (1, 2, 3) * 4))
+    first = data.pack(data.read_documents(str(chat)), tokenizer, seq_len=256)
+    stream = np.concatenate([first.x[0, :1], first.y.reshape(-1)])  # windows share a token
+    # Document 1: <s> [INST] the fox [/INST] jumps </s>, then document 2 starts with <s>.
+    starts, ends = np.nonzero(stream == 2)[0], np.nonzero(stream == 3)[0]
+    assert starts[0] == 0 and starts[1] == ends[0] + 1
+    reply = first.y[0, : ends[0]][first.mask[0, : ends[0]] == 1]
+    assert tokenizer.decode(reply).strip() == "jumps" and first.mask[0, ends[0] - 1] == 1
+    # One <s> per conversation and one </s> per reply: the template's are never doubled.
+    assert (len(starts), len(ends)) == (12, 4 * (1 + 2 + 3))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": messages[::-1]}) + "\n")
+    with pytest.raises(ConfigError, match=r"line 1.*roles must alternate"):
+        data.pack(data.read_documents(str(bad)), tokenizer, seq_len=32)
+    args = ["train", "--model", str(folder), "--data", str(chat), "--steps", "2", "--seq-len"]
+    args += ["16", "--batch-size", "8", "--no-tracking", "--json", "--quiet"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2

@@ -61,7 +61,7 @@ class ChatTemplate:
         """
         from jinja2 import TemplateError
 
-        template = self._compiled()
+        template = self.compile()
         try:
             return template.render(
                 messages=list(messages),
@@ -74,7 +74,12 @@ class ChatTemplate:
                 f"Chat template {self.origin!r} refused a conversation ({first_line(err)})"
             ) from None
 
-    def _compiled(self) -> Any:
+    def compile(self) -> Any:
+        """The compiled Jinja template (compiled once).
+
+        Raises:
+          ConfigError: the template is not valid Jinja.
+        """
         if self._template is not None:
             return self._template
         # Imported here: only chat data needs Jinja. The environment is a sandbox because a
@@ -214,6 +219,7 @@ def render_spans(
       ConfigError: the template fails, or the last assistant reply cannot be located in the
         rendered conversation.
     """
+    template.compile()  # a template error names the template, not the row
     try:
         full = template.render(messages)
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]

@@ -286,3 +286,47 @@ def test_a_hugging_face_folder_trains_on_chat_data_with_its_own_template(tmp_pat
     done = CliRunner().invoke(app, args)
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2
+
+
+GEMMA = (  # Gemma's template, as its tokenizer_config.json ships it (abridged error message)
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+
+def test_gemma_turn_markers_are_single_ids_and_bos_is_not_doubled(tmp_path):
+    import io
+
+    import sentencepiece
+
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([f"{presets._TEXT} {i}" for i in range(40)]), model_writer=proto,
+        vocab_size=presets.VOCAB_SIZE, model_type="bpe", byte_fallback=True, pad_id=0, unk_id=1,
+        bos_id=2, eos_id=3, pad_piece="<pad>", bos_piece="<bos>", eos_piece="<eos>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], character_coverage=1.0,
+        minloglevel=2,
+    )  # fmt: skip
+    gemma = keras_hub.models.GemmaTokenizer(proto=proto.getvalue())
+    start, end = gemma.token_to_id("<start_of_turn>"), gemma.token_to_id("<end_of_turn>")
+    template = tmp_path / "gemma.jinja"
+    template.write_text(GEMMA)
+    chat = tmp_path / "chat.jsonl"
+    messages = [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "jumps"}]
+    chat.write_text(json.dumps({"messages": messages}) + "\n")
+    dataset = data.load(
+        str(chat), seq_len=64, batch_size=1, tokenizer=gemma, chat_template=template
+    )
+    x, y, mask = dataset.packed.x[0], dataset.packed.y[0], dataset.packed.mask[0]
+    n = int(np.nonzero(y == 3)[0][0]) + 1  # through the document's end id
+    stream = np.concatenate([x[:1], y[:n]])
+    assert stream[0] == 2 and (stream == 2).sum() == 1  # <bos> once, though the template writes it
+    assert (stream == start).sum() == 2 and (stream == end).sum() == 2
+    reply = [int(i) for i in np.asarray(gemma.tokenize("jumps"))] + [end]
+    assert y[mask == 1].tolist()[: len(reply)] == reply  # the reply, its end, then "\n" and <eos>
+    assert gemma.detokenize(y[:n][mask[:n] == 0]).startswith("<start_of_turn>user")

@@ -61,7 +61,7 @@ def build_trainer(
         preflight.check_checkpoint_path(config.checkpoint_dir)
     if optimizer is None:
         optimizer = build_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
-    tokenizer = data.run_tokenizer(config.tokenizer, config.model)
+    tokenizer = data.run_tokenizer(config.tokenizer, config.model, config.chat_template)
     train_data = data.load(
         config.data,
         seq_len=config.seq_len,

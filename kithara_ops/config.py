@@ -73,6 +73,13 @@ class RunConfig:
         "KerasHub or Hugging Face preset folder (or hub handle) whose tokenizer to use.",
         MODEL,
     )
+    chat_template: str | None = option(
+        None,
+        "A Jinja chat template file (or a tokenizer_config.json) for the messages rows of chat "
+        "data; None: the model folder's own (Hugging Face folders ship one, KerasHub presets "
+        "do not).",
+        MODEL,
+    )
     optimizer: str = option(
         "optax.adamw",
         "Optimizer spec: a name such as optax.adamw or keras.AdamW, or a call such as "

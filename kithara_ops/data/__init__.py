@@ -1,11 +1,13 @@
 """Training data: tokenizers (bytes, or a model preset's own), sources, packing, batching.
 
 ``load(spec, seq_len=..., batch_size=...)`` goes from a source spec (``stdlib``,
-``synthetic``, a file, directory, glob or ``.jsonl`` file) to a ``Dataset`` whose iterator
+``synthetic``, a file, directory, glob or ``.jsonl`` file of text, prompt/completion
+pairs or chat conversations) to a ``Dataset`` whose iterator
 yields ``{"x", "y", "mask"}`` numpy batches in a seeded order and can save and restore its
 position for resumable runs.
 """
 
+from kithara_ops.data.chat import ChatTemplate
 from kithara_ops.data.pipeline import DataIterator, Dataset, Packed, load, pack
 from kithara_ops.data.preset_tokenizer import (
     PresetTokenizer,
@@ -18,6 +20,7 @@ from kithara_ops.data.tokenizer import ByteTokenizer
 
 __all__ = [
     "ByteTokenizer",
+    "ChatTemplate",
     "DataIterator",
     "Dataset",
     "Document",

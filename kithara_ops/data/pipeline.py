@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
-from kithara_ops.data.preset_tokenizer import PresetTokenizer, as_tokenizer
+from kithara_ops.data.chat import chat_tokens
+from kithara_ops.data.preset_tokenizer import PresetTokenizer, as_tokenizer, with_chat_template
 from kithara_ops.data.sources import Document, read_documents
 from kithara_ops.data.tokenizer import ByteTokenizer
 from kithara_ops.errors import ConfigError
@@ -41,7 +42,9 @@ def pack(
 ) -> Packed:
     """Concatenates tokenized documents into one stream and cuts it into sequences.
 
-    Each document becomes ``[bos] + prompt + text + [eos]``. Consecutive windows share one
+    Each document becomes ``[bos] + prompt + text + [eos]``; a chat conversation becomes
+    ``[bos] + rendered conversation + [eos]`` with only its replies trained (see
+    ``kithara_ops.data.chat``). Consecutive windows share one
     token (window ``i`` covers stream positions ``i*seq_len .. (i+1)*seq_len``), so every
     stream token after the first is a target exactly once. A final partial window is
     padded with ``pad_id`` if it holds at least one trained target, otherwise dropped.
@@ -64,6 +67,17 @@ def pack(
     eos = np.array([tokenizer.eos_id], np.int32)
     pieces, trained = [], []
     for doc in documents:
+        if doc.messages:
+            # Replies are trained, the rest of the conversation is prompt; the end id is
+            # trained when the conversation ends with a reply.
+            ids, weights = chat_tokens(tokenizer, doc.messages, doc.where or "A chat row")
+            pieces += [bos, ids, eos]
+            trained += [
+                np.ones(len(bos), bool),
+                weights,
+                weights[-1:] if len(weights) else np.zeros(1, bool),
+            ]
+            continue
         prompt_ids = tokenizer.encode(doc.prompt) if doc.prompt else bos[:0]
         text_ids = tokenizer.encode(doc.text)
         pieces += [bos, prompt_ids, text_ids, eos]
@@ -283,6 +297,7 @@ def load(
     shuffle: bool = True,
     repeat: bool = True,
     tokenizer: Any = None,
+    chat_template: str | Path | None = None,
 ) -> Dataset:
     """Reads, tokenizes and packs a data source into a batched ``Dataset``.
 
@@ -295,6 +310,8 @@ def load(
         repeat: Repeat forever (training) instead of stopping after one epoch.
         tokenizer: a ``ByteTokenizer`` (the default), a ``PresetTokenizer`` or a KerasHub
             tokenizer (``keras_hub.tokenizers.Tokenizer.from_preset(...)``).
+        chat_template: a Jinja chat template file (or ``tokenizer_config.json``) for the
+            ``messages`` rows of chat data, instead of the tokenizer's own.
 
     Returns:
         The dataset; iterate it for batches.
@@ -303,7 +320,10 @@ def load(
         ConfigError: A bad source, ``seq_len``, ``batch_size`` or ``seed``.
     """
     documents = read_documents(source) if isinstance(source, str) else list(source)
-    packed = pack(documents, as_tokenizer(tokenizer), seq_len)
+    tokenizer = as_tokenizer(tokenizer)
+    if chat_template is not None:
+        tokenizer = with_chat_template(tokenizer, chat_template)
+    packed = pack(documents, tokenizer, seq_len)
     return Dataset(
         packed,
         batch_size=batch_size,

@@ -15,6 +15,7 @@ import random
 import sysconfig
 from pathlib import Path
 
+from kithara_ops.data.chat import check_messages
 from kithara_ops.errors import ConfigError
 
 STDLIB_BYTE_BUDGET = 4 * 1024 * 1024
@@ -32,10 +33,15 @@ class Document:
         text: The document's text; for prompt/completion data, the completion.
         prompt: The prompt the model is conditioned on but not trained to predict;
             ``""`` for plain text.
+        messages: A chat conversation (``{"role", "content"}`` dicts), rendered with the
+            model's chat template when packed; ``()`` for other documents.
+        where: Where the document came from (file and line), for messages about it.
     """
 
     text: str
     prompt: str = ""
+    messages: tuple[dict[str, str], ...] = ()
+    where: str = dataclasses.field(default="", compare=False)
 
 
 def read_documents(spec: str) -> list[Document]:
@@ -45,8 +51,8 @@ def read_documents(spec: str) -> list[Document]:
         spec: ``"stdlib"`` (this interpreter's standard-library ``.py`` files, capped at
             ``STDLIB_BYTE_BUDGET`` bytes), ``"synthetic"`` (a small generated arithmetic
             corpus), a text file, a directory (every file under it), a glob pattern
-            containing ``*``, or a ``.jsonl`` file whose lines hold ``text`` or
-            ``prompt``/``completion`` fields.
+            containing ``*``, or a ``.jsonl`` file whose lines hold ``text``,
+            ``prompt``/``completion`` or ``messages`` (a chat conversation) fields.
 
     Returns:
         The documents in a deterministic order.
@@ -79,7 +85,7 @@ def read_documents(spec: str) -> list[Document]:
                 f"Data file {spec!r} does not exist: check the path, or use 'stdlib' or "
                 "'synthetic'."
             )
-    if not any(doc.text or doc.prompt for doc in docs):
+    if not any(doc.text or doc.prompt or doc.messages for doc in docs):
         raise ConfigError(
             f"Data source {spec!r} has no text: point it at non-empty text or JSONL files."
         )
@@ -129,9 +135,12 @@ def _record_document(record: object, path: Path, lineno: int) -> Document:
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, str) and isinstance(completion, str):
             return Document(completion, prompt=prompt)
+        if "messages" in record:
+            where = f"Data file {str(path)!r} line {lineno}"
+            return Document("", messages=check_messages(record, where), where=where)
     raise ConfigError(
-        f"Data file {str(path)!r} line {lineno} has no string 'text' field nor 'prompt' "
-        "and 'completion' fields: give every line one of them."
+        f"Data file {str(path)!r} line {lineno} has no string 'text' field, 'prompt' and "
+        "'completion' fields nor a 'messages' list: give every line one of them."
     )
 
 

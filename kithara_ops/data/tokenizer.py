@@ -19,12 +19,15 @@ class ByteTokenizer:
         bos_id: Id placed before every document.
         eos_id: Id placed after every document.
         vocab_size: Number of ids (256 bytes + 3 special ids).
+        chat_template: The template chat rows are rendered with (``None``: chat rows are
+            refused); see ``kithara_ops.data.chat``.
     """
 
     pad_id: int = 256
     bos_id: int = 257
     eos_id: int = 258
     vocab_size: int = 259
+    chat_template = None
 
     def encode(self, text: str) -> np.ndarray:
         """Turns text into its UTF-8 byte ids, without special ids.

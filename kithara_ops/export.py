@@ -39,6 +39,7 @@ def export(
     format: str = "keras-hub",
     step: int | None = None,
     model: str | None = None,
+    verify: bool = True,
 ) -> Path:
     """Write the model of a checkpoint to ``out`` and return the path written.
 
@@ -50,6 +51,10 @@ def export(
       step: the checkpoint to export; the newest readable one by default.
       model: the model spec, for a run whose model came from a ``module:function`` factory
         (a checkpoint never names code to run).
+      verify: for ``hf``, load the written folder back with KerasHub (sharded like the run)
+        and compare its logits with the trained model's on a few tokens; a folder that does
+        not load back, or gives other logits, is removed and refused. One more load of the
+        model: pass ``False`` to skip it for a model known to convert.
 
     Raises:
       ConfigError: a bad format, step or output folder, a model the format cannot hold, or a
@@ -73,6 +78,8 @@ def export(
             config = config.replace(model=model)
         keras_model, tokenizer = _restored_model(store, config, step)
     written = _write(keras_model, tokenizer, out, format)
+    if format == "hf" and verify:
+        _verify_hf(keras_model, config, written)
     _record(config, record.run_uid, format, written)
     return written
 
@@ -144,6 +151,43 @@ def _write(keras_model: Any, tokenizer: Any, out: Path, format: str) -> Path:
             f"({first_line(err)}): use --format keras-hub."
         ) from None
     return out
+
+
+def _verify_hf(trained: Any, config: Any, folder: Path) -> None:
+    """Load an ``hf`` export back with KerasHub and compare logits; refuse it if they differ.
+
+    KerasHub's exporters and its loaders are separate code, and for some families and
+    shapes they disagree (keras-hub 0.32: GPT-2, Gemma with grouped key/value heads, Qwen 2);
+    a folder that cannot come back is no export.
+    """
+    import numpy as np
+
+    from kithara_ops.build import build_model
+
+    ids = (np.arange(8, dtype="int32")[None] * 7 + 3) % int(trained.backbone.vocabulary_size)
+    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    try:
+        plain = config.replace(model=str(folder), lora_rank=None, lora_targets=None)
+        loaded = build_model(plain, int(trained.backbone.vocabulary_size))
+        expected, got = (
+            np.asarray(trained(inputs), "float32"),
+            np.asarray(loaded(inputs), "float32"),
+        )
+        tol = 1e-3 if str(trained.dtype_policy.compute_dtype) == "float32" else 3e-2
+        scale = max(1.0, float(np.abs(expected).max()))
+        if got.shape != expected.shape or not np.allclose(
+            got, expected, rtol=tol, atol=tol * scale
+        ):
+            worst = float(np.abs(got - expected).max()) if got.shape == expected.shape else "n/a"
+            raise ValueError(f"its logits differ from the trained model's by {worst}")
+    except Exception as err:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ConfigError(
+            f"KerasHub wrote a Hugging Face folder for {type(trained).__name__} that it cannot "
+            f"load back faithfully ({first_line(err, 160)}): use --format keras-hub."
+        ) from None
 
 
 def _record(config: Any, run_uid: str, format: str, written: Path) -> None:

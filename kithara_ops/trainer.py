@@ -118,11 +118,17 @@ class Trainer:
     def _resolve_config(self, config: RunConfig | None, options: dict) -> RunConfig:
         """The run's config, final before the run: objects labelled, the batch shape read."""
         if config is None:
+            base = base_model_of(self.model) or {}
             labels = {
-                "model": self.model.name,
+                # A preset model is named by its handle, as the CLI names it, so that a
+                # resume or an export from the command line loads the same base.
+                "model": base.get("handle", self.model.name),
                 "data": type(self.train_data).__name__,
                 "optimizer": self.description["label"],
             }
+            if base.get("lora_rank"):
+                options = {"lora_rank": base["lora_rank"], "lora_targets": base["lora_targets"],
+                           **options}  # fmt: skip
             config = RunConfig.from_dict({**labels, "given": list(labels), **options})
         elif options:
             config = config.replace(**options)

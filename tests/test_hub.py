@@ -199,6 +199,39 @@ def test_a_lora_checkpoint_without_its_base_model_is_refused_in_one_line(tiny_pr
     assert "\n" not in str(err.value) and folder in str(err.value)
 
 
+HF_ROUND_TRIP = {"mistral": None, "llama": "not implemented for LlamaBackbone"}
+"""keras-hub 0.32, tiny presets: what an ``hf`` export gives per family (``None``: a folder
+that loads back with the trained logits). GPT-2, Gemma (grouped key/value heads) and Qwen 2
+folders are written but KerasHub's own loader cannot read them back faithfully; the Llama
+preset here is Llama 2, which KerasHub does not export."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", presets.FAMILIES)
+def test_an_hf_export_is_loaded_back_and_checked_or_refused_in_one_line(
+    tiny_presets, family, tmp_path
+):
+    from kithara_ops.export import export
+
+    model = from_preset(str(tiny_presets[family]), lora_rank=2)
+    Trainer(
+        model, optax.adam(1e-2), token_batches(), steps=2, checkpoint_dir=str(tmp_path / "ckpt"),
+        tracking=False,
+    ).train()  # fmt: skip
+    expected = HF_ROUND_TRIP.get(family, "cannot load back faithfully")
+    if expected is not None:
+        with pytest.raises(ConfigError, match=expected) as err:
+            export(tmp_path / "ckpt", tmp_path / "hf", format="hf")
+        assert "\n" not in str(err.value) and "--format keras-hub" in str(err.value)
+        assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+        return
+    out = export(tmp_path / "ckpt", tmp_path / "hf", format="hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    loaded = from_preset(str(out))
+    assert type(loaded).__name__ == type(model).__name__
+    np.testing.assert_allclose(logits_of(loaded, IDS), logits_of(model, IDS), atol=1e-4)
+
+
 def test_a_keras_hub_layout_map_is_accepted_as_layout_rules(tiny_presets, eight_devices):
     import keras
 

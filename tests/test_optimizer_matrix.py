@@ -68,9 +68,6 @@ REFUSED = {  # cannot train in a compiled step over batches: each gets a ConfigE
     "optax.contrib.hutchinson_estimator_diag_hessian": "needs the loss function (obj_fn)",
     "optax.contrib.sophia": "its Hessian estimate needs the loss function (obj_fn)",
 }
-NO_LEARNING_RATE = {  # described without a learning rate: there is none to read
-    "keras.MultiOptimizer": "one learning rate per group of parameters, none of its own",
-}
 
 
 def _build(factory, name):
@@ -232,8 +229,7 @@ def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
     description = trainer.description
     assert description["family"] == name.split(".")[0]
     assert description["name"] and description["name"] != "unknown", description["chain_text"]
-    if name not in NO_LEARNING_RATE:
-        assert description["learning_rate"] is not None, description["chain_text"]
+    assert description["learning_rate"] is not None, description["chain_text"]
 
     data = batches()
     state, first = train(trainer, trainer.initial_state(), data[:3])

@@ -20,8 +20,11 @@ from kithara_ops.state import variable_keys
 
 
 def _learning_rate(optimizer: keras.optimizers.Optimizer) -> jax.Array:
-    """The optimizer's current learning rate; NaN for a MultiOptimizer, which has one per
-    group of parameters and none of its own."""
+    """The optimizer's current learning rate; for a ``MultiOptimizer``, which has none of its
+    own, that of its first inner optimizer (``optimizer.optimizers[0]``)."""
+    inner = getattr(optimizer, "optimizers", None)
+    if inner:
+        return _learning_rate(inner[0])
     try:
         value = optimizer.learning_rate
     except AttributeError:
@@ -131,6 +134,17 @@ class KerasAdapter:
             y, z = params[key], opt_state[slot]
             out[key] = ((y - (1.0 - beta_1) * z) / beta_1).astype(y.dtype)
         return out
+
+    def group_learning_rates(self, opt_state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """``{"learning_rate.<i>": rate}`` for each inner optimizer ``i`` of a
+        ``MultiOptimizer`` (in ``optimizer.optimizers`` order), at ``opt_state``'s iteration;
+        empty for any other optimizer."""
+        inner = getattr(self.optimizer, "optimizers", None) or []
+        if not inner:
+            return {}
+        values = [opt_state[p] for p in self._opt_paths]
+        with keras.StatelessScope(state_mapping=list(zip(self._opt_vars, values))):
+            return {f"learning_rate.{i}": _learning_rate(opt) for i, opt in enumerate(inner)}
 
     def state_shardings(self, abstract_state, param_shardings: Shardings, replicated):
         """Slots take their parameter's sharding where it divides their shape (Adafactor's

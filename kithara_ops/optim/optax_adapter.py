@@ -144,6 +144,11 @@ class OptaxAdapter:
                 out.update({k: v.astype(params[k].dtype) for k, v in part.items()})
         return out
 
+    def group_learning_rates(self, opt_state: Any) -> dict:
+        """None: an Optax transformation reports one learning rate (see ``update``)."""
+        del opt_state
+        return {}
+
     state_keys = None
     """Optax states have a fixed structure: restored by path, not by position."""
 

@@ -73,7 +73,9 @@ def describe_optimizer(opt: Any) -> dict[str, Any]:
           or None when none was found.
         learning_rate_schedule: the schedule as ``{"kind": ..., <params>}``, or None.
         hyperparams: the algorithm's hyperparameters under shared names (``b1``, ``b2``,
-          ``eps``, ``weight_decay``, ``momentum``, ``nesterov``, others under Optax's names);
+          ``eps``, ``weight_decay``, ``momentum``, ``nesterov``, others under the names the
+          alias's factory takes them by: ``sm3``'s ``momentum``, ``signum``'s ``beta``,
+          ``muon``'s ``adam_b1``, ...);
           no learning rate or clipping. Values at a neutral default (``amsgrad=False``,
           ``eps_root=0.0``, ...) are left out, except SGD's ``momentum``/``nesterov``.
           ``every_k_schedule`` is added for ``MultiSteps``.
@@ -248,6 +250,10 @@ def _describe_optax(opt: Any) -> dict[str, Any]:
         main = next((part for part in parts if part.alias), None)
     if main is None:  # no alias: read the algorithm from all the primitives together
         main = Part(*recognise(flat_parts(inner)))
+    if main.name == "muon":  # its factory takes the Adam branch's fields as adam_*
+        adam = next((p for p in parts if p.alias and p.name in ("adamw", "nadamw")), None)
+        fields = {f"adam_{k}": v for k, v in (adam.hyperparams if adam else {}).items() if k in ("b1", "b2", "eps_root", "weight_decay")}  # fmt: skip
+        main = dataclasses.replace(main, hyperparams={**main.hyperparams, **fields})
     clip = next((p for p in parts if p.name in CLIPPERS and not p.alias), None)
     clipping = None
     if clip is not None:

@@ -117,7 +117,24 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
             node.functions[key] = value
         elif isinstance(value, dict | tuple | list):
             node.hyperparams[key] = value
+    _read_helpers(node)
     return node
+
+
+def _read_helpers(node: TxNode) -> None:
+    """Add the values closed over by helper functions the factory defined for its update
+    (NovoGrad's and RAdam's ``b1``/``eps`` live there, not in ``update`` itself)."""
+    seen, todo = set(), [f for f in node.functions.values() if factory_name(f) == node.name]
+    while todo:
+        fn = todo.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        for key, value in closure_values(fn).items():
+            if _is_plain(value) and not _is_key(value):
+                node.hyperparams.setdefault(key, value)
+            elif callable(value) and factory_name(value) == node.name:
+                todo.append(value)
 
 
 def _is_named_part(value: Any) -> bool:

@@ -439,6 +439,7 @@ def test_optax_optimizers_are_named_by_their_factory(make, name):
         (lambda: optax.contrib.dadapt_adamw(learning_rate=0.5), 0.5),
         (lambda: optax.contrib.cocob(learning_rate=2.0), 2.0),
         (lambda: optax.polyak_sgd(max_learning_rate=0.3), 0.3),
+        (lambda: optax.polyak_sgd(max_learning_rate=0.3, scaling=2.0), 0.3),  # a multiplier
         (lambda: optax.optimistic_adam(0.02), 0.02),
     ],
 )

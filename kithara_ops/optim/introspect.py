@@ -190,6 +190,9 @@ def find_learning_rate(node: TxNode) -> float | Callable | None:
     when no negative step is found, that base is the learning rate. Returns ``None`` when
     nothing is recognised.
     """
+    if any(part.name == "scale_by_polyak" for part in _all_nodes(node)):
+        # polyak_sgd's SGD step before the core is its ``scaling``, not its learning rate.
+        return _configured_base(node)
     found = _find_learning_rate(node, sign_flipped=False)[0]
     return found if found is not None else _configured_base(node)
 

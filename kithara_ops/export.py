@@ -118,6 +118,13 @@ def _restored_model(store: Any, config: Any, step: int) -> tuple[Any, Any]:
     # The optimizer's state is not exported: a run whose optimizer was a Python object
     # restores with a stand-in whose state is dropped (as with reset_optimizer).
     spec = config.optimizer if rebuilt else "optax.sgd(0.1)"
+    if not rebuilt and "schedule_free" in str(config.optimizer).lower():
+        # Its averaged parameters need the optimizer state, which only a spec rebuilds.
+        log.warning(
+            "The run's schedule-free optimizer was a Python object: the export holds its "
+            "gradient point y, not the averaged parameters; train with an --optimizer spec to "
+            "export those."
+        )
     optimizer = build_optimizer(spec, config.learning_rate, config.weight_decay)
     plain = config.replace(tracking=False, checkpoint_dir=None)
     trainer = Trainer(keras_model, optimizer, [], config=plain, sinks=Sinks([]))

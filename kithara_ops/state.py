@@ -217,9 +217,12 @@ def write_back(
 ) -> None:
     """Assign a trained state to the Keras model's variables and the optimizer object.
 
+    The model receives the parameters to evaluate (``adapter.eval_params``: a schedule-free
+    optimizer's average rather than its gradient point); the optimizer object its state.
     In a multi-process run full copies are gathered first, so every process takes part.
     """
-    params, non_trainable = distributed.process_local((state.params, state.non_trainable))
+    evaluated = adapter.eval_params(state.params, state.opt_state)
+    params, non_trainable = distributed.process_local((evaluated, state.non_trainable))
     for key, var in zip(key_groups["params"], model.trainable_variables):
         var.assign(params[key])
     for key, var in zip(key_groups["non_trainable"], model.non_trainable_variables):

@@ -158,6 +158,7 @@ class StepBuilder:
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss = loss_sum / denom
         grad_norm = optax.global_norm(grads)
+        group_rates = self.adapter.group_learning_rates(state.opt_state)  # the pre-step ones
         params, opt_state, learning_rate = self.adapter.update(
             grads, state.opt_state, state.params, loss
         )
@@ -195,6 +196,7 @@ class StepBuilder:
         acted = clipped(grads, grad_norm, self.clipping)
         if acted is not None:
             metrics["clipped"] = acted
+        metrics.update(group_rates)
         metrics.update(state_monitors(opt_state))
         return new_state, metrics
 

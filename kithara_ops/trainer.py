@@ -369,7 +369,9 @@ class Trainer:
             data_parallel_size(self.mesh),
             self.config.eval_steps,
         )
-        sums = [self.steps.eval_step(state.params, state.non_trainable, b) for b in batches]
+        # A schedule-free optimizer trains at one point and is evaluated at its average.
+        params = self.adapter.eval_params(state.params, state.opt_state)
+        sums = [self.steps.eval_step(params, state.non_trainable, b) for b in batches]
         eval_loss = float(sum(s for s, _ in sums)) / max(float(sum(c for _, c in sums)), 1.0)
         metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 80.0))}
         self.callbacks.on_eval(step, metrics)

@@ -439,6 +439,7 @@ def test_optax_optimizers_are_named_by_their_factory(make, name):
         (lambda: optax.contrib.dadapt_adamw(learning_rate=0.5), 0.5),
         (lambda: optax.contrib.cocob(learning_rate=2.0), 2.0),
         (lambda: optax.polyak_sgd(max_learning_rate=0.3), 0.3),
+        (lambda: optax.polyak_sgd(max_learning_rate=0.3, scaling=2.0), 0.3),  # a multiplier
         (lambda: optax.optimistic_adam(0.02), 0.02),
     ],
 )
@@ -490,3 +491,36 @@ def test_a_called_cosine_schedule_keeps_its_whole_decay_steps():
     schedule(3)  # Optax turns decay_steps into a float on the first call
     assert describe_optimizer(optax.adam(schedule)) == before
     assert before["learning_rate_schedule"]["decay_steps"] == 20
+
+
+def multi_optimizer():
+    decay = keras.optimizers.schedules.ExponentialDecay(0.02, decay_steps=1, decay_rate=0.5)
+    groups = keras.optimizers.OptimizerMap(default_optimizer=keras.optimizers.SGD(0.01, 0.9))
+    groups["^emb"] = keras.optimizers.Adam(decay)
+    return keras.optimizers.MultiOptimizer(groups)
+
+
+def test_a_multi_optimizer_describes_each_group_and_logs_each_learning_rate():
+    from kithara_ops.optim.keras_adapter import KerasAdapter
+
+    described = describe_optimizer(multi_optimizer())
+    assert described["name"] == "multi_optimizer"
+    assert described["hyperparams"]["routing"] == {"^emb": 0, "default": 1}
+    first, second = described["hyperparams"]["optimizers"]
+    assert first.startswith("adam(learning_rate=exponential_decay(") and second.startswith("sgd(")
+    assert "learning_rate=0.01" in second and "momentum=0.9" in second
+    assert describe_optimizer(multi_optimizer()) == described  # no per-session names
+    from kithara_ops.state import variable_keys
+
+    variables = [keras.Variable(np.ones(2), name=n) for n in ("emb", "out")]
+    adapter = KerasAdapter(multi_optimizer(), variables)
+    params = {k: jnp.ones(2) for k in variable_keys(variables)}
+    state, seen = adapter.init(params), []
+    step = jax.jit(lambda p, s: (*adapter.update(p, s, p, jnp.float32(0)), adapter.group_learning_rates(s)))  # fmt: skip
+    for _ in range(3):
+        params, state, used, groups = step(params, state)
+        seen.append((float(used), {k: float(v) for k, v in groups.items()}))
+    # learning_rate is the first group's (the scheduled Adam), each group's under its index.
+    assert [u for u, _ in seen] == pytest.approx([0.02, 0.01, 0.005])
+    assert [g["learning_rate.0"] for _, g in seen] == pytest.approx([0.02, 0.01, 0.005])
+    assert [g["learning_rate.1"] for _, g in seen] == pytest.approx([0.01] * 3)

@@ -68,9 +68,6 @@ REFUSED = {  # cannot train in a compiled step over batches: each gets a ConfigE
     "optax.contrib.hutchinson_estimator_diag_hessian": "needs the loss function (obj_fn)",
     "optax.contrib.sophia": "its Hessian estimate needs the loss function (obj_fn)",
 }
-NO_LEARNING_RATE = {  # described without a learning rate: there is none to read
-    "keras.MultiOptimizer": "one learning rate per group of parameters, none of its own",
-}
 
 
 def _build(factory, name):
@@ -232,8 +229,7 @@ def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
     description = trainer.description
     assert description["family"] == name.split(".")[0]
     assert description["name"] and description["name"] != "unknown", description["chain_text"]
-    if name not in NO_LEARNING_RATE:
-        assert description["learning_rate"] is not None, description["chain_text"]
+    assert description["learning_rate"] is not None, description["chain_text"]
 
     data = batches()
     state, first = train(trainer, trainer.initial_state(), data[:3])
@@ -300,3 +296,72 @@ def _spec_names():
 @pytest.mark.parametrize(("name", "spec"), list(_spec_names()), ids=[n for n, _ in _spec_names()])
 def test_a_spec_and_the_python_object_describe_alike(name, spec):
     assert describe_optimizer(build_optimizer(spec)) == describe_optimizer(TRAINABLE[name]())
+
+
+# ------------------------------------------------------------------ non-default hyperparameters
+
+SHARED_NAMES = {"beta_1": "b1", "beta_2": "b2", "epsilon": "eps"}  # describe's shared names
+
+
+def _factory(name):
+    namespace, short = name.rsplit(".", 1)
+    if namespace == "keras":
+        return getattr(keras.optimizers, short)
+    return getattr(optax.contrib if namespace.endswith("contrib") else optax, short)
+
+
+def _is_float_hyperparameter(param) -> bool:
+    """A float argument other than a learning rate: by its default, or, for a ``None``
+    default, by an annotation that is a plain number (not a mask, tree or function)."""
+    if "learning_rate" in param.name or param.name.startswith("ema_"):
+        return False  # Keras' ema_* act only with use_ema=True
+    if param.default is None:
+        text = str(param.annotation)
+        plain = not any(w in text for w in ("Callable", "Any", "Mapping", "ArrayTree", "Params"))
+        return "float" in text and plain
+    return isinstance(param.default, float) and math.isfinite(param.default)
+
+
+def _other_value(default) -> float:
+    """A valid value other than ``default``: 0.9 -> 0.8, 0.999 -> 0.998, 1e-8 -> 2e-8,
+    0 or None -> 0.5 (decays stay in (0, 1), scales and epsilons stay positive)."""
+    if not default:
+        return 0.5
+    if 0.5 < default < 1:
+        return round(1 - 2 * (1 - default), 12)
+    return default * 2
+
+
+def non_defaults(factory) -> dict[str, float]:
+    """Every float hyperparameter of ``factory``'s signature, set to another value."""
+    params = inspect.signature(factory).parameters.values()
+    return {p.name: _other_value(p.default) for p in params if _is_float_hyperparameter(p)}
+
+
+def _described_key(name: str, arg: str) -> str:
+    return "decay" if (name, arg) == ("keras.RMSprop", "rho") else SHARED_NAMES.get(arg, arg)
+
+
+ENUMERATED = sorted(n for n in TRAINABLE if n not in WRAPPERS and n not in COMPOSED)
+
+
+@pytest.mark.parametrize("name", ENUMERATED)
+def test_non_default_hyperparameters_are_described_from_python_and_from_a_spec(name):
+    factory = _factory(name)
+    changed = non_defaults(factory)
+    if not changed:
+        pytest.skip("no numeric hyperparameter besides the learning rate")
+    kwargs = {**ARGS.get(name, {}), **changed}
+    if "learning_rate" in inspect.signature(factory).parameters:
+        kwargs = {"learning_rate": LR, **kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        described = describe_optimizer(factory(**kwargs))
+    hyperparams = described["hyperparams"]
+    reported = {arg: hyperparams.get(_described_key(name, arg)) for arg in changed}
+    assert reported == changed, described["chain_text"]
+    if name in ARGS:  # their other arguments (a base optimizer, a key) are no literals
+        return
+    called = f"keras.optimizers.{name[6:]}" if name.startswith("keras.") else name
+    spec = f"{called}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    assert describe_optimizer(build_optimizer(spec)) == described, spec

@@ -44,6 +44,15 @@ class OptimizerAdapter(Protocol):
         Pure and traceable: called inside the jit-compiled train step.
         """
 
+    def group_learning_rates(self, opt_state: Any) -> dict[str, jax.Array]:
+        """Extra ``learning_rate.<i>`` step metrics, one per group of parameters with an
+        optimizer of its own (Keras ``MultiOptimizer``), at ``opt_state``; else empty."""
+
+    def eval_params(self, params: Params, opt_state: Any) -> Params:
+        """The parameters evaluation and export use: ``params`` itself (the same object, no
+        work) for most optimizers; a schedule-free optimizer's averaged sequence, computed
+        leaf by leaf where each parameter lives. Pure and traceable."""
+
     def state_shardings(
         self, abstract_state: Any, param_shardings: Shardings, replicated: jax.sharding.Sharding
     ) -> Any:

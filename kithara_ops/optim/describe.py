@@ -73,7 +73,9 @@ def describe_optimizer(opt: Any) -> dict[str, Any]:
           or None when none was found.
         learning_rate_schedule: the schedule as ``{"kind": ..., <params>}``, or None.
         hyperparams: the algorithm's hyperparameters under shared names (``b1``, ``b2``,
-          ``eps``, ``weight_decay``, ``momentum``, ``nesterov``, others under Optax's names);
+          ``eps``, ``weight_decay``, ``momentum``, ``nesterov``, others under the names the
+          alias's factory takes them by: ``sm3``'s ``momentum``, ``signum``'s ``beta``,
+          ``muon``'s ``adam_b1``, ...);
           no learning rate or clipping. Values at a neutral default (``amsgrad=False``,
           ``eps_root=0.0``, ...) are left out, except SGD's ``momentum``/``nesterov``.
           ``every_k_schedule`` is added for ``MultiSteps``.
@@ -180,9 +182,40 @@ def _describe_loss_scaled(opt: Any) -> dict[str, Any]:
     }
 
 
+def _describe_multi(opt: Any) -> dict[str, Any]:
+    """A ``MultiOptimizer``: each inner optimizer's chain (``optimizers``, in the order of
+    ``opt.optimizers`` and of the ``learning_rate.<i>`` metrics), which parameters go to which
+    (``routing``: path pattern or ``default`` -> that index, for an ``OptimizerMap``), and
+    the first inner optimizer's learning rate."""
+    described = [_describe_keras(o) for o in opt.optimizers]
+    inner = [d["chain_text"] for d in described]
+    try:
+        config = _without_names(opt.get_config())
+    except Exception:  # a selector function Keras cannot serialise: described by what it built
+        config = {}
+    mapping = config.get("optimizer_map")
+    hyperparams: dict[str, Any] = {"optimizers": inner}
+    if isinstance(mapping, dict) and mapping.get("class_name") == "OptimizerMap":
+        routes = mapping["config"]
+        serialised = {**(routes.get("optimizer_map") or {}), "default": routes.get("default_optimizer")}  # fmt: skip
+        routing = {}
+        for pattern, inner_config in serialised.items():
+            if inner_config:  # matched by description: the config holds copies, not objects
+                text = _describe_keras(keras.optimizers.deserialize(inner_config))["chain_text"]
+                routing[pattern] = inner.index(text) if text in inner else text
+        hyperparams["routing"] = routing
+    lr = described[0]["learning_rate"] if described else None
+    safe_config = json_safe(config)
+    part = Part("multi_optimizer", hyperparams, lr, alias=True)
+    tree = {"class_name": type(opt).__name__, "config": safe_config}
+    return {**_assemble("keras", part, None, [part]), "tree": tree, "config": safe_config}
+
+
 def _describe_keras(opt: keras.optimizers.Optimizer) -> dict[str, Any]:
     if isinstance(getattr(opt, "inner_optimizer", None), keras.optimizers.Optimizer):
         return _describe_loss_scaled(opt)
+    if isinstance(getattr(opt, "optimizers", None), list):
+        return _describe_multi(opt)
     config = _without_names(_keras_config(opt))
     name, lr = _KERAS_NAMES.get(type(opt).__name__, type(opt).__name__.lower()), config.get("learning_rate")  # fmt: skip
     if isinstance(lr, float) and float(np.float32(lr)) == lr:
@@ -217,6 +250,10 @@ def _describe_optax(opt: Any) -> dict[str, Any]:
         main = next((part for part in parts if part.alias), None)
     if main is None:  # no alias: read the algorithm from all the primitives together
         main = Part(*recognise(flat_parts(inner)))
+    if main.name == "muon":  # its factory takes the Adam branch's fields as adam_*
+        adam = next((p for p in parts if p.alias and p.name in ("adamw", "nadamw")), None)
+        fields = {f"adam_{k}": v for k, v in (adam.hyperparams if adam else {}).items() if k in ("b1", "b2", "eps_root", "weight_decay")}  # fmt: skip
+        main = dataclasses.replace(main, hyperparams={**main.hyperparams, **fields})
     clip = next((p for p in parts if p.name in CLIPPERS and not p.alias), None)
     clipping = None
     if clip is not None:

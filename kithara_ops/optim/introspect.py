@@ -117,7 +117,24 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
             node.functions[key] = value
         elif isinstance(value, dict | tuple | list):
             node.hyperparams[key] = value
+    _read_helpers(node)
     return node
+
+
+def _read_helpers(node: TxNode) -> None:
+    """Add the values closed over by helper functions the factory defined for its update
+    (NovoGrad's and RAdam's ``b1``/``eps`` live there, not in ``update`` itself)."""
+    seen, todo = set(), [f for f in node.functions.values() if factory_name(f) == node.name]
+    while todo:
+        fn = todo.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        for key, value in closure_values(fn).items():
+            if _is_plain(value) and not _is_key(value):
+                node.hyperparams.setdefault(key, value)
+            elif callable(value) and factory_name(value) == node.name:
+                todo.append(value)
 
 
 def _is_named_part(value: Any) -> bool:
@@ -173,6 +190,9 @@ def find_learning_rate(node: TxNode) -> float | Callable | None:
     when no negative step is found, that base is the learning rate. Returns ``None`` when
     nothing is recognised.
     """
+    if any(part.name == "scale_by_polyak" for part in _all_nodes(node)):
+        # polyak_sgd's SGD step before the core is its ``scaling``, not its learning rate.
+        return _configured_base(node)
     found = _find_learning_rate(node, sign_flipped=False)[0]
     return found if found is not None else _configured_base(node)
 

@@ -20,8 +20,11 @@ from kithara_ops.state import variable_keys
 
 
 def _learning_rate(optimizer: keras.optimizers.Optimizer) -> jax.Array:
-    """The optimizer's current learning rate; NaN for a MultiOptimizer, which has one per
-    group of parameters and none of its own."""
+    """The optimizer's current learning rate; for a ``MultiOptimizer``, which has none of its
+    own, that of its first inner optimizer (``optimizer.optimizers[0]``)."""
+    inner = getattr(optimizer, "optimizers", None)
+    if inner:
+        return _learning_rate(inner[0])
     try:
         value = optimizer.learning_rate
     except AttributeError:
@@ -49,6 +52,7 @@ class KerasAdapter:
         self._param_paths = variable_keys(variables)
         self._key_of = {id(v): k for v, k in zip(variables, self._param_paths)}
         self._slot_owner: dict[int, str] = {}
+        self._slot_name: dict[int, tuple[Any, str]] = {}  # id(slot) -> (its optimizer, kind)
         self._record_slot_owners(variables)
         self._opt_vars = list(optimizer.variables)
         # Keras numbers optimizer names per session (adam_w, adam_w_1...): keys leave the
@@ -57,6 +61,18 @@ class KerasAdapter:
         self._opt_paths = [
             k[len(prefix) :] if k.startswith(prefix) else k for k in variable_keys(self._opt_vars)
         ]
+        self._averaged = self._schedule_free_slots()
+
+    def _schedule_free_slots(self) -> dict[str, tuple[str, float]]:
+        """``{parameter key: (its z slot's state key, beta_1)}`` for ScheduleFreeAdamW slots."""
+        schedule_free = getattr(keras.optimizers, "ScheduleFreeAdamW", None)
+        found = {}
+        for path, var in zip(self._opt_paths, self._opt_vars):
+            opt, kind = self._slot_name.get(id(var), (None, None))
+            if schedule_free and isinstance(opt, schedule_free) and kind == "momentum":
+                beta_1 = opt.beta_1() if callable(opt.beta_1) else opt.beta_1
+                found[self._slot_owner[id(var)]] = (path, float(beta_1))
+        return found
 
     def _record_slot_owners(self, variables: list[keras.Variable]) -> None:
         """Build the optimizer, remembering which parameter each slot variable mirrors."""
@@ -64,19 +80,20 @@ class KerasAdapter:
         inner = [*getattr(self.optimizer, "optimizers", ()), getattr(self.optimizer, "inner_optimizer", None)]  # fmt: skip
         owners = [opt for opt in (self.optimizer, *inner) if opt is not None]
         for opt in owners:
-            opt.add_variable_from_reference = self._recording(opt.add_variable_from_reference)
+            opt.add_variable_from_reference = self._recording(opt, opt.add_variable_from_reference)
         try:
             self.optimizer.build(variables)
         finally:
             for opt in owners:
                 del opt.add_variable_from_reference
 
-    def _recording(self, make_slot):
-        """``make_slot`` that also remembers which parameter each slot mirrors."""
+    def _recording(self, opt, make_slot):
+        """``make_slot`` that also remembers which parameter each slot mirrors, and its kind."""
 
         def recording(reference_variable, *args, **kwargs):
             slot = make_slot(reference_variable, *args, **kwargs)
             self._slot_owner[id(slot)] = self._key_of.get(id(reference_variable), "")
+            self._slot_name[id(slot)] = (opt, args[0] if args else kwargs.get("name"))
             return slot
 
         return recording
@@ -102,6 +119,32 @@ class KerasAdapter:
             dict(zip(self._opt_paths, new_opt)),
             learning_rate,
         )
+
+    def eval_params(self, params: Params, opt_state: dict[str, jax.Array]) -> Params:
+        r"""The parameters to evaluate and export: ``params`` itself, except under
+        ``keras.optimizers.ScheduleFreeAdamW``, whose variables hold the gradient point
+        :math:`y` and whose ``momentum`` slot the base sequence :math:`z`; its evaluation
+        point is the average :math:`x = (y - (1 - \beta_1)\,z) / \beta_1`, recovered as
+        Keras' own ``update_step`` recovers it (Keras has no evaluation switch of its own).
+        """
+        if not self._averaged:
+            return params
+        out = dict(params)
+        for key, (slot, beta_1) in self._averaged.items():
+            y, z = params[key], opt_state[slot]
+            out[key] = ((y - (1.0 - beta_1) * z) / beta_1).astype(y.dtype)
+        return out
+
+    def group_learning_rates(self, opt_state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """``{"learning_rate.<i>": rate}`` for each inner optimizer ``i`` of a
+        ``MultiOptimizer`` (in ``optimizer.optimizers`` order), at ``opt_state``'s iteration;
+        empty for any other optimizer."""
+        inner = getattr(self.optimizer, "optimizers", None) or []
+        if not inner:
+            return {}
+        values = [opt_state[p] for p in self._opt_paths]
+        with keras.StatelessScope(state_mapping=list(zip(self._opt_vars, values))):
+            return {f"learning_rate.{i}": _learning_rate(opt) for i, opt in enumerate(inner)}
 
     def state_shardings(self, abstract_state, param_shardings: Shardings, replicated):
         """Slots take their parameter's sharding where it divides their shape (Adafactor's

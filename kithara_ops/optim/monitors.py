@@ -1,4 +1,4 @@
-"""What an optimizer's own bookkeeping says, as step metrics computed on the devices.
+r"""What an optimizer's own bookkeeping says, as step metrics computed on the devices.
 
 - ``clipped``: 1.0 when the optimizer's clipping acted on this step's raw gradient ``g``:
   ``‖g‖₂ > c`` for global-norm clipping (``optax.clip_by_global_norm``, Keras
@@ -11,6 +11,12 @@
   (``apply_if_finite``), ``optax.mini_step`` and ``optax.gradient_step`` (``MultiSteps``),
   and ``optax.hyperparams.<name>`` for each scalar ``inject_hyperparams`` keeps. A second
   wrapper of one kind gets the suffix ``.2``, and so on.
+- ``optim.d``: the step size a learning-rate-free method estimates, after this step. For
+  ``optax.contrib.prodigy`` and ``dadapt_adamw`` it is the distance estimate :math:`d_t`
+  (their ``estim_lr``), so the step taken is :math:`\eta_t d_t` times the normalised Adam
+  direction, :math:`\eta_t` being the configured ``learning_rate``; for
+  ``optax.contrib.mechanize`` it is the learned scale :math:`\sum_i s_i` that multiplies the
+  base optimizer's accumulated updates.
 """
 
 from __future__ import annotations
@@ -45,6 +51,22 @@ _COUNTERS = {
 }
 
 
+def _step_size_kinds() -> dict[type, Any]:
+    """State classes of learning-rate-free methods -> how to read their step size."""
+    readers = {
+        "ProdigyState": lambda state: state.estim_lr,
+        "DAdaptAdamWState": lambda state: state.estim_lr,
+        "MechanicState": lambda state: jnp.sum(state.s),
+    }
+    contrib = getattr(optax, "contrib", None)
+    return {
+        getattr(contrib, name): read for name, read in readers.items() if hasattr(contrib, name)
+    }
+
+
+_STEP_SIZE = _step_size_kinds()
+
+
 # inject_hyperparams' state class, by the names Optax releases have given it.
 _INJECTED = tuple(
     getattr(optax, name)
@@ -54,7 +76,7 @@ _INJECTED = tuple(
 
 
 def _is_monitored(node: Any) -> bool:
-    return isinstance(node, (*_COUNTERS, *_INJECTED))
+    return isinstance(node, (*_COUNTERS, *_INJECTED, *_STEP_SIZE))
 
 
 def state_monitors(opt_state: Any) -> dict[str, jax.Array]:
@@ -62,9 +84,10 @@ def state_monitors(opt_state: Any) -> dict[str, jax.Array]:
     found: dict[str, jax.Array] = {}
 
     def put(name: str, value: Any) -> None:
-        key, n = f"optax.{name}", 2
+        name = name if name.startswith("optim.") else f"optax.{name}"
+        key, n = name, 2
         while key in found:
-            key, n = f"optax.{name}.{n}", n + 1
+            key, n = f"{name}.{n}", n + 1
         found[key] = jnp.asarray(value, jnp.float32)
 
     def visit(tree: Any) -> None:
@@ -73,7 +96,9 @@ def state_monitors(opt_state: Any) -> dict[str, jax.Array]:
                 if _is_monitored(node):
                     visit(node)
             return
-        if isinstance(tree, _INJECTED):
+        if type(tree) in _STEP_SIZE:
+            put("optim.d", _STEP_SIZE[type(tree)](tree))
+        elif isinstance(tree, _INJECTED):
             for name, value in tree.hyperparams.items():
                 if jnp.ndim(value) == 0 and jnp.issubdtype(jnp.result_type(value), jnp.number):
                     put(f"hyperparams.{name}", value)

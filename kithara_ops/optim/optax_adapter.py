@@ -62,6 +62,15 @@ def takes_value(update: Any) -> bool:
     return any(p.name == "value" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def _schedule_free_states(opt_state: Any) -> list:
+    """Every ``ScheduleFreeState`` in ``opt_state``, however deep the wrappers put it."""
+    kind = getattr(optax.contrib, "ScheduleFreeState", None)
+    if kind is None:
+        return []
+    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kind))
+    return [node for node in nodes if isinstance(node, kind)]
+
+
 class OptaxAdapter:
     """Adapter for an ``optax.GradientTransformation`` (or ``MultiSteps``).
 
@@ -109,6 +118,36 @@ class OptaxAdapter:
         if lr is None:
             return jnp.float32(jnp.nan)
         return jnp.float32(lr)
+
+    def eval_params(self, params: Params, opt_state: Any) -> Params:
+        r"""The parameters to evaluate and export.
+
+        ``params`` itself, except under ``optax.contrib.schedule_free`` (and its
+        ``schedule_free_adamw`` / ``_sgd`` forms, wrapped or not): there the parameters are
+        the gradient point :math:`y`, and evaluation takes the average
+        :math:`x = (y - (1 - \beta_1)\,z) / \beta_1`
+        (``optax.contrib.schedule_free_eval_params``) for each ``ScheduleFreeState`` found
+        in ``opt_state``. Where one covers only some parameters (inside ``multi_transform``
+        or ``masked``), only those change; the training state keeps :math:`y`.
+        """
+        states = _schedule_free_states(opt_state)
+        if not states:
+            return params
+        out = dict(params)
+        for found in states:
+            z = found.z
+            if isinstance(z, dict) and set(z) <= set(params):
+                keys = [k for k, zi in z.items() if getattr(zi, "shape", None) == params[k].shape]
+                part = optax.contrib.schedule_free_eval_params(
+                    found._replace(z={k: z[k] for k in keys}), {k: out[k] for k in keys}
+                )
+                out.update({k: v.astype(params[k].dtype) for k, v in part.items()})
+        return out
+
+    def group_learning_rates(self, opt_state: Any) -> dict:
+        """None: an Optax transformation reports one learning rate (see ``update``)."""
+        del opt_state
+        return {}
 
     state_keys = None
     """Optax states have a fixed structure: restored by path, not by position."""

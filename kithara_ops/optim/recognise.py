@@ -38,6 +38,7 @@ _EXTRAS = {  # hyperparameters an alias's other parts add: part -> {closure name
     "add_decayed_weights": {"weight_decay": "weight_decay"}, "ema": {"decay": "momentum"},
     "trace": {"decay": "momentum", "nesterov": "nesterov"},
     "clip_by_block_rms": {"threshold": "clipping_threshold"},
+    "scale_by_shape": {"consistent_rms": "consistent_rms"},  # Muon's
 }  # fmt: skip
 CHAINS = {"chain", "named_chain"}
 
@@ -81,7 +82,10 @@ def recognise(primitives: list[TxNode]) -> tuple[str, dict[str, Any], Any]:
         v2 = lr is not None and lr != core.hyperparams.get("alpha")
         name = "optimistic_adam_v2" if v2 else "optimistic_adam"
         lr = lr if v2 else core.hyperparams.get("alpha")
-        return name, normalise(name, dict(core.hyperparams)), lr
+        adam = next((p.hyperparams for p in primitives if p.name == "scale_by_adam"), {})
+        # The factories' own names: v1 takes the step as alpha and ``optimism`` as beta.
+        own = dict(core.hyperparams) if v2 else {"optimism": core.hyperparams.get("beta")}
+        return name, normalise(name, {**adam, **own}), lr
     if core is not None and core.name == "scale_by_sign":
         name = "signum" if "ema" in names else "sign_sgd"
     elif core is not None:
@@ -115,10 +119,39 @@ def recognise(primitives: list[TxNode]) -> tuple[str, dict[str, Any], Any]:
         hyperparams["centered"] = True
     elif name == "adafactor":
         hyperparams["multiply_by_parameter_scale"] = "scale_by_param_block_rms" in names
+    hyperparams = _factory_names(name, hyperparams, primitives)
     for p in primitives:  # a path mask inside an alias (adamw's weight-decay mask)
         hyperparams.update(selector_texts(p))
     internal_lr = hyperparams.pop("learning_rate", None)  # rprop keeps it inside its core
     return name, normalise(name, hyperparams), lr if lr is not None else internal_lr
+
+
+def _factory_names(name: str, hyperparams: dict, primitives: list[TxNode]) -> dict:
+    """Hyperparameters under the names the alias's factory takes them by, where its parts
+    call them otherwise (``sm3(momentum)`` is ``scale_by_sm3(b1)``, ``signum(beta)`` an
+    ``ema`` decay, ``polyak_sgd(scaling)`` an SGD step, ``muon``'s ``adam_*`` its Adam)."""
+    if name == "sm3" and "b1" in hyperparams:
+        hyperparams["momentum"] = hyperparams.pop("b1")
+    elif name == "signum" and "momentum" in hyperparams:
+        hyperparams["beta"] = hyperparams.pop("momentum")
+    elif name == "polyak_sgd":
+        steps = [p.hyperparams.get("step_size") for p in primitives if p.name == "scale"]
+        scaling = next((-float(s) for s in steps if _is_number(s) and s < 0), None)
+        if scaling is not None:
+            hyperparams["scaling"] = scaling
+    elif name == "muon":
+        adam = next((p.hyperparams for p in primitives if p.name == "scale_by_adam"), {})
+        for key in ("b1", "b2", "eps_root"):
+            if key in adam:
+                hyperparams[f"adam_{key}"] = adam[key]
+        decays = [p.hyperparams.get("weight_decay") for p in primitives if p.name == "add_decayed_weights"]  # fmt: skip
+        if len(decays) == 2:  # Muon's own, then Adam's
+            hyperparams["adam_weight_decay"] = decays[1]
+    return hyperparams
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def selector_texts(node: TxNode) -> dict[str, str]:
@@ -158,7 +191,8 @@ def whole_optimizer(node: TxNode) -> Part | None:
         if name == "schedule_free":
             base = {"rmsprop": "adamw", "sgd": "sgd"}.get(inner_name)
             name = f"schedule_free_{base}" if base else f"schedule_free_{inner_name}"
-            inner_hyper.pop("decay", None) if base == "adamw" else None
+            if base == "adamw" and "decay" in inner_hyper:  # its RMS decay is adamw's b2
+                inner_hyper["b2"] = inner_hyper.pop("decay")
         else:
             name = f"{name}_{inner_name}"
         hyperparams = {**inner_hyper, **hyperparams}

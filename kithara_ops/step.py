@@ -201,9 +201,14 @@ class StepBuilder:
         return new_state, metrics
 
     def eval_step(
-        self, params: dict, non_trainable: dict, batch: Batch
+        self, params: dict, opt_state: Any, non_trainable: dict, batch: Batch
     ) -> tuple[jax.Array, jax.Array]:
-        """Summed loss and token count of one eval batch (the model in inference mode)."""
+        """Summed loss and token count of one eval batch (the model in inference mode).
+
+        The model is evaluated at ``adapter.eval_params(params, opt_state)``: the parameters
+        themselves, or a schedule-free optimizer's average, computed here on the devices.
+        """
+        params = self.adapter.eval_params(params, opt_state)
         loss_sum, (count, _) = self._forward(params, non_trainable, batch, False)
         return loss_sum, count
 
@@ -237,7 +242,7 @@ class CompiledSteps:
     Attributes:
       init_optimizer: parameters -> a fresh optimizer state, placed by its shardings.
       train_step: ``(state, batch) -> (state, metrics)``, the state donated.
-      eval_step: ``(params, non_trainable, batch) -> (loss sum, token count)``.
+      eval_step: ``(params, opt_state, non_trainable, batch) -> (loss sum, token count)``.
     """
 
     init_optimizer: Callable[[dict], Any]
@@ -267,7 +272,7 @@ def compile_steps(
     )
     eval_step = jax.jit(
         builder.eval_step,
-        in_shardings=(shardings.params, shardings.non_trainable, batch),
+        in_shardings=(shardings.params, shardings.opt_state, shardings.non_trainable, batch),
         out_shardings=(repl, repl),
     )
     return CompiledSteps(init_optimizer, train_step, eval_step)

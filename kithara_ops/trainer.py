@@ -7,6 +7,7 @@ only the events the loop hands it.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import typing
@@ -370,8 +371,10 @@ class Trainer:
             self.config.eval_steps,
         )
         # A schedule-free optimizer trains at one point and is evaluated at its average.
-        params = self.adapter.eval_params(state.params, state.opt_state)
-        sums = [self.steps.eval_step(params, state.non_trainable, b) for b in batches]
+        evaluate = functools.partial(
+            self.steps.eval_step, state.params, state.opt_state, state.non_trainable
+        )
+        sums = [evaluate(batch) for batch in batches]
         eval_loss = float(sum(s for s, _ in sums)) / max(float(sum(c for _, c in sums)), 1.0)
         metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 80.0))}
         self.callbacks.on_eval(step, metrics)

@@ -13,6 +13,7 @@ from kithara_ops import RunConfig, Trainer, data, feed
 from kithara_ops.build import build_trainer
 from kithara_ops.export import export
 from kithara_ops.optim.adapter import as_adapter
+from kithara_ops.step import StepBuilder
 
 
 def eval_batches(documents):
@@ -20,9 +21,17 @@ def eval_batches(documents):
 
 
 def loss_at(trainer, params, documents) -> float:
-    """The mean eval loss of ``params``, by hand over the Trainer's eval batches."""
+    """The mean eval loss at exactly ``params``, over the Trainer's eval batches.
+
+    Evaluated by a step of a plain optimizer (no averaging), so ``params`` is the point."""
+    plain = as_adapter(optax.sgd(0.0), trainer.model.trainable_variables)
+    keys = trainer.key_groups
+    step = jax.jit(
+        StepBuilder(trainer.model, plain, keys["params"], keys["non_trainable"]).eval_step
+    )
+    opt_state = plain.init(params)
     batches = feed.eval_batches(eval_batches(documents), trainer.batch_sharding, 1, 2)
-    sums = [trainer.steps.eval_step(params, trainer.state.non_trainable, b) for b in batches]
+    sums = [step(params, opt_state, trainer.state.non_trainable, b) for b in batches]
     return float(sum(s for s, _ in sums)) / float(sum(c for _, c in sums))
 
 

@@ -369,7 +369,9 @@ def test_train_step_with_a_keras_optimizer_follows_the_same_rule():
 def test_eval_step_returns_loss_sum_and_count():
     builder, state, keys = builder_and_state()
     batch = make_batch(3, seed=13)
-    loss_sum, count = jax.jit(builder.eval_step)(state.params, state.non_trainable, batch)
+    loss_sum, count = jax.jit(builder.eval_step)(
+        state.params, state.opt_state, state.non_trainable, batch
+    )
     p = [np.asarray(state.params[k], np.float64) for k in keys]
     logits = p[0][np.asarray(batch["x"])] @ p[1] + p[2]
     want_sum, want_count = np_masked_ce(logits, batch["y"], batch["mask"])
@@ -377,7 +379,7 @@ def test_eval_step_returns_loss_sum_and_count():
     assert float(count) == want_count
     # A sum, not a mean: doubling the batch doubles both.
     doubled = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
-    s2, c2 = jax.jit(builder.eval_step)(state.params, state.non_trainable, doubled)
+    s2, c2 = jax.jit(builder.eval_step)(state.params, state.opt_state, state.non_trainable, doubled)
     np.testing.assert_allclose(float(s2), 2 * want_sum, rtol=1e-5)
     assert float(c2) == 2 * want_count
 
@@ -389,8 +391,8 @@ def test_eval_step_runs_the_model_in_inference_mode():
     changed = dict(state.non_trainable)
     (seed_key,) = builder.seed_keys
     changed[seed_key] = changed[seed_key] + jnp.uint32(17)
-    a = jax.jit(builder.eval_step)(state.params, state.non_trainable, batch)
-    b = jax.jit(builder.eval_step)(state.params, changed, batch)
+    a = jax.jit(builder.eval_step)(state.params, state.opt_state, state.non_trainable, batch)
+    b = jax.jit(builder.eval_step)(state.params, state.opt_state, changed, batch)
     assert float(a[0]) == float(b[0])
     p = [np.asarray(state.params[k], np.float64) for k in keys]
     logits = p[0][np.asarray(batch["x"])] @ p[1] + p[2]

@@ -168,6 +168,26 @@ def test_describe_prints_the_params_a_training_run_logs(spec, tmp_path):
     assert logged == describe_json(spec)["params"]
 
 
+MONITORED = (
+    "optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.prodigy()), 2)"
+)
+
+
+def test_describe_names_the_step_metrics_a_training_run_logs(tmp_path):
+    shown = run("describe", MONITORED)
+    assert "clipped, optax.gradient_step, optax.mini_step, optim.d" in shown.stdout
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = run(
+        "train", *FAST, "--steps", "2", "--optimizer", MONITORED, "--tracking-uri", uri,
+        "--no-system-metrics", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    own = {key for key in logged if key == "clipped" or key.startswith(("optax.", "optim."))}
+    assert own == set(describe_json(MONITORED)["metrics"])
+
+
 # --- ui ---------------------------------------------------------------------------------
 
 

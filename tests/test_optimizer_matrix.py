@@ -365,3 +365,23 @@ def test_non_default_hyperparameters_are_described_from_python_and_from_a_spec(n
     called = f"keras.optimizers.{name[6:]}" if name.startswith("keras.") else name
     spec = f"{called}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     assert describe_optimizer(build_optimizer(spec)) == described, spec
+
+
+OPTAX_ENUMERATED = [n for n in ENUMERATED if n.startswith("optax.")]
+
+
+@pytest.mark.parametrize("name", OPTAX_ENUMERATED)
+def test_behind_a_clip_an_optimizer_keeps_its_name_and_fields(name):
+    """``chain(clip_by_global_norm, opt)`` is the same algorithm with a clipping threshold."""
+    factory = _factory(name)
+    kwargs = dict(ARGS.get(name, {}))
+    if "learning_rate" in inspect.signature(factory).parameters:
+        kwargs = {"learning_rate": LR, **kwargs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = describe_optimizer(factory(**kwargs))
+        clipped = describe_optimizer(optax.chain(optax.clip_by_global_norm(1.0), factory(**kwargs)))
+    assert clipped["name"] == alone["name"], clipped["chain_text"]
+    assert clipped["hyperparams"] == alone["hyperparams"]
+    assert clipped["learning_rate"] == alone["learning_rate"]
+    assert clipped["clipping"] == {"kind": "global_norm", "value": 1.0}

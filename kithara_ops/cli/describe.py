@@ -13,8 +13,11 @@ from kithara_ops.cli.options import OUTPUT, LearningRate, WeightDecay
 
 def spec_params(
     spec: str, learning_rate: float | None = None, weight_decay: float | None = None
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """(description, params) of the optimizer ``spec`` builds, as ``train`` would build it.
+) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """(description, params, metrics) of the optimizer ``spec`` builds, as ``train`` would.
+
+    ``metrics`` are the step metrics the optimizer adds to those every run logs
+    (``optim.monitors.optimizer_metrics``): ``clipped``, ``optim.d``, ``optax.*``.
 
     The params are the ``optimizer.*`` part of what a run built from ``spec`` logs: they come
     from ``run_params``, the function the tracker calls, so ``optimizer.spec`` and the length
@@ -26,6 +29,7 @@ def spec_params(
     from kithara_ops.callbacks import RunInfo
     from kithara_ops.config import RunConfig
     from kithara_ops.optim.describe import describe_optimizer, optimizer_params
+    from kithara_ops.optim.monitors import optimizer_metrics
     from kithara_ops.optim.spec import build_optimizer
     from kithara_ops.tracking.params import run_params
 
@@ -45,7 +49,8 @@ def spec_params(
         total_steps=0,
     )
     logged = run_params(run, optimizer_params(description))
-    return description, {k: v for k, v in logged.items() if k.startswith("optimizer.")}
+    params = {k: v for k, v in logged.items() if k.startswith("optimizer.")}
+    return description, params, optimizer_metrics(optimizer, description.get("clipping"))
 
 
 def _header(description: dict[str, Any]) -> list[tuple[str, str]]:
@@ -91,15 +96,17 @@ def describe(
         bool,
         typer.Option(
             "--json",
-            help='Print one JSON object: {"description": {...}, "params": {...}}.',
+            help='Print one JSON object: {"description": {...}, "params": {...}, '
+            '"metrics": [...]}.',
             rich_help_panel=OUTPUT,
         ),
     ] = False,
 ) -> None:
     """Show what an optimizer spec builds and the exact MLflow params a run with it logs."""
-    description, params = spec_params(spec, learning_rate, weight_decay)
+    description, params, metrics = spec_params(spec, learning_rate, weight_decay)
     if json_output:
-        typer.echo(json.dumps({"description": description, "params": params}, default=str))
+        shown = {"description": description, "params": params, "metrics": metrics}
+        typer.echo(json.dumps(shown, default=str))
         return
 
     from rich.console import Console
@@ -117,5 +124,7 @@ def describe(
         console.width = max(console.width, console.measure(table, options=wide).maximum)
     for key, value in _header(description):
         console.print(f"[bold]{key + ':':<15}[/bold]{escape(value)}")
+    console.print(f"[bold]{'step metrics:':<15}[/bold]{escape(', '.join(metrics) or 'none')} "
+                  "(besides loss, grad_norm, update_norm, param_norm, learning_rate)")  # fmt: skip
     console.print()
     console.print(table)

@@ -281,6 +281,9 @@ def _elements(node: TxNode) -> list[Part]:
         if lr is not None and name != "unknown" and not user_clip:
             return [Part(name, hyperparams, lr, alias=True)]  # an alias: one element
         return [p for child in node.children for p in _elements(child)]
+    whole = whole_optimizer(node)  # prodigy, schedule_free, ... inside a chain
+    if whole is not None:
+        return [whole]
     hyperparams = {k: json_safe(v) for k, v in node.hyperparams.items() if v is not None}
     hyperparams.update(selector_texts(node))
     lr = None

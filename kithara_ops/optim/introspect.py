@@ -94,7 +94,15 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
         update, init = inner.update, inner.init
     node = TxNode(factory_name(update), {}, {}, [])
     values = {**(closure_values(init) if init is not None else {}), **closure_values(update)}
+    # A chain keeps its parts' init and update functions apart: read each pair together,
+    # since some hyperparameters live only in an init's closure (dadapt_adamw's estim_lr0).
+    inits = values.get("init_fns")
     for key, value in values.items():
+        if key == "init_fns" and isinstance(values.get("update_fns"), tuple | list):
+            continue
+        if key == "update_fns" and isinstance(inits, tuple | list) and len(inits) == len(value):
+            node.children.extend(_walk(u, i) for i, u in zip(inits, value))
+            continue
         if isinstance(value, optax.GradientTransformation):
             node.children.append(_walk(value.update, value.init))
         elif isinstance(value, tuple | list) and value and all(map(_is_named_part, value)):

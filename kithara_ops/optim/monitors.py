@@ -112,3 +112,29 @@ def state_monitors(opt_state: Any) -> dict[str, jax.Array]:
 
     visit(opt_state)
     return found
+
+
+_PROBE = {
+    "dense/kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32),
+    "dense/bias": jax.ShapeDtypeStruct((8,), jnp.float32),
+    "token_embedding/embeddings": jax.ShapeDtypeStruct((16, 8), jnp.float32),
+}
+"""A small stand-in parameter tree, to learn an Optax state's structure without a model."""
+
+
+def optimizer_metrics(optimizer: Any, clipping: dict | None) -> list[str]:
+    """The step metrics this module adds for ``optimizer``, beside those every run logs.
+
+    ``clipped`` where the description has a clipping threshold; for an Optax
+    transformation, the names ``state_monitors`` finds in its state, learnt from an abstract
+    state of a stand-in parameter tree (nothing is computed). A transformation whose state
+    depends on the real parameters' paths (labels, masks) may add names this cannot see.
+    """
+    names = ["clipped"] if clipping and clipping.get("value") is not None else []
+    if isinstance(optimizer, optax.GradientTransformation):
+        try:
+            state = jax.eval_shape(optimizer.init, _PROBE)
+            names += list(jax.eval_shape(state_monitors, state))
+        except Exception:  # labels or masks that need the model's own paths
+            pass
+    return names

@@ -9,8 +9,8 @@ the command line does), so the base weights are frozen and only the adapters tra
 Step time: the Trainer (Optax AdamW) against the hand-written ``jax.jit`` loop of
 ``benchmarks.reference`` on the same preset: ``stateless_call`` with the adapters as the
 trainable variables and the frozen base passed as non-trainable, Optax AdamW on the adapters,
-the same batches and, under fsdp, the same shardings. Variants alternate within each repeat;
-the first step (tracing, compilation, one run) is timed apart.
+the same batches and, under fsdp, the same shardings. The variants take turns, first and
+second, in successive repeats; the first step (tracing, compilation, one run) is timed apart.
 
 Memory: after a Trainer run under fsdp, the bytes each device holds of the Trainer's state
 (the sum, over the state's arrays, of the shards on that device; the largest device counts)
@@ -179,9 +179,15 @@ def measure_case(folder: Path, name: str, repeats: int, steps: int | None) -> di
     batches = host_batches(case.batch, case.seq_len, steps)
     runs: dict[str, list[dict]] = {BASELINE: [], TRAINER: []}
     memory: dict | None = {} if case.devices > 1 else None
-    for _ in range(repeats):
-        runs[BASELINE].append(run_reference(folder, case, batches))
-        runs[TRAINER].append(run_trainer(folder, case, batches, memory))
+    for repeat in range(repeats):
+        # The order alternates, so a machine that speeds up or slows down over a repeat
+        # (other jobs on shared cores) favours neither variant.
+        order = [BASELINE, TRAINER] if repeat % 2 == 0 else [TRAINER, BASELINE]
+        for variant in order:
+            if variant == BASELINE:
+                runs[variant].append(run_reference(folder, case, batches))
+            else:
+                runs[variant].append(run_trainer(folder, case, batches, memory))
 
     def collect(key: str) -> dict[str, list]:
         return {variant: [run[key] for run in values] for variant, values in runs.items()}

@@ -253,6 +253,11 @@ def main(repeats: int = 3, cases: Sequence[str] = tuple(CASES), steps: int | Non
         raise ValueError(f"unknown case(s) {sorted(unknown)}: choose from {list(CASES)}.")
     if steps is not None and steps < 3:
         raise ValueError("steps must be at least 3: the first step is not timed.")
+    try:
+        import keras_hub  # noqa: F401
+    except ImportError:
+        print("skipped lora: needs KerasHub (pip install 'kithara-ops[hub]')")
+        return {}
     runnable = [name for name in cases if CASES[name].devices <= jax.device_count()]
     for name in sorted(set(cases) - set(runnable)):
         print(f"skipped {name}: needs {CASES[name].devices} devices (--devices N)")

@@ -94,6 +94,7 @@ def model_inputs(batch):
 
 
 def run_reference(folder: Path, case: Case, batches: list) -> dict:
+    """One run of the hand-written loop: step and first-step seconds, compilations, loss."""
     mesh = make_mesh("fsdp", devices=jax.devices()[: case.devices]) if case.devices > 1 else None
     model = load(folder, mesh)
     placement: dict = {}
@@ -124,6 +125,7 @@ def run_reference(folder: Path, case: Case, batches: list) -> dict:
 
 
 def run_trainer(folder: Path, case: Case, batches: list, memory: dict | None = None) -> dict:
+    """One Trainer run, measured like ``run_reference``; fills ``memory`` (``state_memory``)."""
     devices = jax.devices()[: case.devices]
     sharded = case.devices > 1
     model = load(folder, make_mesh("fsdp", devices=devices) if sharded else None)

@@ -16,7 +16,7 @@ def positive(text: str) -> int:
     return value
 
 
-SUITES = ("tracking", "step_time", "checkpointing", "resume", "memory", "startup")
+SUITES = ("tracking", "step_time", "checkpointing", "resume", "memory", "startup", "lora")
 """Modules of this package, each with ``main(repeats=..., **sizes)`` and ``QUICK`` sizes."""
 
 
@@ -29,7 +29,7 @@ def main() -> None:
         "--devices",
         type=positive,
         default=None,
-        help="virtual CPU devices (sets XLA_FLAGS); 8 adds the fsdp cases of step_time",
+        help="virtual CPU devices (sets XLA_FLAGS); 8 adds the fsdp cases of step_time and lora",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small step counts: a smoke run, not a measurement"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,8 @@ def train(
     batches: Sequence[Mapping[str, np.ndarray]],
     param_shardings: Sequence[jax.sharding.Sharding] | None = None,
     batch_sharding: jax.sharding.Sharding | None = None,
+    non_trainable_shardings: Sequence[jax.sharding.Sharding] | None = None,
+    inputs: Callable[[Mapping[str, jax.Array]], Any] = lambda batch: batch["x"],
 ) -> ReferenceResult:
     """Train ``model`` for one step per batch and time the steps after the first.
 
@@ -52,16 +55,20 @@ def train(
       optimizer: an Optax transformation.
       batches: at least two host batches with ``x``, ``y`` and ``mask``.
       param_shardings: where each trainable variable goes, in the model's order (default:
-        the default device); non-trainable variables are replicated alongside. The step
-        follows its inputs' placement, as ``jax.jit`` does without explicit shardings.
+        the default device). The step follows its inputs' placement, as ``jax.jit`` does
+        without explicit shardings.
       batch_sharding: where each batch goes (default: the default device).
+      non_trainable_shardings: with ``param_shardings``, where each non-trainable variable
+        goes, in the model's order (default: replicated). A LoRA model's frozen base is
+        non-trainable and is sharded like the Trainer shards it.
+      inputs: the model's inputs for a batch (default: its token ids ``batch["x"]``).
     """
     if len(batches) < 2:
         raise ValueError("the reference loop needs at least two batches to time a step.")
 
     def loss_fn(params, non_trainable, batch):
         logits, non_trainable = model.stateless_call(
-            params, non_trainable, batch["x"], training=True
+            params, non_trainable, inputs(batch), training=True
         )
         loss_sum, count = masked_cross_entropy(logits, batch["y"], batch["mask"])
         return loss_sum / jnp.maximum(count, 1.0), non_trainable
@@ -87,8 +94,12 @@ def train(
         )
         param_shardings = list(param_shardings)
         params = [copy(v, where) for v, where in zip(model.trainable_variables, param_shardings)]
-        non_trainable = [copy(v, replicated) for v in model.non_trainable_variables]
-        nt_shardings = [replicated] * len(non_trainable)
+        nt_shardings = list(
+            non_trainable_shardings or [replicated] * len(model.non_trainable_variables)
+        )
+        non_trainable = [
+            copy(v, where) for v, where in zip(model.non_trainable_variables, nt_shardings)
+        ]
         opt_shardings = optax.tree_map_params(
             optimizer,
             lambda _, sharding: sharding,

@@ -89,3 +89,41 @@ def test_step_time_shards_over_eight_devices_with_one_compilation_each(tmp_path)
     # The same maths on the same data: the Optax Trainer ends at the reference's loss.
     losses = sharded["last_loss"]
     assert abs(losses["Trainer optax.adamw"][0] - losses["reference (optax)"][0]) < 1e-4
+
+
+@pytest.mark.slow
+def test_lora_benchmark_times_both_loops_and_bounds_fsdp_memory(tmp_path):
+    pytest.importorskip("keras_hub")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    env.pop("XLA_FLAGS", None)  # --devices sets it
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "lora", "--quick", "--repeats", "1",
+         "--devices", "8", "--output", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "counted from array shards" in done.stdout
+    cases = json.loads((tmp_path / "lora.json").read_text())["summary"]
+    assert set(cases) == {"gemma lora", "gemma lora fsdp x8"}
+    assert [c["devices"] for c in cases.values()] == [1, 8]
+    for case in cases.values():
+        found = list(ratios(case))
+        assert found and all(math.isfinite(r) and r > 0 for r in found), case
+        assert set(case["compilations"]) == {"reference (jit loop)", "Trainer optax.adamw"}
+        assert all(n == 1 for counts in case["compilations"].values() for n in counts)
+        # The same maths on the same preset, adapters and data: the same last loss.
+        losses = case["last_loss"]
+        assert abs(losses["Trainer optax.adamw"][0] - losses["reference (jit loop)"][0]) < 1e-4
+    # Not a timing: the fullest device holds its shard of the frozen base, not all of it.
+    memory = cases["gemma lora fsdp x8"]["memory"]
+    frozen, adapters, opt = (
+        memory["frozen_bytes"], memory["adapter_bytes"], memory["optimizer_state_bytes"]
+    )  # fmt: skip
+    assert adapters > 0 and opt > 0 and frozen > 10 * (adapters + opt)
+    assert memory["bound_bytes"] == pytest.approx((frozen / 8 + adapters + opt) * 1.10)
+    assert 0 < memory["state_bytes_per_device"] <= memory["bound_bytes"]
+    assert memory["ratio"] <= 1.0
+    assert "memory" not in cases["gemma lora"]

@@ -147,11 +147,19 @@ def run_trainer(folder: Path, case: Case, batches: list, memory: dict | None = N
 
 
 def per_device_bytes(arrays) -> dict:
-    """Bytes of ``arrays``' shards held by each device (a replicated array counts on each)."""
+    """Bytes of ``arrays``' shards held by each device (a replicated array counts on each).
+
+    A buffer two arrays share (the state's frozen weights and the Keras variables they were
+    placed from) counts once.
+    """
     held: dict = defaultdict(int)
+    seen = set()
     for array in arrays:
         for shard in array.addressable_shards:
-            held[shard.device] += shard.data.nbytes
+            buffer = (shard.device, shard.data.unsafe_buffer_pointer())
+            if buffer not in seen:
+                seen.add(buffer)
+                held[shard.device] += shard.data.nbytes
     return held
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -101,13 +101,13 @@ def placed_variables(
 ) -> dict[str, jax.Array]:
     """The model's non-trainable variables named ``keys``, placed by ``shardings``.
 
-    Each is copied straight into its sharding (never whole on one device first, where the
-    variable is already distributed): how a restore fills in the frozen base a checkpoint
-    leaves out.
+    Each is placed straight into its sharding (never whole on one device first, where the
+    variable is already distributed), sharing the variable's buffers where it is placed
+    alike: how a restore fills in the frozen base a checkpoint leaves out.
     """
     wanted = set(keys)
     return {
-        key: jax.device_put(var.value, shardings[key], may_alias=False)
+        key: jax.device_put(var.value, shardings[key], may_alias=True)
         for key, var in zip(
             variable_keys(model.non_trainable_variables), model.non_trainable_variables
         )
@@ -176,11 +176,15 @@ def initial_state(
     shardings: TrainState,
     init_optimizer: Callable[[dict[str, jax.Array]], Any],
     seed: int,
+    shared: Collection[str] = (),
 ) -> TrainState:
     """A fresh state from ``model``'s current variables, placed by ``shardings``.
 
-    The arrays are copies (the state is donated to the step, the Keras variables are not);
-    ``init_optimizer`` maps the placed parameters to the optimizer's placed initial state.
+    The arrays are copies (the state is donated to the step, the Keras variables are not),
+    except the non-trainable entries named in ``shared`` (frozen weights the step takes
+    undonated, see ``step.FrozenAside``): those share the variables' device buffers where
+    they are placed alike. ``init_optimizer`` maps the placed parameters to the optimizer's
+    placed initial state.
     """
     put = lambda value, sharding: jax.device_put(value, sharding, may_alias=False)  # noqa: E731
     params = {
@@ -188,7 +192,7 @@ def initial_state(
         for key, var in zip(variable_keys(model.trainable_variables), model.trainable_variables)
     }
     non_trainable = {
-        key: put(var.value, shardings.non_trainable[key])
+        key: jax.device_put(var.value, shardings.non_trainable[key], may_alias=key in shared)
         for key, var in zip(
             variable_keys(model.non_trainable_variables), model.non_trainable_variables
         )
@@ -225,8 +229,12 @@ def write_back(
     params, non_trainable = distributed.process_local((evaluated, state.non_trainable))
     for key, var in zip(key_groups["params"], model.trainable_variables):
         var.assign(params[key])
+    frozen = set(key_groups.get("frozen", ()))
     for key, var in zip(key_groups["non_trainable"], model.non_trainable_variables):
-        var.assign(non_trainable[key])
+        # A frozen weight still on the devices already shares the state's buffers (an
+        # assignment would re-place it as a copy); one parked on the host takes them back.
+        if key not in frozen or not isinstance(var._value, jax.Array):
+            var.assign(non_trainable[key])
     adapter.write_back(distributed.process_local(state.opt_state))
 
 

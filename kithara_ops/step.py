@@ -264,15 +264,63 @@ def compile_steps(
 
     else:  # computed state is built on the devices, already sharded
         init_optimizer = jax.jit(adapter.init, out_shardings=shardings.opt_state)
-    train_step = jax.jit(
-        builder.train_step,
-        in_shardings=(shardings, batch),
-        out_shardings=(shardings, repl),
-        donate_argnums=0,
-    )
+    if builder.frozen_keys:
+        train_step = FrozenAside(builder, shardings, batch)
+    else:
+        train_step = jax.jit(
+            builder.train_step,
+            in_shardings=(shardings, batch),
+            out_shardings=(shardings, repl),
+            donate_argnums=0,
+        )
     eval_step = jax.jit(
         builder.eval_step,
         in_shardings=(shardings.params, shardings.opt_state, shardings.non_trainable, batch),
         out_shardings=(repl, repl),
     )
     return CompiledSteps(init_optimizer, train_step, eval_step)
+
+
+class FrozenAside:
+    """The train step with the frozen weights passed beside the donated state, not in it.
+
+    ``(state, batch) -> (state, metrics)`` like the plain jitted step, but the frozen
+    non-trainable entries (``builder.frozen_keys``, a LoRA model's base) are a separate,
+    undonated argument, and the returned state holds the very arrays that came in. So the
+    state can share them with the Keras model's variables (one copy of the base on the
+    devices, not two), and a step never invalidates them.
+    """
+
+    def __init__(self, builder: StepBuilder, shardings: TrainState, batch: jax.sharding.Sharding):
+        self.frozen = list(builder.frozen_keys)
+
+        def step(rest: TrainState, frozen: dict, batch_: Batch):
+            whole = dataclasses.replace(rest, non_trainable={**rest.non_trainable, **frozen})
+            new, metrics = builder.train_step(whole, batch_)
+            return self._split(new)[0], metrics
+
+        rest, frozen = self._split(shardings)
+        self.jitted = jax.jit(
+            step,
+            in_shardings=(rest, frozen, batch),
+            out_shardings=(rest, shardings.step),
+            donate_argnums=0,
+        )
+
+    def _split(self, state: TrainState) -> tuple[TrainState, dict]:
+        wanted = set(self.frozen)
+        rest = {k: v for k, v in state.non_trainable.items() if k not in wanted}
+        frozen = {k: v for k, v in state.non_trainable.items() if k in wanted}
+        return dataclasses.replace(state, non_trainable=rest), frozen
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rest, frozen = self._split(state)
+        new, metrics = self.jitted(rest, frozen, batch)
+        return dataclasses.replace(new, non_trainable={**new.non_trainable, **frozen}), metrics
+
+    def lower(self, state: Any, batch: Any) -> Any:
+        """The lowering of the step for ``state`` and ``batch`` (arrays or abstract)."""
+        return self.jitted.lower(*self._split(state), batch)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()

@@ -169,8 +169,9 @@ class Trainer:
     def initial_state(self) -> TrainState:
         """A fresh state from the model's current variables, placed on the mesh."""
         return state_lib.initial_state(
-            self.model, self.state_shardings, self.steps.init_optimizer, self.config.seed
-        )
+            self.model, self.state_shardings, self.steps.init_optimizer, self.config.seed,
+            shared=self.key_groups.get("frozen", ()),
+        )  # fmt: skip
 
     def state_template(self) -> StateTemplate:
         """What a restore needs: the state's shapes, dtypes and shardings, keys, optimizer."""

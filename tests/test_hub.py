@@ -84,6 +84,29 @@ def test_frozen_weights_are_sharded_by_the_same_rules_as_trainable_ones(
             assert shardings[key].is_fully_replicated, key
 
 
+def test_the_frozen_base_is_one_copy_shared_by_the_state_and_the_model(tiny_presets, eight_devices):
+    from kithara_ops.sharding import make_mesh
+
+    folder = str(tiny_presets["gemma"])
+    model = from_preset(folder, lora_rank=4, mesh=make_mesh("fsdp"), min_shard_size=256)
+    trainer = Trainer(
+        model, optax.adamw(1e-2), token_batches(), steps=2, sharding="fsdp", min_shard_size=256,
+        tracking=False,
+    )  # fmt: skip
+    trainer.train()
+    variables = dict(zip(trainer.key_groups["non_trainable"], model.non_trainable_variables))
+
+    def buffers(array):
+        return [(s.device, s.data.unsafe_buffer_pointer()) for s in array.addressable_shards]
+
+    for key in trainer.key_groups["frozen"]:  # the same device memory, not a copy of it
+        assert buffers(trainer.state.non_trainable[key]) == buffers(variables[key].value), key
+    # Neither the steps nor the write-back invalidated the model's copy: it still runs, with
+    # the trained adapters.
+    trained, base = logits_of(model, IDS), logits_of(from_preset(folder), IDS)
+    assert np.isfinite(trained).all() and np.abs(trained - base).max() > 1e-4
+
+
 def test_a_hugging_face_folder_loads_through_keras_hubs_converter(tmp_path):
     model = presets.build_causal_lm("mistral", seed=3)
     folder = tmp_path / "hf_mistral"

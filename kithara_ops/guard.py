@@ -32,15 +32,23 @@ class NonfiniteGuard:
     def __init__(self, mode: str, patience: int):
         self.patience = 1 if mode == "stop" else patience
         self._counters = jnp.zeros(3, jnp.int32)
+        self._placement = None  # the flag's sharding, which the counters take
+
+    def _placed(self, counters) -> jax.Array:
+        # Placed like the step's flag, so ``_count`` sees one signature and compiles once.
+        return counters if self._placement is None else jax.device_put(counters, self._placement)
 
     def stepped(self, metrics: dict[str, jax.Array]) -> None:
         """Fold one step's flag into the counters (asynchronous: nothing waits)."""
+        if self._placement is None:
+            self._placement = metrics["finite"].sharding
+            self._counters = self._placed(self._counters)
         self._counters = _count(self._counters, metrics["finite"])
 
     def read(self, logged: dict[str, float]) -> str | None:
         """At a logging step: add ``nonfinite_steps`` to ``logged``; the reason to stop, if any."""
         streak, longest, total = (int(v) for v in jax.device_get(self._counters))
-        self._counters = jnp.asarray([streak, streak, total], jnp.int32)
+        self._counters = self._placed(jnp.asarray([streak, streak, total], jnp.int32))
         logged.pop("finite", None)
         logged["nonfinite_steps"] = float(total)
         if longest < self.patience:

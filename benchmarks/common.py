@@ -6,7 +6,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -83,3 +85,12 @@ def write_json(name: str, payload: dict, directory: Path) -> Path:
     path = directory / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return path
+
+
+def check_cases(cases: Sequence[str], known: Mapping[str, Any], steps: int | None) -> None:
+    """Refuse case names not in ``known`` and fewer than 3 steps (the first is not timed)."""
+    unknown = set(cases) - set(known)
+    if unknown:
+        raise ValueError(f"unknown case(s) {sorted(unknown)}: choose from {list(known)}.")
+    if steps is not None and steps < 3:
+        raise ValueError("steps must be at least 3: the first step is not timed.")

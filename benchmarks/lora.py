@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import keras
 
 from benchmarks import reference
-from benchmarks.common import SteadyClock, print_table, summarise
+from benchmarks.common import SteadyClock, check_cases, print_table, summarise
 from benchmarks.step_time import host_batches, optax_adamw
 from kithara_ops import Trainer
 from kithara_ops.models import from_preset, layout_rules_of
@@ -258,11 +258,7 @@ def main(repeats: int = 3, cases: Sequence[str] = tuple(CASES), steps: int | Non
       cases: names of ``CASES`` to run (the fsdp case only where 8 devices are there).
       steps: steps per run (at least 3), overriding each case's default.
     """
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        raise ValueError(f"unknown case(s) {sorted(unknown)}: choose from {list(CASES)}.")
-    if steps is not None and steps < 3:
-        raise ValueError("steps must be at least 3: the first step is not timed.")
+    check_cases(cases, CASES, steps)
     try:
         import keras_hub  # noqa: F401
     except ImportError:

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from benchmarks import reference
-from benchmarks.common import SteadyClock, print_table, summarise
+from benchmarks.common import SteadyClock, check_cases, print_table, summarise
 from kithara_ops import Trainer, data, models
 from kithara_ops.models import layout_rules_of
 from kithara_ops.sharding import batch_sharding, make_mesh, parameter_shardings
@@ -287,11 +287,7 @@ def main(repeats: int = 3, cases: Sequence[str] = tuple(CASES), steps: int | Non
       cases: names of ``CASES`` to run.
       steps: steps per run (at least 3), overriding each case's default.
     """
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        raise ValueError(f"unknown case(s) {sorted(unknown)}: choose from {list(CASES)}.")
-    if steps is not None and steps < 3:
-        raise ValueError("steps must be at least 3: the first step is not timed.")
+    check_cases(cases, CASES, steps)
     runnable = [name for name in cases if CASES[name].devices <= jax.device_count()]
     for name in sorted(set(cases) - set(runnable)):
         print(f"skipped {name}: needs {CASES[name].devices} devices (--devices N)")

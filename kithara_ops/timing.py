@@ -28,7 +28,14 @@ class Clock:
     it reads the time only when metrics are fetched, which syncs with the devices anyway.
     """
 
-    def __init__(self, tokens_per_step: int, since: float, cost: StepCost | None = None):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        since: float,
+        cost: StepCost | None = None,
+        once: dict[str, float] | None = None,
+    ):
+        self.once = dict(once or {})  # reported at the first logging step, with compilation
         self.tokens_per_step = tokens_per_step
         self.started = since
         self.cost = cost
@@ -56,6 +63,7 @@ class Clock:
             values.update(device_memory())
         if not self._compile_reported:  # once: it is the first step's
             values["compile_seconds"], self._compile_reported = self.compile_seconds, True
+            values.update(self.once)
         self._mark, self._mark_step = time.perf_counter(), step
         self.last = values
         return values

@@ -244,7 +244,9 @@ class Trainer:
         self.callbacks.on_train_start(self._run_info(start, total, restored, placed))
         tokens = shape[0] * shape[1]
         cost = StepCost(_count(self.model.weights), tokens, self.mesh.devices.flat)
-        clock = Clock(tokens_per_step=tokens, since=started, cost=cost)
+        # The state's size is measured, not configured (and differs by optimizer): a metric.
+        sizes = {"state_bytes": placed["total"], "state_bytes_per_device": placed["per_device"]}
+        clock = Clock(tokens_per_step=tokens, since=started, cost=cost, once=sizes)
         guard = NonfiniteGuard(self.config.on_nonfinite, self.config.nonfinite_patience)
         with StopRequests() as stop, parked_on_host(self._held_variables()):
             try:

@@ -282,7 +282,7 @@ def _elements(node: TxNode) -> list[Part]:
             return [Part(name, hyperparams, lr, alias=True)]  # an alias: one element
         return [p for child in node.children for p in _elements(child)]
     whole = whole_optimizer(node)  # prodigy, schedule_free, ... inside a chain
-    if whole is not None:
+    if whole is not None and whole.learning_rate is not None:  # not a helper (normalize)
         return [whole]
     hyperparams = {k: json_safe(v) for k, v in node.hyperparams.items() if v is not None}
     hyperparams.update(selector_texts(node))

@@ -71,9 +71,6 @@ def config_params(run: RunInfo) -> dict[str, str]:
     values["mesh_shape"] = ",".join(f"{axis}={size}" for axis, size in run.mesh_shape.items())
     values["num_params"] = run.num_params
     values["num_trainable_params"] = run.num_trainable_params
-    if run.state_bytes:
-        values["state_bytes"] = run.state_bytes["total"]
-        values["state_bytes_per_device"] = run.state_bytes["per_device"]
     values.update(lora_params(run))
     values["total_steps"] = run.total_steps
     return {key: shorten(value, MAX_PARAM_LENGTH) for key, value in values.items()}

@@ -152,10 +152,8 @@ def test_describe_prints_a_header_and_every_param():
         assert any(key in line and value in line for line in result.stdout.splitlines()), key
 
 
-@pytest.mark.parametrize(
-    "spec", [OPTAX_CLIP_ADAMW, pytest.param(KERAS_CLIP_ADAMW, marks=pytest.mark.slow)]
-)
-def test_describe_prints_the_params_a_training_run_logs(spec, tmp_path):
+def tracked_run(spec, tmp_path):
+    """The MLflow run of a 2-step ``train`` with optimizer ``spec``, in a sqlite store."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = run(
         "train", *FAST, "--steps", "2", "--optimizer", spec, "--tracking-uri", uri,
@@ -163,7 +161,14 @@ def test_describe_prints_the_params_a_training_run_logs(spec, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
-    logged = MlflowClient(uri).get_run(run_id).data.params
+    return MlflowClient(uri).get_run(run_id)
+
+
+@pytest.mark.parametrize(
+    "spec", [OPTAX_CLIP_ADAMW, pytest.param(KERAS_CLIP_ADAMW, marks=pytest.mark.slow)]
+)
+def test_describe_prints_the_params_a_training_run_logs(spec, tmp_path):
+    logged = tracked_run(spec, tmp_path).data.params
     logged = {k: v for k, v in logged.items() if k.startswith("optimizer.")}
     assert logged == describe_json(spec)["params"]
 
@@ -176,14 +181,7 @@ MONITORED = (
 def test_describe_names_the_step_metrics_a_training_run_logs(tmp_path):
     shown = run("describe", MONITORED)
     assert "clipped, optax.gradient_step, optax.mini_step, optim.d" in shown.stdout
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = run(
-        "train", *FAST, "--steps", "2", "--optimizer", MONITORED, "--tracking-uri", uri,
-        "--no-system-metrics", "--json",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
-    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    logged = tracked_run(MONITORED, tmp_path).data.metrics
     own = {key for key in logged if key == "clipped" or key.startswith(("optax.", "optim."))}
     assert own == set(describe_json(MONITORED)["metrics"])
 

@@ -57,15 +57,20 @@ def as_layout_rules(rules) -> list[LayoutRule]:
     return converted
 
 
+def default_devices() -> list:
+    """The devices a mesh spans when none are named: every device of every process."""
+    return jax.devices()
+
+
 def make_mesh(
     sharding: str, mesh_shape: tuple[int, int] | None = None, devices: Sequence | None = None
 ) -> Mesh:
-    """A ``(data, fsdp)`` mesh over ``devices`` (default: all devices of all processes).
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: ``default_devices()``).
 
     Without ``mesh_shape`` every device goes on the axis the strategy names: ``dp`` gives
     ``(n, 1)``, ``fsdp`` gives ``(1, n)``.
     """
-    devices = list(devices if devices is not None else jax.devices())
+    devices = list(devices if devices is not None else default_devices())
     n = len(devices)
     if mesh_shape is None:
         mesh_shape = (n, 1) if sharding == "dp" else (1, n)

@@ -175,8 +175,10 @@ def run_tokenizer(
     template (``chat_template``, else a Hugging Face folder's own, see ``load_tokenizer``)."""
     if tokenizer == "auto":
         from kithara_ops.models.hub import is_preset
+        from kithara_ops.models.registry import SIZES
 
-        tokenizer = model if is_preset(model) else "byte"
+        # A built-in size is never a preset: asking KerasHub would import TensorFlow.
+        tokenizer = model if model not in SIZES and is_preset(model) else "byte"
     return load_tokenizer(tokenizer, chat_template)
 
 

@@ -115,4 +115,6 @@ def test_precision_is_checked_against_the_models_dtype_policy(make_model):
     trainer = Trainer(model, optax.sgd(0.1), token_batches(), steps=1, tracking=False)
     assert trainer.config.precision == "mixed_bfloat16"
     with pytest.raises(ConfigError, match="does not train with"):
-        Trainer(make_model(dtype="float16"), optax.sgd(0.1), token_batches(), steps=1)
+        Trainer(
+            make_model(dtype="float16"), optax.sgd(0.1), token_batches(), steps=1, tracking=False
+        )

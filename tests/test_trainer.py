@@ -53,7 +53,13 @@ def test_keras_adamw_and_optax_chain_both_lower_the_loss(make_model, stdlib_data
     for family, optimizer in runs.items():
         recorder = Recorder()
         result = Trainer(
-            make_model(), optimizer, stdlib_data, steps=30, log_every=1, callbacks=[recorder]
+            make_model(),
+            optimizer,
+            stdlib_data,
+            steps=30,
+            log_every=1,
+            callbacks=[recorder],
+            tracking=False,
         ).train()
         first, last = recorder.logs[1]["loss"], recorder.logs[30]["loss"]
         assert first > 5.0, family  # ~ln(259) at initialisation
@@ -70,11 +76,19 @@ def test_keras_adamw_and_optax_chain_both_lower_the_loss(make_model, stdlib_data
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_keras_sgd_and_optax_sgd_apply_identical_updates(make_model, stdlib_data, momentum):
     keras_sgd = Trainer(
-        make_model(), keras.optimizers.SGD(0.05, momentum=momentum), stdlib_data, steps=5
+        make_model(),
+        keras.optimizers.SGD(0.05, momentum=momentum),
+        stdlib_data,
+        steps=5,
+        tracking=False,
     )
     keras_sgd.train()
     optax_sgd = Trainer(
-        make_model(), optax.sgd(0.05, momentum=momentum or None), stdlib_data, steps=5
+        make_model(),
+        optax.sgd(0.05, momentum=momentum or None),
+        stdlib_data,
+        steps=5,
+        tracking=False,
     )
     optax_sgd.train()
     trained = params_of(keras_sgd)
@@ -86,7 +100,7 @@ def test_keras_sgd_and_optax_sgd_apply_identical_updates(make_model, stdlib_data
 def test_model_holds_trained_weights_after_train(make_model, stdlib_data):
     model = make_model()
     before = [np.array(w) for w in model.get_weights()]
-    trainer = Trainer(model, optax.adam(1e-3), stdlib_data, steps=3)
+    trainer = Trainer(model, optax.adam(1e-3), stdlib_data, steps=3, tracking=False)
     trainer.train()
     after = model.get_weights()
     assert any(not np.allclose(a, b) for a, b in zip(before, after))
@@ -159,11 +173,13 @@ def test_fsdp_on_eight_devices_shards_params_and_state_and_matches_one_device(
     # (g / sqrt(v) ~ +-1 whatever g's size), so what is compared is the sharding alone.
     optimizer = optax.adamw(1e-3, eps=1e-4)
     reference = Trainer(
-        make_model(), optimizer, stdlib_data, steps=steps, devices=eight_devices[:1]
+        make_model(), optimizer, stdlib_data, steps=steps, devices=eight_devices[:1], tracking=False
     )
     reference.train()
     for sharding in ("dp", "fsdp"):
-        trainer = Trainer(make_model(), optimizer, stdlib_data, steps=steps, sharding=sharding)
+        trainer = Trainer(
+            make_model(), optimizer, stdlib_data, steps=steps, sharding=sharding, tracking=False
+        )
         trainer.train()
         assert dict(trainer.mesh.shape) == (
             {"data": 8, "fsdp": 1} if sharding == "dp" else {"data": 1, "fsdp": 8}
@@ -186,7 +202,12 @@ def test_fsdp_shards_keras_optimizer_slots_like_their_parameters(
     make_model, stdlib_data, eight_devices
 ):
     trainer = Trainer(
-        make_model(), keras.optimizers.Adam(1e-3), stdlib_data, steps=2, sharding="fsdp"
+        make_model(),
+        keras.optimizers.Adam(1e-3),
+        stdlib_data,
+        steps=2,
+        sharding="fsdp",
+        tracking=False,
     )
     trainer.train()
     kernel = "causal_lm/block_0/mlp/gate/kernel"
@@ -202,10 +223,16 @@ def test_fsdp_shards_keras_optimizer_slots_like_their_parameters(
 
 def test_gradient_accumulation_matches_one_big_batch(make_model, stdlib_data):
     two = jax.devices()[:2]  # 8 rows = 2 devices x 4 micro-batches of 1 row each
-    whole = Trainer(make_model(), optax.sgd(0.1), stdlib_data, steps=3, devices=two)
+    whole = Trainer(make_model(), optax.sgd(0.1), stdlib_data, steps=3, devices=two, tracking=False)
     whole.train()
     accumulated = Trainer(
-        make_model(), optax.sgd(0.1), stdlib_data, steps=3, grad_accum_steps=4, devices=two
+        make_model(),
+        optax.sgd(0.1),
+        stdlib_data,
+        steps=3,
+        grad_accum_steps=4,
+        devices=two,
+        tracking=False,
     )
     accumulated.train()
     assert_params_close(params_of(whole), params_of(accumulated), rtol=1e-4, atol=1e-6)
@@ -222,6 +249,7 @@ def test_mixed_bfloat16_keeps_float32_master_weights(make_model, stdlib_data):
         log_every=1,
         callbacks=[recorder],
         precision="mixed_bfloat16",
+        tracking=False,
     )
     trainer.train()
     assert all(p.dtype == np.float32 for p in trainer.state.params.values())
@@ -245,6 +273,7 @@ def test_eval_reports_loss_and_perplexity_and_compiles_each_step_once(
         eval_every=2,
         eval_steps=3,
         callbacks=[recorder],
+        tracking=False,
     )
     result = trainer.train()
     assert sorted(recorder.evals) == [2, 4, 6]
@@ -258,7 +287,14 @@ def test_eval_reports_loss_and_perplexity_and_compiles_each_step_once(
 
 def test_dropout_randomness_comes_from_the_seed(make_model, stdlib_data):
     def train(seed):
-        t = Trainer(make_model(dropout=0.2), optax.adam(1e-3), stdlib_data, steps=3, seed=seed)
+        t = Trainer(
+            make_model(dropout=0.2),
+            optax.adam(1e-3),
+            stdlib_data,
+            steps=3,
+            seed=seed,
+            tracking=False,
+        )
         t.train()
         return params_of(t)
 
@@ -275,6 +311,7 @@ def test_multisteps_and_inject_hyperparams_are_accepted(make_model, stdlib_data)
         stdlib_data,
         steps=2,
         log_every=1,
+        tracking=False,
     )
     start = {v.path: np.asarray(v) for v in trainer.model.trainable_variables}
     trainer.train()
@@ -282,13 +319,21 @@ def test_multisteps_and_inject_hyperparams_are_accepted(make_model, stdlib_data)
         params_of(trainer)["causal_lm/lm_head/kernel"], start["causal_lm/lm_head/kernel"]
     )
     injected = optax.inject_hyperparams(optax.adamw)(learning_rate=2e-3)
-    Trainer(make_model(), injected, stdlib_data, steps=2, log_every=1, callbacks=[recorder]).train()
+    Trainer(
+        make_model(),
+        injected,
+        stdlib_data,
+        steps=2,
+        log_every=1,
+        callbacks=[recorder],
+        tracking=False,
+    ).train()
     assert recorder.logs[2]["learning_rate"] == pytest.approx(2e-3)
 
 
 def test_plain_iterables_of_batches_and_epochs(make_model, stdlib_data):
     batches = list(itertools.islice(iter(stdlib_data), 3))
-    trainer = Trainer(make_model(), optax.adam(1e-3), batches, epochs=2)
+    trainer = Trainer(make_model(), optax.adam(1e-3), batches, epochs=2, tracking=False)
     assert trainer.total_steps() == 6
     assert trainer.train().step == 6
 
@@ -315,5 +360,5 @@ def test_bad_input_raises_a_clear_config_error(make_model, stdlib_data, kwargs, 
 def test_batch_not_divisible_by_devices_names_the_sizes(make_model, eight_devices):
     small = data.load("synthetic", seq_len=SEQ_LEN, batch_size=6)
     with pytest.raises(ConfigError, match=r"batch size 6 is not divisible by the 8"):
-        Trainer(make_model(), optax.adam(1e-3), small, steps=1).train()
+        Trainer(make_model(), optax.adam(1e-3), small, steps=1, tracking=False).train()
     assert jax.device_count() == 8

@@ -298,6 +298,22 @@ def test_factored_states_train_and_resume_on_every_layout(name, layout, tmp_path
     )
 
 
+def test_keras_adam_with_a_schedule_migrates_to_optax_on_resume(tmp_path, eight_devices):
+    """Saved by the Keras Adam, resumed by the Optax Adam: the same algorithm and schedule."""
+    options = {"checkpoint_dir": str(tmp_path / "ckpt"), "devices": eight_devices[:1]}
+    schedule = keras.optimizers.schedules.ExponentialDecay(LR, decay_steps=4, decay_rate=0.5)
+    straight = trainer_for(keras.optimizers.Adam(schedule, epsilon=1e-8), save_every=3, **options)
+    straight.train()
+    migrated = trainer_for(optax.adam(optax.exponential_decay(LR, 4, 0.5), eps=1e-8), **options)
+    migrated.train(resume=3, overwrite=True)
+    assert int(migrated.state.step) == 6
+    counts = optax.tree_utils.tree_get_all_with_path(migrated.state.opt_state, "count")
+    assert [int(c) for _, c in counts] == [6, 6]  # Adam's and the schedule's
+    # The families place epsilon differently: the parameters agree to its order.
+    for key, value in host(straight.state.params).items():
+        np.testing.assert_allclose(host(migrated.state.params)[key], value, atol=1e-5, err_msg=key)
+
+
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_what_cannot_train_is_refused_in_one_line(name):
     namespace, short = name.rsplit(".", 1)

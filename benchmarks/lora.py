@@ -15,8 +15,8 @@ second, in successive repeats; the first step (tracing, compilation, one run) is
 Memory: after a Trainer run under fsdp, the bytes each device holds of the Trainer's state
 (the sum, over the state's arrays, of the shards on that device; the largest device counts)
 against ``(frozen / devices + adapters + optimizer state) x 1.10``. The host CPU platform
-reports no device memory statistics, so this is counted from the arrays' shards
-(``jax.Array.addressable_shards``), not read from an allocator.
+reports no device memory statistics, so this is counted from the arrays' shardings
+(``kithara_ops.sharding.local_shard_bytes``), not read from an allocator.
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ from benchmarks.common import SteadyClock, check_cases, print_table, summarise
 from benchmarks.step_time import host_batches, optax_adamw
 from kithara_ops import Trainer
 from kithara_ops.models import from_preset, layout_rules_of
-from kithara_ops.sharding import batch_sharding, make_mesh, parameter_shardings, replicated
+from kithara_ops.sharding import (
+    batch_sharding,
+    local_shard_bytes,
+    make_mesh,
+    parameter_shardings,
+    replicated,
+)
 from kithara_ops.state import variable_keys
 
 LORA_RANK = 4
@@ -155,11 +161,17 @@ def per_device_bytes(arrays) -> dict:
     held: dict = defaultdict(int)
     seen = set()
     for array in arrays:
-        for shard in array.addressable_shards:
-            buffer = (shard.device, shard.data.unsafe_buffer_pointer())
-            if buffer not in seen:
-                seen.add(buffer)
-                held[shard.device] += shard.data.nbytes
+        sizes = local_shard_bytes(array)
+        # Only a fully addressable array's shards can always be listed (see
+        # local_shard_bytes); one that spans processes counts as buffers of its own.
+        if array.is_fully_addressable:
+            buffers = [(s.device, s.data.unsafe_buffer_pointer()) for s in array.addressable_shards]
+        else:
+            buffers = [(device, id(array)) for device in sizes]
+        for device, pointer in buffers:
+            if (device, pointer) not in seen:
+                seen.add((device, pointer))
+                held[device] += sizes[device]
     return held
 
 
@@ -233,7 +245,7 @@ def print_memory(memory: dict) -> None:
     n = memory["devices"]
     print(
         f"\nLoRA device memory under fsdp over {n} devices, counted from array shards "
-        "(jax.Array.addressable_shards; the CPU platform reports no device memory statistics)"
+        "(sized by the arrays' shardings; the CPU platform reports no device memory statistics)"
     )
     print(f"{'variant':<44} {'MB':>10} {'ratio':>7}")
     rows = [

@@ -149,6 +149,24 @@ def parameter_shardings(
     return out
 
 
+def local_shard_bytes(array: jax.Array) -> dict[jax.Device, int]:
+    """Bytes of ``array`` held by each of this process's devices, read from its sharding.
+
+    A device holding the slices :math:`(s_1, \\dots, s_r)` of the array holds
+    :math:`\\text{itemsize} \\cdot \\prod_i |s_i|` bytes: a replicated array counts in full
+    on every device, a sharded one by its shard. The buffers are not read because JAX cannot
+    list the shards of every array that spans processes (``addressable_shards`` fails on one
+    placed from a single device onto a mesh of one device per process).
+    """
+    indices = array.sharding.addressable_devices_indices_map(array.shape)
+    itemsize = array.dtype.itemsize
+    return {
+        device: itemsize
+        * int(np.prod([len(range(*s.indices(n))) for s, n in zip(index, array.shape)]))
+        for device, index in indices.items()
+    }
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways each batch is split (every device gets a distinct slice)."""
     return int(mesh.shape["data"] * mesh.shape["fsdp"])

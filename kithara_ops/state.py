@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from kithara_ops import distributed
-from kithara_ops.sharding import LayoutRule, parameter_shardings, replicated
+from kithara_ops.sharding import LayoutRule, local_shard_bytes, parameter_shardings, replicated
 
 
 @jax.tree_util.register_dataclass
@@ -118,16 +118,17 @@ def placed_variables(
 def state_bytes(tree: Any) -> dict[str, int]:
     """The size of a placed state: ``total`` bytes (every array once) and ``per_device``.
 
-    ``per_device`` is the most any one (local) device holds, read from the arrays' shards: a
-    replicated array counts in full on every device, a sharded one by its shard. It is what
-    sharding saves, and what a device's memory must hold besides the step's activations.
+    ``per_device`` is the most any one (local) device holds, read from the arrays' shardings
+    (``sharding.local_shard_bytes``): a replicated array counts in full on every device, a
+    sharded one by its shard. It is what sharding saves, and what a device's memory must hold
+    besides the step's activations.
     """
     held: dict[Any, int] = {}
     total = 0
     for leaf in jax.tree.leaves(tree):
         total += leaf.nbytes
-        for shard in leaf.addressable_shards:
-            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+        for device, nbytes in local_shard_bytes(leaf).items():
+            held[device] = held.get(device, 0) + nbytes
     return {"total": int(total), "per_device": int(max(held.values(), default=0))}
 
 

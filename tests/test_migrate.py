@@ -126,6 +126,25 @@ def test_migrated_optax_adam_takes_the_step_adam_would_take_at_that_count():
         np.testing.assert_allclose(np.asarray(new_params[k]), want, rtol=1e-5, atol=1e-7)
 
 
+def test_keras_adam_with_a_schedule_to_optax_gives_each_count_its_own_buffer():
+    keys = variable_keys(layer_variables("old"))
+    saved = keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.5))
+    state = keras_state(
+        as_adapter(saved, layer_variables("old")), keys, 5, ("momentum", "velocity")
+    )
+    result, adapter = migrate(
+        saved, state, optax.adam(optax.exponential_decay(1e-3, 10, 0.5)), keys
+    )
+
+    counts = [v for _, v in optax.tree_utils.tree_get_all_with_path(result, "count")]
+    assert len(counts) == 2 and [int(c) for c in counts] == [5, 5]  # Adam's and the schedule's
+    # The step donates the state: each count must be a buffer of its own.
+    step = jax.jit(adapter.update, donate_argnums=1)
+    _, after, lr = step(grads_for(keys), result, params_for(keys), jnp.float32(0))
+    assert float(lr) == pytest.approx(1e-3 * 0.5 ** (5 / 10))  # the rate at the saved count
+    assert [int(v) for _, v in optax.tree_utils.tree_get_all_with_path(after, "count")] == [6, 6]
+
+
 @pytest.mark.parametrize("restored_form", [False, True])
 def test_optax_adam_to_keras_fills_slots_and_iteration(restored_form):
     keys = variable_keys(layer_variables("old"))

@@ -2,7 +2,8 @@
 
 Two processes of two devices each train the same run as one process of four devices: the
 same global batches, the same parameters at the end, one MLflow run, one checkpoint
-directory written by both processes, which a different number of processes can resume.
+directory written by both processes, which a different number of processes can resume. Two
+processes of one device each (one process per GPU) train, save and resume too.
 """
 
 import json
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 from test_cli_config_sweep import final_params
 from typer.testing import CliRunner
 
+from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.cli import app
 from kithara_ops.cli.launch import process_commands, process_env
 from kithara_ops.distributed import initialize
@@ -116,6 +118,30 @@ def test_checkpoints_resume_with_another_number_of_processes(two_processes, one_
     assert run_count(one_process["uri"]) == 1
     # Both continued the same state on the same batches.
     assert_params_close(final_params(from_two), final_params(from_one))
+
+
+@pytest.mark.slow
+def test_one_device_per_process_trains_checkpoints_and_resumes_in_one_process(tmp_path):
+    """2 processes x 1 device, the layout of one process per GPU, then 1 process x 2 devices.
+
+    It needs real processes: only there does an array span devices this process cannot
+    address, and only with one device per process does each such array hold a single local
+    shard, which JAX cannot list for an array placed from one device (the state's replicated
+    parameters and its key).
+    """
+    ckpt = tmp_path / "ckpt"
+    done = cli("launch", "--num-processes", "2", "--devices-per-process", "1", "--",
+               "train", *RUN, "--steps", "4", "--save-every", "2", "--checkpoint-dir", str(ckpt),
+               "--no-tracking")  # fmt: skip
+    two = result_of(done)
+    assert two["step"] == 4
+    assert Checkpointer(ckpt).steps() == [2, 4]
+    # fsdp over the two processes' devices: each holds half the split parameters.
+    assert 0 < two["state_bytes"]["per_device"] < two["state_bytes"]["total"]
+    resumed = result_of(cli("resume", str(ckpt), "--steps", "6", "--json", devices=2))
+    assert resumed["step"] == 6
+    # One process of two devices places the state as the two processes did.
+    assert resumed["state_bytes"] == two["state_bytes"]
 
 
 @pytest.mark.slow

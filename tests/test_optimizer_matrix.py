@@ -7,13 +7,15 @@ that builds a ``GradientTransformation``, plus the wrappers and combinators. Wha
 work is listed in ``REFUSED`` with the reason, and must be refused with one ``ConfigError``
 line before anything compiles.
 
-Each case, on a tiny model (an embedding and a dense layer, 8 virtual devices, fsdp):
-describe it (family, name, learning rate), take 6 steps with finite losses and a
-``learning_rate`` metric equal to the rate the step used, and compare 6 straight steps with
-3 steps, a save and a restore into a fresh optimizer's template, then 3 more: parameters and
-optimizer state must be bitwise equal. The enumerated cases round-trip the state through
-its saved form in memory (what a checkpoint stores; fast); the wrappers whose state is the
-hard part go through the Trainer with real checkpoints on disk (``FULL_RESUME``).
+Each case, on a tiny model (an embedding and a dense layer) on one device: describe it
+(family, name, learning rate), take 6 steps with finite losses and a ``learning_rate``
+metric equal to the rate the step used, and compare 6 straight steps with 3 steps, a save
+and a restore into a fresh optimizer's template, then 3 more: parameters and optimizer state
+must be bitwise equal. The layout rules keep their rank there (as a model's own rules do),
+with axes of size 1. The enumerated cases round-trip the state through its saved form in
+memory (what a checkpoint stores; fast), and their state is also placed on 8 virtual devices
+under fsdp; the wrappers whose state is the hard part train there, through the Trainer with
+real checkpoints on disk (``FULL_RESUME``), and so do the factored states on every layout.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ pytestmark = pytest.mark.slow
 
 LR = 1e-2
 EMBEDDINGS, KERNEL, BIAS = "tiny/emb/embeddings", "tiny/out/kernel", "tiny/out/bias"
+RULES = [(EMBEDDINGS, ("fsdp", None)), (KERNEL, (None, "fsdp"))]
+"""What the size rule gives under fsdp, written as rules so that it keeps its rank elsewhere."""
 
 # ------------------------------------------------------------------------------ the cases
 
@@ -195,9 +199,13 @@ def batches():
     return [{"x": x, "y": y} for x, y in tokens]
 
 
-def trainer_for(optimizer, **options) -> Trainer:
+def trainer_for(optimizer, devices=None, **options) -> Trainer:
+    """A Trainer of 6 steps; on ``devices`` (default: all 8), under fsdp unless told."""
     options = {"tracking": False, "system_metrics": False, "sharding": "fsdp", **options}
-    return Trainer(tiny_model(), optimizer, batches(), steps=6, min_shard_size=1, **options)
+    return Trainer(
+        tiny_model(), optimizer, batches(), steps=6, min_shard_size=1, layout_rules=RULES,
+        devices=devices, **options,
+    )  # fmt: skip
 
 
 def host(tree):
@@ -225,7 +233,8 @@ def train(trainer, state, data):
 @pytest.mark.parametrize("name", sorted(TRAINABLE))
 def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
     make = TRAINABLE[name]
-    trainer = trainer_for(make())
+    one_device = eight_devices[:1]
+    trainer = trainer_for(make(), devices=one_device)
     description = trainer.description
     assert description["family"] == name.split(".")[0]
     assert description["name"] and description["name"] != "unknown", description["chain_text"]
@@ -244,7 +253,7 @@ def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
     # A fresh optimizer object's template restores the saved form, and the run continues
     # to the same bits. The continuation runs the step compiled above: the step is a pure
     # function of the state, so a second compilation of it would test nothing more.
-    fresh = trainer_for(make())
+    fresh = trainer_for(make(), devices=one_device)
     template = fresh.state_template().abstract
     saved_form = to_saved(template)
     assert [s for _, s in sorted(signature(saved_form).items())] == [
@@ -257,19 +266,54 @@ def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
     resumed, _ = train(trainer, from_saved(placed, template), data[3:])
     assert_bitwise(resumed.params, straight.params)
     assert_bitwise(resumed.opt_state, straight.opt_state)
+    # Placed over 8 devices under fsdp too, where the state's leaves are split.
+    jax.block_until_ready(trainer_for(make()).initial_state())
 
 
-@pytest.mark.parametrize("name", FULL_RESUME)
-def test_resume_from_disk_with_a_fresh_optimizer_is_bitwise(name, tmp_path, eight_devices):
-    make = TRAINABLE[name]
-    directory = str(tmp_path / "ckpt")
-    straight = trainer_for(make(), checkpoint_dir=directory, save_every=3)
+def assert_resumes_from_disk(make, directory, **options):
+    """6 straight steps, saved every 3, against a fresh Trainer resumed at 3: bitwise equal."""
+    straight = trainer_for(make(), checkpoint_dir=directory, save_every=3, **options)
     straight.train()
-    resumed = trainer_for(make(), checkpoint_dir=directory)
+    resumed = trainer_for(make(), checkpoint_dir=directory, **options)
     resumed.train(resume=3, overwrite=True)
     assert int(resumed.state.step) == 6
     assert_bitwise(resumed.state.params, straight.state.params)
     assert_bitwise(resumed.state.opt_state, straight.state.opt_state)
+
+
+@pytest.mark.parametrize("name", FULL_RESUME)
+def test_resume_from_disk_with_a_fresh_optimizer_is_bitwise(name, tmp_path, eight_devices):
+    assert_resumes_from_disk(TRAINABLE[name], str(tmp_path / "ckpt"))
+
+
+LAYOUTS = {"one-device": ("dp", 1), "dp": ("dp", 8), "fsdp": ("fsdp", 8)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", ["optax.adafactor", "optax.sm3"])
+def test_factored_states_train_and_resume_on_every_layout(name, layout, tmp_path, eight_devices):
+    """Adafactor's row and column factors and SM3's per-dimension accumulators have a lower
+    rank than their parameter, whose spec keeps its rank where its axes have size 1."""
+    sharding, count = LAYOUTS[layout]
+    assert_resumes_from_disk(
+        TRAINABLE[name], str(tmp_path / "ckpt"), devices=eight_devices[:count], sharding=sharding
+    )
+
+
+def test_keras_adam_with_a_schedule_migrates_to_optax_on_resume(tmp_path, eight_devices):
+    """Saved by the Keras Adam, resumed by the Optax Adam: the same algorithm and schedule."""
+    options = {"checkpoint_dir": str(tmp_path / "ckpt"), "devices": eight_devices[:1]}
+    schedule = keras.optimizers.schedules.ExponentialDecay(LR, decay_steps=4, decay_rate=0.5)
+    straight = trainer_for(keras.optimizers.Adam(schedule, epsilon=1e-8), save_every=3, **options)
+    straight.train()
+    migrated = trainer_for(optax.adam(optax.exponential_decay(LR, 4, 0.5), eps=1e-8), **options)
+    migrated.train(resume=3, overwrite=True)
+    assert int(migrated.state.step) == 6
+    counts = optax.tree_utils.tree_get_all_with_path(migrated.state.opt_state, "count")
+    assert [int(c) for _, c in counts] == [6, 6]  # Adam's and the schedule's
+    # The families place epsilon differently: the parameters agree to its order.
+    for key, value in host(straight.state.params).items():
+        np.testing.assert_allclose(host(migrated.state.params)[key], value, atol=1e-5, err_msg=key)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

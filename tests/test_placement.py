@@ -57,6 +57,17 @@ def test_divides_reads_the_mesh_axis_sizes(mesh):
     assert divides(NamedSharding(mesh, PartitionSpec()), (3,))
 
 
+def test_a_spec_of_size_one_axes_still_needs_its_rank(eight_devices):
+    # One device, or the fsdp axis under dp: the spec replicates, but JAX refuses it for a
+    # value of lower rank (Adafactor's factors, SM3's accumulators).
+    for devices in (eight_devices[:1], eight_devices):
+        mesh = Mesh(np.asarray(devices).reshape(-1, 1), ("data", "fsdp"))
+        rows = NamedSharding(mesh, PartitionSpec("fsdp", None))
+        assert rows.is_fully_replicated
+        assert not divides(rows, (16,))
+        assert divides(rows, (16, 8)) and divides(rows, (3, 5, 2))
+
+
 def test_adafactor_factored_slots_are_placed_validly(mesh):
     state, params = placed(optax.adafactor(1e-2, min_dim_size_to_factor=8), mesh)
     factored = state[0]

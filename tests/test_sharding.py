@@ -12,6 +12,7 @@ from kithara_ops.errors import ConfigError
 from kithara_ops.sharding import (
     batch_sharding,
     data_parallel_size,
+    local_shard_bytes,
     make_mesh,
     parameter_shardings,
     parameter_spec,
@@ -114,6 +115,20 @@ def test_replicated_is_a_full_copy_on_every_device(eight_devices):
     assert len(placed.addressable_shards) == 8
     for shard in placed.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), x)
+
+
+def test_local_shard_bytes_are_the_bytes_each_device_holds(eight_devices):
+    mesh = make_mesh("fsdp", mesh_shape=(2, 4))
+    arrays = [
+        jax.device_put(jnp.ones((8, 6), jnp.bfloat16), NamedSharding(mesh, P("fsdp"))),
+        jax.device_put(jnp.ones((4, 2, 3)), NamedSharding(mesh, P(None, "data"))),
+        jax.device_put(jnp.ones((3,), jnp.int32), replicated(mesh)),
+        jax.device_put(jax.random.split(jax.random.key(0), 8), batch_sharding(mesh)),
+    ]
+    for array in arrays:
+        assert local_shard_bytes(array) == {d: bytes_on(array, d) for d in eight_devices}
+    assert set(local_shard_bytes(arrays[0]).values()) == {8 * 6 * 2 // 4}
+    assert set(local_shard_bytes(arrays[2]).values()) == {3 * 4}
 
 
 # --------------------------------------------------------------------------- parameter layouts

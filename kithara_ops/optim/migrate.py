@@ -49,8 +49,9 @@ def migrate_state(
       keys: the current parameter keys in model order (``params`` itself is key-sorted).
 
     Returns:
-      The new state, or ``None`` when no translation applies (different algorithms, the same
-      family, or variants such as AMSGrad or Nesterov whose state does not carry over).
+      The new state, every array in one place only, or ``None`` when no translation applies
+      (different algorithms, the same family, or variants such as AMSGrad or Nesterov whose
+      state does not carry over).
     """
     from kithara_ops.optim.describe import describe_optimizer
 
@@ -65,8 +66,28 @@ def migrate_state(
     saved_keys = meta.get("keys", {}).get("params", keys)
     fresh = adapter.init(params)
     if current["family"] == "optax":
-        return _keras_to_optax(current["name"], saved_state, fresh, saved_keys, keys, saved, meta)
-    return _optax_to_keras(current["name"], saved_state, fresh, keys, current, adapter)
+        state = _keras_to_optax(current["name"], saved_state, fresh, saved_keys, keys, saved, meta)
+    else:
+        state = _optax_to_keras(current["name"], saved_state, fresh, keys, current, adapter)
+    return None if state is None else _unshared(state)
+
+
+def _unshared(tree: Any) -> Any:
+    """``tree`` with a copy of every array that appears in it a second time.
+
+    The step donates the state's buffers, and one buffer cannot be donated twice; yet an
+    Optax optimizer with a schedule keeps its step count in two places (its own and the
+    schedule's), which ``tree_set`` fills with one array.
+    """
+    seen: set[int] = set()
+
+    def own(leaf):
+        if not isinstance(leaf, jax.Array) or id(leaf) not in seen:
+            seen.add(id(leaf))
+            return leaf
+        return jnp.array(leaf, copy=True)
+
+    return jax.tree.map(own, tree)
 
 
 def _slot(path: str, name: str) -> str:

@@ -26,13 +26,14 @@ def divides(sharding: Sharding, shape: tuple[int, ...]) -> bool:
 
     A ``NamedSharding`` with spec :math:`(s_1, \\dots, s_k)` fits a shape
     :math:`(n_1, \\dots, n_r)` when :math:`k \\le r` and every :math:`n_i` is a multiple of
-    the product of the mesh axis sizes named by :math:`s_i`. A fully replicated sharding fits
-    any shape; other sharding kinds fit nothing else (they are sized for one shape).
+    the product of the mesh axis sizes named by :math:`s_i`. The rank condition holds also
+    where every named axis has size 1 (one device, or ``fsdp`` under ``dp``): the spec is
+    then fully replicated, yet JAX refuses it for a value of lower rank. Any other fully
+    replicated sharding fits any shape; other sharding kinds fit nothing else (they are sized
+    for one shape).
     """
-    if sharding.is_fully_replicated:
-        return True
     if not isinstance(sharding, jax.sharding.NamedSharding):
-        return False
+        return sharding.is_fully_replicated
     spec = tuple(sharding.spec)
     if len(spec) > len(shape):
         return False

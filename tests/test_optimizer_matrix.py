@@ -11,9 +11,13 @@ Each case, on a tiny model (an embedding and a dense layer, 8 virtual devices, f
 describe it (family, name, learning rate), take 6 steps with finite losses and a
 ``learning_rate`` metric equal to the rate the step used, and compare 6 straight steps with
 3 steps, a save and a restore into a fresh optimizer's template, then 3 more: parameters and
-optimizer state must be bitwise equal. The enumerated cases round-trip the state through
-its saved form in memory (what a checkpoint stores; fast); the wrappers whose state is the
-hard part go through the Trainer with real checkpoints on disk (``FULL_RESUME``).
+optimizer state must be bitwise equal. The description taken after the steps must be the one
+taken before; where a spec can write the optimizer, the fresh one is built from the spec (so
+spec and Python object step to the same bits); a loss-scaled Keras optimizer must step to the
+bits of the same optimizer unscaled (``TWINS``). The enumerated cases round-trip the state
+through its saved form in memory (what a checkpoint stores; fast); the wrappers whose state is
+the hard part go through the Trainer with real checkpoints on disk (``FULL_RESUME``). Every
+case a spec can write is also described at a learning rate of exactly 1.
 """
 
 from __future__ import annotations
@@ -154,12 +158,24 @@ WRAPPERS = {
         keras.optimizers.Adam(LR)
     ),
     "keras.MultiOptimizer": keras_multi,
+    "keras.loss_scale_factor": lambda: keras.optimizers.Adam(LR, loss_scale_factor=128.0),
+    # Schedules whose closures change when first called: described alike before and after.
+    "optax.warmup_cosine": lambda: optax.adamw(optax.warmup_cosine_decay_schedule(0, LR, 2, 6)),
+    "optax.sgdr": lambda: optax.sgd(
+        optax.sgdr_schedule(
+            [{"init_value": 0, "peak_value": LR, "warmup_steps": 1, "decay_steps": 3}] * 2
+        )
+    ),
     # Masks and labels written in a spec select the Trainer's parameters by path.
     "optax.multi_transform-spec": lambda: build_optimizer(
         'optax.multi_transform({"adam": optax.adam(0.01), "sgd": optax.sgd(0.01, 0.9)}, '
         '{"emb": "adam", ".*": "sgd"})'
     ),
     "optax.adamw-mask-spec": lambda: build_optimizer('optax.adamw(0.01, mask="kernel$")'),
+}
+TWINS = {  # loss scaling changes only the scale the gradients travel at: the same steps
+    "keras.LossScaleOptimizer": lambda: keras.optimizers.Adam(LR),
+    "keras.loss_scale_factor": lambda: keras.optimizers.Adam(LR),
 }
 CASES = {**dict(keras_cases()), **dict(optax_cases()), **WRAPPERS}
 TRAINABLE = {k: v for k, v in CASES.items() if k not in REFUSED}
@@ -238,11 +254,17 @@ def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
     metrics = first + second
     assert all(math.isfinite(float(m["loss"])) for m in metrics)
     assert int(straight.step) == 6
+    trainer.adapter.write_back(straight.opt_state)  # as train() ends
+    assert describe_optimizer(trainer.adapter.optimizer) == description  # as before the steps
+    if name in TWINS:
+        twin = trainer_for(TWINS[name]())
+        assert_bitwise(train(twin, twin.initial_state(), data)[0].params, straight.params)
     rate = float(metrics[0]["learning_rate"])
     if isinstance(description["learning_rate"], float) and name != "optax.contrib.schedule_free":
         assert rate == pytest.approx(description["learning_rate"], rel=1e-6)
-    # A fresh optimizer object restores the saved form and continues to the same bits.
-    fresh = trainer_for(make())
+    # A fresh optimizer object restores the saved form and continues to the same bits; where
+    # a spec can write the optimizer, the fresh one is built from the spec.
+    fresh = trainer_for(build_optimizer(SPECS[name]) if name in SPECS else make())
     template = fresh.state_template().abstract
     saved_form = to_saved(template)
     assert [s for _, s in sorted(signature(saved_form).items())] == [
@@ -293,9 +315,27 @@ def _spec_names():
                 yield name, f"{name}(learning_rate={LR})"
 
 
+SPECS = dict(_spec_names())
+
+
 @pytest.mark.parametrize(("name", "spec"), list(_spec_names()), ids=[n for n, _ in _spec_names()])
 def test_a_spec_and_the_python_object_describe_alike(name, spec):
     assert describe_optimizer(build_optimizer(spec)) == describe_optimizer(TRAINABLE[name]())
+
+
+AT_ONE_ALIKE = {  # at a learning rate of 1, built of the very same transformations as another
+    "optax.optimistic_adam_v2": "optimistic_adam(1.0, optimism=1.0)",
+    "optax.fromage": "its step is lr / sqrt(1 + lr^2), described as the step it takes",
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(SPECS) - set(AT_ONE_ALIKE)))
+def test_a_learning_rate_of_one_is_described_as_one(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        at_one = describe_optimizer(_factory(name)(learning_rate=1.0))
+    assert at_one["name"] == describe_optimizer(TRAINABLE[name]())["name"], at_one["chain_text"]
+    assert at_one["learning_rate"] == 1.0, at_one["chain_text"]
 
 
 # ------------------------------------------------------------------ non-default hyperparameters

@@ -118,11 +118,20 @@ class StepBuilder:
         loss_sum, count = masked_cross_entropy(logits, batch["y"], mask)
         return loss_sum, (count, dict(zip(self.non_trainable_keys, new_non_trainable)))
 
-    def _gradients(self, params, non_trainable, batch):
-        """Summed loss, token count, summed gradients and updated non-trainables."""
-        grad_fn = jax.value_and_grad(self._forward, has_aux=True)
+    def _gradients(self, params, non_trainable, batch, scale=None):
+        r"""Summed loss, token count, summed gradients and updated non-trainables.
+
+        With a loss ``scale`` :math:`s` the gradients are :math:`\nabla (s L)`, :math:`L` the
+        summed loss (returned unscaled): what a loss-scaling optimizer divides by :math:`s`.
+        """
+
+        def objective(params, non_trainable, batch):
+            loss_sum, (count, nt) = self._forward(params, non_trainable, batch, True)
+            return (loss_sum if scale is None else loss_sum * scale), (loss_sum, count, nt)
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
         if self.grad_accum_steps == 1:
-            (loss_sum, (count, nt)), grads = grad_fn(params, non_trainable, batch, True)
+            (_, (loss_sum, count, nt)), grads = grad_fn(params, non_trainable, batch)
             return loss_sum, count, grads, nt
 
         def micro_step(carry, micro_batch):
@@ -131,7 +140,7 @@ class StepBuilder:
                 micro_batch = jax.lax.with_sharding_constraint(
                     micro_batch, self.micro_batch_sharding
                 )
-            (loss_sum, (count, nt)), grads = grad_fn(params, nt, micro_batch, True)
+            (_, (loss_sum, count, nt)), grads = grad_fn(params, nt, micro_batch)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             return (loss_acc + loss_sum, count_acc + count, grads_acc, nt), None
 
@@ -150,20 +159,32 @@ class StepBuilder:
             seed = jax.random.bits(jax.random.fold_in(step_rng, i), (2,), jnp.uint32)
             non_trainable[key] = seed.astype(non_trainable[key].dtype)
 
-        loss_sum, count, grads, non_trainable = self._gradients(state.params, non_trainable, batch)
+        # The optimizer's loss scale, as it expects it (Keras loss scaling): it gets the
+        # scaled gradients and divides them by the scale itself.
+        scale = self.adapter.loss_scale(state.opt_state)
+        loss_sum, count, grads, non_trainable = self._gradients(
+            state.params, non_trainable, batch, scale
+        )
         # Handed on as they came in, so a checkpoint without them loses nothing (and XLA
         # aliases the donated buffers instead of copying the base model).
         non_trainable.update({key: state.non_trainable[key] for key in self.frozen_keys})
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
+        # The metrics describe the loss's own gradient, whatever scale the optimizer sees.
+        raw = grads if scale is None else jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
+        grad_norm = optax.global_norm(raw)
         group_rates = self.adapter.group_learning_rates(state.opt_state)  # the pre-step ones
         params, opt_state, learning_rate = self.adapter.update(
             grads, state.opt_state, state.params, loss
         )
         # Flagged here, on the devices: the host learns of it at the next logging step.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if self.adapter.scales_dynamically:
+            # A scaled gradient that overflowed while the scale was above 1 is what dynamic
+            # loss scaling expects: the optimizer skipped the step and halved its scale,
+            # which skip_nonfinite must keep. At a scale of 1 or less it is the gradient's own.
+            finite = finite | (jnp.isfinite(loss) & (scale > 1))
         if self.skip_nonfinite:
             # Like optax.apply_if_finite: a non-finite step changes nothing but the step
             # count and the key, so the data and the randomness move on.
@@ -193,7 +214,7 @@ class StepBuilder:
             "tokens": count,
             "finite": finite,
         }
-        acted = clipped(grads, grad_norm, self.clipping)
+        acted = clipped(raw, grad_norm, self.clipping)
         if acted is not None:
             metrics["clipped"] = acted
         metrics.update(group_rates)

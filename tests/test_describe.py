@@ -425,6 +425,9 @@ def test_other_objects_are_refused(bad):
         (lambda: optax.contrib.adopt(1e-2), "adopt"),
         (lambda: optax.contrib.galore(1e-2), "galore"),
         (lambda: optax.contrib.mechanize(optax.sgd(1e-2)), "mechanize_sgd"),
+        (lambda: optax.optimistic_gradient_descent(1e-2), "optimistic_gradient_descent"),
+        # named after the optimizer that steps, not the adversarial one
+        (lambda: optax.contrib.sam(optax.adam(1e-2), optax.sgd(2e-2)), "sam_adam"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -485,12 +488,47 @@ def test_schedules_are_described_by_their_constructor(schedule, kind, fields):
     assert {k: described[k] for k in fields} == fields
 
 
-def test_a_called_cosine_schedule_keeps_its_whole_decay_steps():
-    schedule = optax.cosine_decay_schedule(1e-2, 20)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optax.cosine_decay_schedule(1e-2, 20),
+        lambda: optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 20),
+        lambda: optax.sgdr_schedule([{"init_value": 0.0, "peak_value": 0.01, "warmup_steps": 2,
+                                      "decay_steps": 20}] * 2),
+    ],
+    ids=["cosine", "warmup_cosine", "sgdr"],
+)  # fmt: skip
+def test_a_called_cosine_schedule_keeps_its_whole_decay_steps(make):
+    schedule = make()
     before = describe_optimizer(optax.adam(schedule))
-    schedule(3)  # Optax turns decay_steps into a float on the first call
+    for step in (3, 30):  # Optax turns decay_steps into a float on the first call
+        schedule(step)
     assert describe_optimizer(optax.adam(schedule)) == before
-    assert before["learning_rate_schedule"]["decay_steps"] == 20
+    assert "decay_steps: 20," in before["learning_rate"].replace("=", ": "), before["learning_rate"]
+
+
+def test_a_multi_transform_is_named_and_logged_after_its_first_transform():
+    from kithara_ops.optim.optax_adapter import OptaxAdapter
+
+    tx = optax.multi_transform({"a": optax.adam(0.01), "s": optax.sgd(0.5)}, {"w": "a", "b": "s"})
+    described = describe_optimizer(tx)
+    params = {"w": jnp.ones((3,)), "b": jnp.ones((2,))}
+    adapter = OptaxAdapter(tx)
+    _, _, used = adapter.update(params, adapter.init(params), params, jnp.float32(1.0))
+    assert (described["name"], described["learning_rate"]) == ("adam", 0.01)
+    assert float(used) == pytest.approx(0.01)  # the step metric: the same transform's rate
+
+
+@pytest.mark.parametrize(
+    "labels", [{"w": "a", "b": "sgd"}, {"w": "a", "b": {"inner": "sgd"}}], ids=["flat", "nested"]
+)
+def test_a_multi_transform_label_naming_no_transform_is_refused_in_one_line(labels):
+    tx = optax.multi_transform({"a": optax.adam(0.01), "s": optax.sgd(0.5)}, labels)
+    with pytest.raises(ConfigError) as refused:
+        describe_optimizer(tx)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "label 'sgd' names no transform; the transforms are 'a', 's'" in message
 
 
 def multi_optimizer():

@@ -164,8 +164,22 @@ def test_walk_named_chain_descends_into_its_parts():
         (lambda: optax.MultiSteps(optax.adamw(5e-4), every_k_schedule=2), 5e-4),
         (lambda: optax.adafactor(1e-2), 1e-2),  # scale(lr) then scale(-1): not -1
         (lambda: optax.adam(jnp.float32(1e-3)), 1e-3),  # a 0-d array
+        (lambda: optax.sgd(1.0), 1.0),  # scale(-1): a rate of 1, not a sign flip
+        (lambda: optax.adamw(1.0), 1.0),
+        (lambda: optax.adafactor(1.0), 1.0),
     ],
-    ids=["adamw", "sgd", "clip+adam", "lion", "multisteps", "adafactor", "array"],
+    ids=[
+        "adamw",
+        "sgd",
+        "clip+adam",
+        "lion",
+        "multisteps",
+        "adafactor",
+        "array",
+        "sgd-1",
+        "adamw-1",
+        "adafactor-1",
+    ],
 )
 def test_find_learning_rate_returns_the_constant(make, lr):
     found = find_learning_rate(walk(make()))

@@ -11,11 +11,16 @@ Each case, on a tiny model (an embedding and a dense layer) on one device: descr
 (family, name, learning rate), take 6 steps with finite losses and a ``learning_rate``
 metric equal to the rate the step used, and compare 6 straight steps with 3 steps, a save
 and a restore into a fresh optimizer's template, then 3 more: parameters and optimizer state
-must be bitwise equal. The layout rules keep their rank there (as a model's own rules do),
-with axes of size 1. The enumerated cases round-trip the state through its saved form in
-memory (what a checkpoint stores; fast), and their state is also placed on 8 virtual devices
-under fsdp; the wrappers whose state is the hard part train there, through the Trainer with
-real checkpoints on disk (``FULL_RESUME``), and so do the factored states on every layout.
+must be bitwise equal. The description taken after the steps must be the one taken before;
+where a spec can write the optimizer, the fresh one is built from the spec and takes the last
+3 steps (so spec and Python object step to the same bits); a loss-scaled Keras optimizer must
+step to the bits of the same optimizer unscaled (``TWINS``). The layout rules keep their rank
+(as a model's own rules do), with axes of size 1. The enumerated cases round-trip the state
+through its saved form in memory (what a checkpoint stores; fast), and their state is also
+placed on 8 virtual devices under fsdp; the wrappers whose state is the hard part train
+there, through the Trainer with real checkpoints on disk (``FULL_RESUME``), and so do the
+factored states on every layout. Every case a spec can write is also described at a
+learning rate of exactly 1.
 """
 
 from __future__ import annotations
@@ -158,12 +163,24 @@ WRAPPERS = {
         keras.optimizers.Adam(LR)
     ),
     "keras.MultiOptimizer": keras_multi,
+    "keras.loss_scale_factor": lambda: keras.optimizers.Adam(LR, loss_scale_factor=128.0),
+    # Schedules whose closures change when first called: described alike before and after.
+    "optax.warmup_cosine": lambda: optax.adamw(optax.warmup_cosine_decay_schedule(0, LR, 2, 6)),
+    "optax.sgdr": lambda: optax.sgd(
+        optax.sgdr_schedule(
+            [{"init_value": 0, "peak_value": LR, "warmup_steps": 1, "decay_steps": 3}] * 2
+        )
+    ),
     # Masks and labels written in a spec select the Trainer's parameters by path.
     "optax.multi_transform-spec": lambda: build_optimizer(
         'optax.multi_transform({"adam": optax.adam(0.01), "sgd": optax.sgd(0.01, 0.9)}, '
         '{"emb": "adam", ".*": "sgd"})'
     ),
     "optax.adamw-mask-spec": lambda: build_optimizer('optax.adamw(0.01, mask="kernel$")'),
+}
+TWINS = {  # loss scaling changes only the scale the gradients travel at: the same steps
+    "keras.LossScaleOptimizer": lambda: keras.optimizers.Adam(LR),
+    "keras.loss_scale_factor": lambda: keras.optimizers.Adam(LR),
 }
 CASES = {**dict(keras_cases()), **dict(optax_cases()), **WRAPPERS}
 TRAINABLE = {k: v for k, v in CASES.items() if k not in REFUSED}
@@ -247,13 +264,20 @@ def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
     metrics = first + second
     assert all(math.isfinite(float(m["loss"])) for m in metrics)
     assert int(straight.step) == 6
+    trainer.adapter.write_back(straight.opt_state)  # as train() ends
+    assert describe_optimizer(trainer.adapter.optimizer) == description  # as before the steps
+    if name in TWINS:
+        twin = trainer_for(TWINS[name]())
+        assert_bitwise(train(twin, twin.initial_state(), data)[0].params, straight.params)
     rate = float(metrics[0]["learning_rate"])
     if isinstance(description["learning_rate"], float) and name != "optax.contrib.schedule_free":
         assert rate == pytest.approx(description["learning_rate"], rel=1e-6)
     # A fresh optimizer object's template restores the saved form, and the run continues
-    # to the same bits. The continuation runs the step compiled above: the step is a pure
-    # function of the state, so a second compilation of it would test nothing more.
-    fresh = trainer_for(make(), devices=one_device)
+    # to the same bits. Where a spec can write the optimizer, the fresh one is built from the
+    # spec and takes the last steps itself; otherwise the continuation runs the step compiled
+    # above (a pure function of the state: a second compilation would test nothing more).
+    spec_built = name in SPECS
+    fresh = trainer_for(build_optimizer(SPECS[name]) if spec_built else make(), devices=one_device)
     template = fresh.state_template().abstract
     saved_form = to_saved(template)
     assert [s for _, s in sorted(signature(saved_form).items())] == [
@@ -263,7 +287,7 @@ def test_optimizer_describes_trains_and_resumes_exactly(name, eight_devices):
         jax.tree.unflatten(jax.tree.structure(saved_form), jax.tree.leaves(halfway)),
         jax.tree.map(lambda leaf: leaf.sharding, saved_form),
     )
-    resumed, _ = train(trainer, from_saved(placed, template), data[3:])
+    resumed, _ = train(fresh if spec_built else trainer, from_saved(placed, template), data[3:])
     assert_bitwise(resumed.params, straight.params)
     assert_bitwise(resumed.opt_state, straight.opt_state)
     # Placed over 8 devices under fsdp too, where the state's leaves are split.
@@ -339,9 +363,27 @@ def _spec_names():
                 yield name, f"{name}(learning_rate={LR})"
 
 
+SPECS = dict(_spec_names())
+
+
 @pytest.mark.parametrize(("name", "spec"), list(_spec_names()), ids=[n for n, _ in _spec_names()])
 def test_a_spec_and_the_python_object_describe_alike(name, spec):
     assert describe_optimizer(build_optimizer(spec)) == describe_optimizer(TRAINABLE[name]())
+
+
+AT_ONE_ALIKE = {  # at a learning rate of 1, built of the very same transformations as another
+    "optax.optimistic_adam_v2": "optimistic_adam(1.0, optimism=1.0)",
+    "optax.fromage": "its step is lr / sqrt(1 + lr^2), described as the step it takes",
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(SPECS) - set(AT_ONE_ALIKE)))
+def test_a_learning_rate_of_one_is_described_as_one(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        at_one = describe_optimizer(_factory(name)(learning_rate=1.0))
+    assert at_one["name"] == describe_optimizer(TRAINABLE[name]())["name"], at_one["chain_text"]
+    assert at_one["learning_rate"] == 1.0, at_one["chain_text"]
 
 
 # ------------------------------------------------------------------ non-default hyperparameters

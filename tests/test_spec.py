@@ -610,6 +610,21 @@ BAD_VALUES = [
         "optax.adamw(keras.optimizers.schedules.LearningRateSchedule())",
         ["'keras.optimizers.schedules.LearningRateSchedule'", "abstract"],
     ),
+    # what only Python can build
+    (
+        "keras.optimizers.MultiOptimizer({'.*': keras.optimizers.Adam(0.01)})",
+        ["'keras.optimizers.MultiOptimizer'", "kithara_ops.Trainer(model, optimizer, data)"],
+    ),
+    ("keras.MultiOptimizer", ["'keras.MultiOptimizer'", "a spec cannot write"]),
+    # labels that name no transform
+    (
+        'optax.multi_transform({"adam": optax.adam(0.01)}, {"emb": "sgd", ".*": "adam"})',
+        ["label 'sgd' (for paths matching 'emb') names no transform", "are 'adam'"],
+    ),
+    (
+        'optax.partition({"a": optax.adam(0.01), "s": optax.sgd(0.1)}, param_labels={".*": "b"})',
+        ["param_labels of optax.partition: label 'b'", "the transforms are 'a', 's'"],
+    ),
     # a bad part deep inside a valid-looking spec
     (
         "optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.warmup_cosine_decay_"
@@ -712,6 +727,8 @@ CLI_HOSTILE = [
     "keras.optimizers.schedules.LearningRateSchedule()",
     "optax.chain(" * 40 + "optax.sgd(0.1)" + ")" * 40,
     "keras.optimizers.Adam(clipnorm=1.0, global_clipnorm=1.0)",  # refused by Keras itself
+    "keras.optimizers.MultiOptimizer({'.*': keras.optimizers.Adam(0.01)})",
+    'optax.multi_transform({"adam": optax.adam(0.01)}, {"emb": "sgd", ".*": "adam"})',
 ]
 
 

@@ -363,6 +363,49 @@ def test_train_step_with_a_keras_optimizer_follows_the_same_rule():
     assert int(iteration) == 1
 
 
+def _one_keras_step(optimizer, grad_accum_steps: int = 1, skip_nonfinite: bool = False):
+    model = tiny_model()
+    adapter = as_adapter(optimizer, model.trainable_variables)
+    state, keys, nt_keys = make_state(model, adapter)
+    builder = StepBuilder(
+        model, adapter, keys, nt_keys, grad_accum_steps, skip_nonfinite=skip_nonfinite
+    )
+    new_state, metrics = jax.jit(builder.train_step)(state, make_batch(4, seed=12))
+    params = [np.asarray(new_state.params[k]) for k in keys]  # keys differ per model
+    return [np.asarray(state.params[k]) for k in keys], params, new_state, metrics
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize(
+    "scaled",
+    [
+        lambda: keras.optimizers.SGD(0.05, loss_scale_factor=128),
+        lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05)),
+    ],
+    ids=["loss_scale_factor", "LossScaleOptimizer"],
+)
+def test_a_loss_scaled_keras_optimizer_steps_exactly_as_the_plain_one(scaled, accum):
+    """The optimizer divides the gradients by its scale: the step must scale the loss."""
+    _, plain, _, plain_metrics = _one_keras_step(keras.optimizers.SGD(0.05), accum)
+    _, params, _, metrics = _one_keras_step(scaled(), accum)
+    for new, expected in zip(params, plain):
+        np.testing.assert_array_equal(new, expected)
+    assert float(metrics["grad_norm"]) == float(plain_metrics["grad_norm"])
+    assert float(metrics["loss"]) == float(plain_metrics["loss"])
+
+
+def test_an_overflowing_dynamic_loss_scale_skips_the_step_and_halves_the_scale():
+    """Keras' LossScaleOptimizer skips a step whose scaled gradient overflowed and halves its
+    scale: that step counts as finite, and skip_nonfinite keeps the halved scale."""
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), 2.0**127)
+    before, after, new_state, metrics = _one_keras_step(optimizer, skip_nonfinite=True)
+    for new, old in zip(after, before):
+        np.testing.assert_array_equal(new, old)
+    scale = next(v for k, v in new_state.opt_state.items() if k.endswith("dynamic_scale"))
+    assert float(scale) == 2.0**126
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+
+
 # --------------------------------------------------------------------------- eval_step
 
 

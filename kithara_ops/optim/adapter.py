@@ -44,6 +44,16 @@ class OptimizerAdapter(Protocol):
         Pure and traceable: called inside the jit-compiled train step.
         """
 
+    scales_dynamically: bool
+    """``True`` when the optimizer itself skips a step whose scaled gradient is not finite
+    and lowers its loss scale (Keras ``LossScaleOptimizer``)."""
+
+    def loss_scale(self, opt_state: Any) -> jax.Array | None:
+        r"""The factor :math:`s` the optimizer expects the loss to be multiplied by before it is
+        differentiated, at ``opt_state``: it divides the gradients by :math:`s` itself, so the
+        step must hand it :math:`\nabla (s L) = s \nabla L`. ``None`` when it scales nothing.
+        Pure and traceable."""
+
     def group_learning_rates(self, opt_state: Any) -> dict[str, jax.Array]:
         """Extra ``learning_rate.<i>`` step metrics, one per group of parameters with an
         optimizer of its own (Keras ``MultiOptimizer``), at ``opt_state``; else empty."""

@@ -41,6 +41,7 @@ from kithara_ops.optim.schedules import (
     short_number,
     value_text,
 )
+from kithara_ops.optim.selectors import unknown_label
 
 _KERAS_CLIPS = {  # Keras argument -> (clipping kind, Optax-style element, its argument)
     "global_clipnorm": ("global_norm", "clip_by_global_norm", "max_norm"),
@@ -70,7 +71,10 @@ def describe_optimizer(opt: Any) -> dict[str, Any]:
           an Optax transformation that is not built from a recognised alias.
         learning_rate: a number, a schedule text such as
           ``warmup_cosine(init=0.0, peak=0.001, warmup_steps=50, decay_steps=1000, end=0.0)``,
-          or None when none was found.
+          or None when none was found. For ``optax.multi_transform`` and Keras'
+          ``MultiOptimizer``, the first inner optimizer's (in the order of the transforms,
+          or of ``optimizers``), which ``name`` names too and the ``learning_rate`` step
+          metric reports.
         learning_rate_schedule: the schedule as ``{"kind": ..., <params>}``, or None.
         hyperparams: the algorithm's hyperparameters under shared names (``b1``, ``b2``,
           ``eps``, ``weight_decay``, ``momentum``, ``nesterov``, others under the names the
@@ -92,7 +96,8 @@ def describe_optimizer(opt: Any) -> dict[str, Any]:
       and for Keras only ``config``, the JSON-safe ``get_config()``.
 
     Raises:
-      ConfigError: if ``opt`` is none of the accepted types.
+      ConfigError: if ``opt`` is none of the accepted types, or an ``optax.multi_transform``
+        labels parameters with a label that names none of its transforms.
     """
     if isinstance(opt, keras.optimizers.Optimizer):
         return _describe_keras(opt)
@@ -238,8 +243,21 @@ def _describe_keras(opt: keras.optimizers.Optimizer) -> dict[str, Any]:
     return {**_assemble("keras", parts[-1], clipping, parts), "tree": tree, "config": safe_config}
 
 
+def _check_labels(node: TxNode) -> None:
+    """Refuse a ``multi_transform`` / ``partition`` label that names none of its transforms
+    (Optax itself fails only at the first step)."""
+    labels = node.functions.get("param_labels", node.hyperparams.get("param_labels"))
+    if node.name == "partition" and labels is not None and len(node.roles) == len(node.children):
+        unknown = unknown_label(labels, node.roles, "param_labels of optax.multi_transform")
+        if unknown is not None:
+            raise unknown
+    for child in node.children:
+        _check_labels(child)
+
+
 def _describe_optax(opt: Any) -> dict[str, Any]:
     root = introspect.walk(opt)
+    _check_labels(root)
     multi_steps = root.name == "MultiSteps" and bool(root.children)
     inner = root.children[0] if multi_steps else root
     parts = _elements(inner)

@@ -28,12 +28,22 @@ class TxNode:
       hyperparams: plain values (numbers, strings, bools, None) it closes over.
       functions: callables it closes over that are not transformations (schedules, masks).
       children: inner transformations, in order.
+      roles: for each child, the name its parent holds it by (``optimizer`` and
+        ``adv_optimizer`` in ``sam``, a ``multi_transform`` label, a ``named_chain`` name),
+        or ``""`` for a chain's positional parts; empty when not read from closures.
     """
 
     name: str
     hyperparams: dict[str, Any]
     functions: dict[str, Callable]
     children: list[TxNode]
+    roles: list[str] = dataclasses.field(default_factory=list)
+
+    def child(self, role: str) -> TxNode | None:
+        """The child held by the name ``role``, or ``None``."""
+        if len(self.roles) != len(self.children):
+            return None
+        return dict(zip(self.roles, self.children)).get(role)
 
 
 def closure_values(fn: Callable) -> dict[str, Any]:
@@ -97,24 +107,34 @@ def _walk(update: Callable, init: Callable | None = None) -> TxNode:
     # A chain keeps its parts' init and update functions apart: read each pair together,
     # since some hyperparameters live only in an init's closure (dadapt_adamw's estim_lr0).
     inits = values.get("init_fns")
+
+    def add(role: str, child: TxNode) -> None:
+        node.children.append(child)
+        node.roles.append(role)
+
     for key, value in values.items():
         if key == "init_fns" and isinstance(values.get("update_fns"), tuple | list):
             continue
         if key == "update_fns" and isinstance(inits, tuple | list) and len(inits) == len(value):
-            node.children.extend(_walk(u, i) for i, u in zip(inits, value))
+            for i, u in zip(inits, value):
+                add("", _walk(u, i))
             continue
         if isinstance(value, optax.GradientTransformation):
-            node.children.append(_walk(value.update, value.init))
+            add(key, _walk(value.update, value.init))
         elif isinstance(value, tuple | list) and value and all(map(_is_named_part, value)):
-            node.children.extend(_walk(tx.update, tx.init) for _, tx in value)  # named_chain
+            for name, tx in value:  # named_chain
+                add(name, _walk(tx.update, tx.init))
         elif isinstance(value, tuple | list) and value and all(map(_is_update_fn, value)):
-            node.children.extend(_walk(fn) for fn in value)
+            for fn in value:
+                add("", _walk(fn))
         elif (
             isinstance(value, tuple | list | dict)
             and value
             and all(isinstance(v, optax.GradientTransformation) for v in _values(value))
         ):
-            node.children.extend(_walk(v.update, v.init) for v in _values(value))
+            names = [str(k) for k in value] if isinstance(value, dict) else [""] * len(value)
+            for name, v in zip(names, _values(value)):
+                add(name, _walk(v.update, v.init))
         elif _is_key(value):
             node.hyperparams[key] = key_text(value)
         elif _is_plain(value):
@@ -190,7 +210,11 @@ def find_learning_rate(node: TxNode) -> float | Callable | None:
     Optax's ``scale_by_learning_rate(lr)`` becomes ``scale(-lr)`` for a constant and
     ``scale_by_schedule(lambda count: -lr(count))`` for a schedule. With ``flip_sign=False``
     (Adafactor) it is ``scale(lr)`` and a separate ``scale(-1)`` flips the sign later; the
-    ``-1`` is a sign, not a learning rate.
+    ``-1`` is a sign, not a learning rate, unless no other step precedes it: then it is
+    ``scale(-lr)`` with a learning rate of exactly 1.
+
+    Under ``optax.multi_transform`` (``partition``), it is the rate of the first transform
+    (in the order of its ``transforms``) that has one: the one ``describe_optimizer`` names.
 
     Learning-rate-free methods keep their configured base inside their core (Prodigy's and
     D-Adaptation's ``learning_rate`` multiplies the step size they estimate, Polyak's
@@ -201,8 +225,11 @@ def find_learning_rate(node: TxNode) -> float | Callable | None:
     if any(part.name == "scale_by_polyak" for part in _all_nodes(node)):
         # polyak_sgd's SGD step before the core is its ``scaling``, not its learning rate.
         return _configured_base(node)
-    found = _find_learning_rate(node, sign_flipped=False)[0]
-    return found if found is not None else _configured_base(node)
+    found, sign_flipped = _find_learning_rate(node, sign_flipped=False)
+    if found is None:
+        found = _configured_base(node)
+    # A scale(-1) with no step before it: sgd(1.0) and the like.
+    return 1.0 if found is None and sign_flipped else found
 
 
 def _configured_base(node: TxNode) -> float | Callable | None:
@@ -247,6 +274,9 @@ def _find_learning_rate(node: TxNode, sign_flipped: bool) -> tuple[Any, bool]:
                 return None, True
             if step_size < 0 or (sign_flipped and step_size > 0):
                 return abs(float(step_size)), sign_flipped
+    if node.name == "partition":  # each transform has a rate of its own: the first one's
+        rates = (_find_learning_rate(child, sign_flipped=False) for child in node.children)
+        return next(((lr, flip) for lr, flip in rates if lr is not None), (None, sign_flipped))
     # Children run first to last; the learning rate is applied after the update direction,
     # so the search goes from the end, remembering a sign flip met on the way.
     for child in reversed(node.children):

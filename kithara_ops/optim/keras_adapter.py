@@ -62,6 +62,8 @@ class KerasAdapter:
             k[len(prefix) :] if k.startswith(prefix) else k for k in variable_keys(self._opt_vars)
         ]
         self._averaged = self._schedule_free_slots()
+        self.scales_dynamically = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self._scales_loss = self.scales_dynamically or optimizer.loss_scale_factor is not None
 
     def _schedule_free_slots(self) -> dict[str, tuple[str, float]]:
         """``{parameter key: (its z slot's state key, beta_1)}`` for ScheduleFreeAdamW slots."""
@@ -134,6 +136,19 @@ class KerasAdapter:
             y, z = params[key], opt_state[slot]
             out[key] = ((y - (1.0 - beta_1) * z) / beta_1).astype(y.dtype)
         return out
+
+    def loss_scale(self, opt_state: dict[str, jax.Array]) -> jax.Array | None:
+        """The optimizer's ``scale_loss`` factor at ``opt_state``, as Keras' own JAX trainer
+        applies it: a ``LossScaleOptimizer``'s current dynamic scale, or ``loss_scale_factor``
+        (of the optimizer, or of a ``MultiOptimizer``, which hands it to its inner ones).
+        ``None`` when the optimizer scales nothing. ``stateless_apply`` divides the
+        gradients by the same factor."""
+        if not self._scales_loss:
+            return None
+        values = [opt_state[p] for p in self._opt_paths]
+        with keras.StatelessScope(state_mapping=list(zip(self._opt_vars, values))):
+            scale = self.optimizer.scale_loss(jnp.float32(1.0))
+        return jnp.asarray(scale, jnp.float32)
 
     def group_learning_rates(self, opt_state: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """``{"learning_rate.<i>": rate}`` for each inner optimizer ``i`` of a

@@ -82,6 +82,7 @@ class OptaxAdapter:
 
     family = "optax"
     init_on_host = False
+    scales_dynamically = False
 
     def __init__(self, tx: optax.GradientTransformation, user_object: Any = None):
         self.optimizer = user_object if user_object is not None else tx
@@ -143,6 +144,10 @@ class OptaxAdapter:
                 )
                 out.update({k: v.astype(params[k].dtype) for k, v in part.items()})
         return out
+
+    def loss_scale(self, opt_state: Any) -> None:
+        """None: an Optax transformation takes the gradient of the loss itself."""
+        del opt_state
 
     def group_learning_rates(self, opt_state: Any) -> dict:
         """None: an Optax transformation reports one learning rate (see ``update``)."""

@@ -77,7 +77,7 @@ def recognise(primitives: list[TxNode]) -> tuple[str, dict[str, Any], Any]:
     # when it also uses a known one (GaLore projects Adam's moments).
     core = next((p for p in primitives if p.name not in _CORES and _alias_of(p.name)), None)
     core = core or next((p for p in primitives if p.name in _CORES), None)
-    if "scale_by_optimistic_gradient" in names:  # after Adam's direction: not NAdam
+    if {"scale_by_optimistic_gradient", "scale_by_adam"} <= set(names):  # not NAdam, nor OGD
         core = primitives[names.index("scale_by_optimistic_gradient")]
         v2 = lr is not None and lr != core.hyperparams.get("alpha")
         name = "optimistic_adam_v2" if v2 else "optimistic_adam"
@@ -187,7 +187,9 @@ def whole_optimizer(node: TxNode) -> Part | None:
     lr = hyperparams.pop("learning_rate", None)
     name = node.name
     if node.children:  # a wrapper: the inner optimizer's fields, under the wrapper's name
-        inner_name, inner_hyper, inner_lr = recognise(flat_parts(node.children[0]))
+        # sam also holds an adversarial optimizer: the outer one (``optimizer``) names it.
+        inner = node.child("optimizer") or node.children[0]
+        inner_name, inner_hyper, inner_lr = recognise(flat_parts(inner))
         if name == "schedule_free":
             base = {"rmsprop": "adamw", "sgd": "sgd"}.get(inner_name)
             name = f"schedule_free_{base}" if base else f"schedule_free_{inner_name}"

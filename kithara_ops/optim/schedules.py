@@ -30,12 +30,16 @@ _OPTAX_SCHEDULES = {  # factory -> (kind, closure parameters in the factory's or
 }  # fmt: skip
 
 
+def _schedule_values(fn: Any) -> dict[str, Any]:
+    """A schedule's closure, its step counts as whole numbers: some schedules turn them into
+    floats the first time they are called (cosine_decay_schedule's ``nonlocal decay_steps``),
+    and a description must not change when a step has been taken."""
+    return {k: _whole(v) if k in _COUNTS else v for k, v in closure_values(fn).items()}
+
+
 def describe_optax_schedule(fn: Any) -> dict[str, Any]:
     """``{"kind": ..., <params>}`` for an Optax schedule, read from its closure."""
-    kind, values = factory_name(fn), closure_values(fn)
-    # Some schedules turn their step counts into floats the first time they are called
-    # (cosine_decay_schedule's ``nonlocal decay_steps``): a count is described as a count.
-    values = {k: _whole(v) if k in _COUNTS else v for k, v in values.items()}
+    kind, values = factory_name(fn), _schedule_values(fn)
     if kind == "join_schedules" and (warmup := _warmup_schedule(values)) is not None:
         return warmup
     if kind == "join_schedules" and (cycles := _sgdr(values)) is not None:
@@ -67,7 +71,7 @@ def _warmup_schedule(values: dict[str, Any]) -> dict[str, Any] | None:
     boundaries, parts = list(values.get("boundaries") or []), list(values.get("schedules") or [])
     if len(parts) != 2 or len(boundaries) != 1 or factory_name(parts[0]) != "polynomial_schedule":
         return None
-    warm, main = closure_values(parts[0]), closure_values(parts[1])
+    warm, main = _schedule_values(parts[0]), _schedule_values(parts[1])
     if (warm.get("power"), warm.get("transition_begin")) != (1, 0):
         return None
     head = {"init": warm.get("init_value"), "peak": warm.get("end_value"), "warmup_steps": boundaries[0]}  # fmt: skip

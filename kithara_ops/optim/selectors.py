@@ -81,6 +81,33 @@ class PathLabels:
         return labels
 
 
+def unknown_label(labels: Any, transforms: list[str], where: str) -> ConfigError | None:
+    """The error for a label in ``labels`` that names none of ``transforms``, or None.
+
+    ``labels`` is a ``PathLabels`` or a tree of label strings (what ``multi_transform`` and
+    ``partition`` take); a labelling function can only be checked once it is called.
+    """
+    if isinstance(labels, PathLabels):
+        given = [(label, f" (for paths matching {pattern!r})") for pattern, label in labels.patterns.items()]  # fmt: skip
+    else:
+        given = [(label, "") for label in _leaves(labels)]
+    for label, which in given:
+        if isinstance(label, str) and label not in transforms:
+            there = ", ".join(repr(t) for t in transforms) or "none"
+            return ConfigError(
+                f"{where}: label {label!r}{which} names no transform; the transforms are {there}."
+            )
+    return None
+
+
+def _leaves(tree: Any) -> list:
+    if isinstance(tree, Mapping):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    if isinstance(tree, list | tuple):
+        return [leaf for value in tree for leaf in _leaves(value)]
+    return [tree]
+
+
 def _paths(params: Any) -> list[str]:
     if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
         raise ConfigError(

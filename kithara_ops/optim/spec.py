@@ -32,6 +32,7 @@ from kithara_ops.optim.spec_checks import (
     check_call,
     number_problem,
     option_problem,
+    python_only,
     text_nesting,
     tree_nesting,
 )
@@ -111,6 +112,10 @@ class _Checker:
         return ".".join([node.id, *reversed(parts)])
 
     def refuse_abstract(self, node: ast.AST, name: str, value: object) -> None:
+        """Refuse an abstract base, or a class a spec cannot build (``python_only``)."""
+        refused = python_only(value)
+        if refused is not None:
+            self.fail(node, *refused)
         suggestion = abstract_base(value)
         if suggestion is not None:
             self.fail(
@@ -314,6 +319,12 @@ def _with_selectors(fn: Any, name: str, args: list, kwargs: dict) -> tuple[list,
         bound.arguments[argument] = selectors.literal_selector(
             argument, bound.arguments[argument], where
         )
+        transforms = bound.arguments.get("transforms")
+        if argument in selectors.LABEL_ARGUMENTS and isinstance(transforms, dict):
+            # Caught here, not at the first step, where Optax fails with a traceback.
+            unknown = selectors.unknown_label(bound.arguments[argument], list(transforms), where)
+            if unknown is not None:
+                raise unknown
     return list(bound.args), dict(bound.kwargs)
 
 

@@ -130,6 +130,23 @@ def abstract_base(value: Any) -> str | None:
     return None
 
 
+def python_only(value: Any) -> tuple[str, str] | None:
+    """Why an allowed name cannot be built from a spec, with the fix; None if it can.
+
+    ``keras.optimizers.MultiOptimizer`` routes variables through an ``OptimizerMap`` (or a
+    function), which a spec cannot write: given a dict it builds, then fails at the first
+    step.
+    """
+    if value is getattr(keras.optimizers, "MultiOptimizer", None):
+        return (
+            "a MultiOptimizer routes variables with an OptimizerMap, which a spec cannot write",
+            "Build it in Python and pass it to kithara_ops.Trainer(model, optimizer, data), or "
+            "write optax.multi_transform({'adam': optax.adam(1e-3), 'sgd': optax.sgd(1e-2)}, "
+            "{'emb': 'sgd', '.*': 'adam'}) in the spec.",
+        )
+    return None
+
+
 # --------------------------------------------------------------------------- argument rules
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import keras
 
 from kithara_ops import data, distributed, feed, models, preflight
@@ -147,8 +148,10 @@ def resume(
         )
     # One manager for the whole resume: it reads the run's record, then saves the run.
     checkpoints = Checkpointer(checkpoint_dir)
-    saved_config = newest_config(checkpoints)
     try:
+        if jax.process_index() == 0:
+            checkpoints.lock.check()  # before its contents, which a live writer changes
+        saved_config = newest_config(checkpoints)
         check_named_code(saved_config, "model" in overrides, "resume")
     except ConfigError:
         checkpoints.close()

@@ -298,6 +298,11 @@ class Checkpointer(Callback):
         """
         return sorted(s for s in self.manager.all_steps() if self._is_checkpoint(s))
 
+    def refresh(self) -> None:
+        """Read the directory's checkpoints again: a run writing there saves and rotates
+        them while this process reads (Orbax lists them once, when the manager opens)."""
+        self.manager.reload()
+
     def foreign(self) -> list[str]:
         """Numbered folders that are not checkpoints (Orbax would count them as steps)."""
         return [str(s) for s in sorted(self.manager.all_steps()) if not self._is_checkpoint(s)]

@@ -32,6 +32,7 @@ from kithara_ops.config_fields import (
     parse_mesh_shape,
 )
 from kithara_ops.config_file import read_values
+from kithara_ops.credentials import take_credentials
 from kithara_ops.distributed import check_options
 from kithara_ops.errors import ConfigError
 
@@ -239,6 +240,9 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        # A password in the URI would be kept wherever the config goes: MLflow gets it from
+        # its credential variables instead (see ``credentials``).
+        self.tracking_uri = take_credentials(self.tracking_uri)
         _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
         _check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
         _check_positive(self, "save_every", optional=True)

@@ -71,12 +71,13 @@ def export(
     if not Path(checkpoint_dir).is_dir():
         raise ConfigError(f"Checkpoint directory {str(checkpoint_dir)!r} does not exist.")
     with contextlib.closing(Checkpointer(checkpoint_dir)) as store:
+        chosen = step is not None
         step, record = _readable(store, step)
         config = record.run_config()
         check_named_code(config, model is not None, "export")
         if model is not None:
             config = config.replace(model=model)
-        keras_model, tokenizer = _restored_model(store, config, step)
+        keras_model, tokenizer = _restored_model(store, config, step, chosen=chosen)
     written = _write(keras_model, tokenizer, out, format)
     if format == "hf" and verify:
         _verify_hf(keras_model, config, written)
@@ -102,13 +103,17 @@ def _readable(store: Any, step: int | None) -> tuple[int, Any]:
     raise ConfigError(f"No readable checkpoint in {str(store.directory)!r}.")
 
 
-def _restored_model(store: Any, config: Any, step: int) -> tuple[Any, Any]:
-    """The run's model rebuilt from ``config`` with the weights of checkpoint ``step``."""
+def _restored_model(store: Any, config: Any, step: int, chosen: bool) -> tuple[Any, Any]:
+    """The run's model rebuilt from ``config`` with the weights of checkpoint ``step``.
+
+    A run may still be writing the directory and rotate ``step`` away while it is read:
+    unless ``step`` was ``chosen``, the newest checkpoint not yet tried is read instead.
+    """
     from kithara_ops import data
     from kithara_ops import state as state_lib
     from kithara_ops.build import build_model
     from kithara_ops.optim.spec import build_optimizer
-    from kithara_ops.restore import restore
+    from kithara_ops.restore import UnreadableCheckpoint, restore
     from kithara_ops.sinks import Sinks
     from kithara_ops.trainer import Trainer
 
@@ -128,7 +133,27 @@ def _restored_model(store: Any, config: Any, step: int) -> tuple[Any, Any]:
     optimizer = build_optimizer(spec, config.learning_rate, config.weight_decay)
     plain = config.replace(tracking=False, checkpoint_dir=None)
     trainer = Trainer(keras_model, optimizer, [], config=plain, sinks=Sinks([]))
-    restored = restore(store, step, trainer.state_template(), reset_optimizer=not rebuilt)
+    template, tried = trainer.state_template(), []
+    while True:
+        try:
+            restored = restore(store, step, template, reset_optimizer=not rebuilt)
+            break
+        except UnreadableCheckpoint as err:
+            if chosen:
+                raise ConfigError(f"Checkpoint step {step} cannot be read ({err}).") from None
+            tried.append(step)
+            store.refresh()
+            left = [s for s in store.steps() if s not in tried]
+            if not left:
+                raise ConfigError(
+                    f"No readable checkpoint in {str(store.directory)!r} (last tried: step "
+                    f"{step}, {err})."
+                ) from None
+            log.warning(
+                "Checkpoint step %d cannot be read (%s; a run writing the directory may have "
+                "rotated it away): exporting step %d.", step, err, left[-1],
+            )  # fmt: skip
+            step = left[-1]
     state_lib.write_back(restored.state, keras_model, trainer.key_groups, trainer.adapter)
     return keras_model, tokenizer
 

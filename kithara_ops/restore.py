@@ -275,6 +275,8 @@ def resume_point(
 
 def _check_directory(store: Checkpointer, fresh: bool, overwrite: bool) -> None:
     """Refuse a directory a fresh run would not own; ``overwrite`` deletes its checkpoints."""
+    if jax.process_index() == 0:  # the process that takes the lock; the others follow it
+        store.lock.check()  # a live writer's saves in progress are not foreign folders
     foreign = store.foreign()
     if foreign:
         raise ConfigError(

@@ -41,14 +41,7 @@ class DirectoryLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner is not None and not _stale(owner):
-                    raise ConfigError(
-                        f"Checkpoint directory {str(self.path.parent)!r} is in use by process "
-                        f"{owner.get('pid')} on {owner.get('host')} (since "
-                        f"{owner.get('started')}): wait for it, use another --checkpoint-dir, "
-                        f"or delete {str(self.path)!r} if that process is gone."
-                    ) from None
+                self.check()
                 self.path.unlink(missing_ok=True)  # stale or unreadable: take it over
                 continue
             with os.fdopen(fd, "w") as f:
@@ -56,6 +49,24 @@ class DirectoryLock:
             self.held = True
             return
         raise ConfigError(f"Could not take the lock {str(self.path)!r}: another process raced us.")
+
+    def check(self) -> None:
+        """Refuse, as ``acquire`` would, a directory another live process holds; take nothing.
+
+        What a live writer's directory holds is in flux (saves in progress, checkpoints
+        rotated away), so a reader asks this before judging its contents.
+
+        Raises:
+          ConfigError: another live process holds the lock (or one on another host).
+        """
+        owner = None if self.held else self._owner()
+        if owner is not None and not _stale(owner):
+            raise ConfigError(
+                f"Checkpoint directory {str(self.path.parent)!r} is in use by process "
+                f"{owner.get('pid')} on {owner.get('host')} (since "
+                f"{owner.get('started')}): wait for it, use another --checkpoint-dir, "
+                f"or delete {str(self.path)!r} if that process is gone."
+            )
 
     def release(self) -> None:
         """Give the lock back (only if this process holds it)."""

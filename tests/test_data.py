@@ -159,7 +159,13 @@ def test_jsonl_text_and_prompt_completion(tmp_path):
 
 @pytest.mark.parametrize(
     ("line", "expected"),
-    [("{not json", "line 2 is not valid JSON"), ('{"prompt": "p"}', "line 2 has no string")],
+    [
+        ("{not json", "line 2 is not valid JSON"),
+        ('{"prompt": "p"}', "line 2 has no string"),
+        ('{"text": "x", "n": %s}' % ("9" * 5000), "line 2 is not valid JSON .an integer of more"),
+        ('{"text": ' + "[" * 5000 + "]" * 5000 + "}", "line 2 is not valid JSON .arrays or"),
+        ("[" * 100000, "line 2 is not valid JSON .arrays or objects nested too deeply"),
+    ],
 )
 def test_jsonl_bad_line_names_file_and_line(tmp_path, line, expected):
     path = tmp_path / "bad.jsonl"

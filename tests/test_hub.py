@@ -294,3 +294,28 @@ def test_a_preset_is_loaded_straight_into_its_shardings(tiny_presets, eight_devi
     print(f"loaded: device 0 holds {on_device0} of {total} bytes")
     assert on_device0 <= total / 8 + small
     np.testing.assert_allclose(logits_of(model, IDS), logits_of(reference, IDS), atol=1e-5)
+
+
+def test_a_task_json_naming_another_class_is_one_line_naming_folder_and_class(
+    tiny_presets, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from kithara_ops.cli import app
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_presets["gpt2"], folder)
+    task = json.loads((folder / "task.json").read_text())
+    task["config"]["backbone"]["registered_name"] = "keras_hub>LlamaBackbone"
+    (folder / "task.json").write_text(json.dumps(task))
+    with pytest.raises(ConfigError) as refused:
+        from_preset(str(folder))
+    message = str(refused.value)
+    assert str(folder) in message and "keras_hub>LlamaBackbone" in message
+    assert "\n" not in message
+    result = CliRunner().invoke(
+        app, ["train", "--model", str(folder), "--data", "synthetic", "--steps", "1",
+              "--seq-len", "16", "--batch-size", "8", "--no-tracking"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "keras_hub>LlamaBackbone" in result.output and "Traceback" not in result.output

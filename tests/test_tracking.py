@@ -332,10 +332,21 @@ def test_long_values_are_shortened_never_refused(make_model):
     assert params["data"].endswith("...")
 
 
-def test_credentials_in_the_tracking_uri_are_never_logged():
-    from kithara_ops.tracking.params import without_credentials
+def test_credentials_in_the_tracking_uri_are_masked_and_handed_to_mlflow(monkeypatch):
+    from mlflow.utils.credentials import get_default_host_creds
 
-    assert without_credentials("https://bob:s3cret@mlflow.example.com:5000/api") == (
-        "https://mlflow.example.com:5000/api"
+    from kithara_ops.config import RunConfig
+    from kithara_ops.credentials import masked
+
+    assert masked("https://bob:s3cret@mlflow.example.com:5000/api") == (
+        "https://bob:***@mlflow.example.com:5000/api"
     )
-    assert without_credentials("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert masked("https://t0ken@mlflow.example.com") == "https://***@mlflow.example.com"
+    assert masked("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    config = RunConfig(tracking_uri="http://alice:s%40cr3t@127.0.0.1:5000")
+    assert config.tracking_uri == "http://127.0.0.1:5000"
+    # What MLflow's REST client sends: HTTP basic auth with the decoded credentials.
+    creds = get_default_host_creds(config.tracking_uri)
+    assert (creds.host, creds.username, creds.password) == (config.tracking_uri, "alice", "s@cr3t")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,12 @@ from kithara_ops.errors import ConfigError
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes under ``path``; files deleted while they are counted count nothing."""
+    total = 0
+    for file in path.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += file.stat().st_size if file.is_file() else 0
+    return total
 
 
 def _human(size: int) -> str:
@@ -45,6 +51,9 @@ def checkpoints(
             record = checkpointer.read_record(step)
         except Exception:  # a damaged checkpoint is listed as such, not hidden
             record = None
+        size = _size(root / str(step))
+        if not (root / str(step)).exists():
+            continue  # deleted as it was read: a run writing here rotated it away
         rows.append(
             {
                 "step": step,
@@ -53,7 +62,7 @@ def checkpoints(
                 "eval_loss": record.eval_loss if record else None,
                 "optimizer": record.optimizer.get("label") if record else None,
                 "run_uid": record.run_uid if record else None,
-                "bytes": _size(root / str(step)),
+                "bytes": size,
                 "damaged": record is None,
             }
         )

@@ -292,9 +292,11 @@ def ui(
     curve in one chart, the optimizer params that differ as columns."""
     import mlflow
 
+    from kithara_ops.credentials import take_credentials
     from kithara_ops.tracking.tracker import DEFAULT_EXPERIMENT
 
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    # The page's address is printed: a password in the URI goes to MLflow's variables.
+    uri = take_credentials(tracking_uri or mlflow.get_tracking_uri())
     name = experiment or DEFAULT_EXPERIMENT
 
     def find_experiment() -> str:

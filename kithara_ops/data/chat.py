@@ -5,7 +5,9 @@ It is rendered to text with the model's chat template (a Jinja template, as Hugg
 ships them: ``chat_template.jinja`` or the ``chat_template`` key of ``tokenizer_config.json``
 in the model folder, or a file given as ``--chat-template``), in a sandboxed Jinja
 environment with ``bos_token``, ``eos_token``, ``add_generation_prompt`` and
-``raise_exception`` as Hugging Face's ``apply_chat_template`` provides them.
+``raise_exception`` as Hugging Face's ``apply_chat_template`` provides them. Rendering is
+bounded in time per row and in size per rendering (see ``data.sandbox``); a template that
+fails or goes past a bound is a one-line error naming the template and the row.
 
 Which tokens are trained: the rendered conversation is cut into spans. Assistant turn ``i``
 spans from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from kithara_ops.data import sandbox
 from kithara_ops.errors import ConfigError, first_line
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -58,20 +61,29 @@ class ChatTemplate:
         Raises:
           ConfigError: the template is not valid Jinja, or it fails or calls
             ``raise_exception`` on these messages.
+          sandbox.RenderLimit: it renders more than ``sandbox.MAX_RENDERED_CHARS``.
         """
         from jinja2 import TemplateError
 
         template = self.compile()
+        context = {
+            "messages": list(messages),
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        }
         try:
-            return template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-            )
+            return sandbox.render_bounded(template, context)
+        except sandbox.RenderLimit as err:
+            raise sandbox.RenderLimit(f"Chat template {self.origin!r} {err}") from None
         except TemplateError as err:
             raise ConfigError(
                 f"Chat template {self.origin!r} refused a conversation ({first_line(err)})"
+            ) from None
+        except Exception as err:  # the template is code from elsewhere: any failure is its own
+            raise ConfigError(
+                f"Chat template {self.origin!r} failed on a conversation "
+                f"({type(err).__name__}: {first_line(err)})"
             ) from None
 
     def compile(self) -> Any:
@@ -84,10 +96,7 @@ class ChatTemplate:
             return self._template
         # Imported here: only chat data needs Jinja. The environment is a sandbox because a
         # template is code from a downloaded model folder.
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(
+        env = sandbox.sandbox(
             trim_blocks=True,
             lstrip_blocks=True,
             extensions=["jinja2.ext.loopcontrols", _generation_extension()],
@@ -97,7 +106,7 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(self._source)
-        except TemplateError as err:
+        except Exception as err:  # a syntax error, or a source nested too deeply to parse
             raise ConfigError(
                 f"Chat template {self.origin!r} is not a valid Jinja template ({first_line(err)}): "
                 "fix it or pass another with --chat-template FILE."
@@ -148,7 +157,7 @@ def read_template_file(path: str | Path) -> str:
             f"Chat template file {str(path)!r} does not exist: pass a Jinja file (such as a "
             f"model's {TEMPLATE_FILE}) or a tokenizer_config.json."
         )
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix != ".json":
         return text
     try:
@@ -178,15 +187,26 @@ def folder_template(folder: str | Path) -> tuple[str, str, dict[str, str]] | Non
     config: dict[str, Any] = {}
     if config_path.is_file():
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config = json.loads(_read_text(config_path))
         except json.JSONDecodeError as err:
             raise ConfigError(f"{str(config_path)!r} is not valid JSON ({err.msg}).") from None
     tokens = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token")}
     jinja = folder / TEMPLATE_FILE
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8"), str(jinja), tokens
+        return _read_text(jinja), str(jinja), tokens
     source = _config_template(config, str(config_path))
     return None if source is None else (source, str(config_path), tokens)
+
+
+def _read_text(path: Path) -> str:
+    """A template or tokenizer config file's text, which must be UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"Chat template file {str(path)!r} is not UTF-8 text (byte {err.start}): "
+            "save it as UTF-8."
+        ) from None
 
 
 def _config_template(config: dict[str, Any], origin: str) -> str | None:
@@ -194,6 +214,11 @@ def _config_template(config: dict[str, Any], origin: str) -> str | None:
     value = config.get("chat_template") if isinstance(config, dict) else None
     if value is None or isinstance(value, str):
         return value
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{origin!r} has a 'chat_template' that is a {type(value).__name__}, not a "
+            "template string or a list of named templates: fix it or pass --chat-template FILE."
+        )
     named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
     if isinstance(named.get("default"), str):
         return named["default"]
@@ -221,18 +246,13 @@ def render_spans(
     """
     template.compile()  # a template error names the template, not the row
     try:
-        full = template.render(messages)
-        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        cuts: list[tuple[int, int]] = []
-        for i in replies:
-            start, end = _reply_bounds(template, messages, i, full)
-            if start is not None and start >= (cuts[-1][1] if cuts else 0):
-                cuts.append((start, end))
-            elif i == replies[-1]:
-                raise ConfigError(
-                    f"Chat template {template.origin!r} does not render the conversation "
-                    "with its replies as prefixes, so the reply cannot be located"
-                )
+        with sandbox.time_limit(sandbox.MAX_ROW_SECONDS):
+            full, cuts = _cut(template, messages)
+    except sandbox.RenderTimeout:
+        raise ConfigError(
+            f"{where}: chat template {template.origin!r} took more than "
+            f"{sandbox.MAX_ROW_SECONDS:g} s to render it: fix the template."
+        ) from None
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}: fix the row or the template.") from None
     spans, position = [], 0
@@ -243,6 +263,25 @@ def render_spans(
     return [(text, trained) for text, trained in spans if text]
 
 
+def _cut(
+    template: ChatTemplate, messages: Sequence[dict[str, Any]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The whole rendering and the ``(start, end)`` of each reply located in it."""
+    full = template.render(messages)
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    cuts: list[tuple[int, int]] = []
+    for i in replies:
+        start, end = _reply_bounds(template, messages, i, full)
+        if start is not None and start >= (cuts[-1][1] if cuts else 0):
+            cuts.append((start, end))
+        elif i == replies[-1]:
+            raise ConfigError(
+                f"Chat template {template.origin!r} does not render the conversation "
+                "with its replies as prefixes, so the reply cannot be located"
+            )
+    return full, cuts
+
+
 def _reply_bounds(
     template: ChatTemplate, messages: Sequence[dict[str, Any]], i: int, full: str
 ) -> tuple[int | None, int]:
@@ -250,6 +289,8 @@ def _reply_bounds(
     try:
         before = template.render(messages[:i], add_generation_prompt=True)
         through = template.render(messages[: i + 1])
+    except sandbox.RenderLimit:
+        raise
     except ConfigError:  # e.g. a template that refuses a conversation not ending in a reply
         return None, 0
     if through.startswith(before) and full.startswith(through) and len(through) > len(before):

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import random
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -118,13 +119,27 @@ def _jsonl_documents(path: Path) -> list[Document]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (ValueError, RecursionError) as err:
                 raise ConfigError(
-                    f"Data file {str(path)!r} line {lineno} is not valid JSON ({err.msg}): "
-                    "write one JSON object per line."
+                    f"Data file {str(path)!r} line {lineno} is not valid JSON "
+                    f"({_json_fault(err)}): write one JSON object per line."
                 ) from None
             docs.append(_record_document(record, path, lineno))
     return docs
+
+
+def _json_fault(err: Exception) -> str:
+    """Why a line did not parse, shortly.
+
+    Besides syntax, Python's parser refuses integers of more than
+    ``sys.get_int_max_str_digits()`` digits (``ValueError``) and arrays or objects nested
+    deeper than the recursion limit (``RecursionError``): both are rows no corpus needs.
+    """
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg
+    if isinstance(err, RecursionError):
+        return "arrays or objects nested too deeply"
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
 def _record_document(record: object, path: Path, lineno: int) -> Document:

@@ -144,6 +144,16 @@ def from_preset(
             f"KerasHub cannot load {handle!r} as a causal LM ({first}): pass a causal LM "
             "preset folder, a Hugging Face folder of a family KerasHub converts, or a handle."
         ) from None
+    except TypeError as err:
+        # Keras refuses a saved config whose parts name classes that do not fit together
+        # (a task.json naming another backbone): nothing was built, the folder is wrong.
+        if "could not be deserialized" not in str(err):
+            raise
+        raise ConfigError(
+            f"KerasHub cannot build the model {_folder_classes(folder)} that {handle!r} "
+            "describes: its task.json names classes that do not fit together; pass an "
+            "unmodified preset folder (save_to_preset output)."
+        ) from None
     _BASES[model] = {
         "handle": handle,
         "fingerprint": fingerprint(handle),
@@ -242,6 +252,19 @@ def fingerprint(handle: str) -> str | None:
             stream.seek(max(size - _FINGERPRINT_SAMPLE, 0))
             digest.update(stream.read(_FINGERPRINT_SAMPLE))
     return digest.hexdigest()[:16]
+
+
+def _folder_classes(folder: Path) -> str:
+    """The classes a preset folder's ``task.json`` names (task, then its backbone), for
+    messages; ``"(unknown)"`` when it names none."""
+    try:
+        task = json.loads((folder / "task.json").read_text(encoding="utf-8"))
+        parts = [task, task.get("config", {}).get("backbone") or {}]
+        names = [p.get("registered_name") or p.get("class_name") for p in parts]
+    except (OSError, ValueError, AttributeError):
+        names = []
+    named = [str(n) for n in names if n]
+    return f"{named[0]} (backbone {named[1]})" if len(named) == 2 else (named or ["(unknown)"])[0]
 
 
 def _check_folder(folder: Path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kithara_ops.credentials import masked, take_credentials
 from kithara_ops.errors import ConfigError
 from kithara_ops.tracking.experiments import experiment_state
 from kithara_ops.tracking.params import DIVERGED_TAG
@@ -111,6 +112,7 @@ def compare_runs(
     """
     from mlflow.tracking import MlflowClient
 
+    tracking_uri = take_credentials(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = _experiment_id(client, experiment, tracking_uri)
     runs = _all_runs(client, experiment_id)
@@ -144,7 +146,7 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str | None) ->
             max_results=_MAX_NAMES, order_by=["last_update_time DESC"]
         )
     ]
-    where = tracking_uri or mlflow.get_tracking_uri()
+    where = masked(tracking_uri or mlflow.get_tracking_uri())
     listed = ", ".join(repr(n) for n in names) if names else "none"
     raise ConfigError(f"experiment {name!r} not found at {where} (existing: {listed}).")
 

@@ -7,7 +7,6 @@ defined here once, for everything in kithara-ops that logs.
 
 from __future__ import annotations
 
-import urllib.parse
 from typing import Any
 
 import jax
@@ -40,15 +39,6 @@ DIVERGED_TAG = "kithara_ops.diverged_at_step"
 
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 """Tags of experiments kithara-ops creates: the MLflow UI then treats runs as model training."""
-
-
-def without_credentials(uri: str | None) -> str | None:
-    """``uri`` with any ``user:password@`` removed (credentials are never logged)."""
-    if not uri or "@" not in uri:
-        return uri
-    parts = urllib.parse.urlsplit(uri)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def shorten(value: Any, limit: int) -> str:

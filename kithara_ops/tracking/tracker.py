@@ -15,6 +15,7 @@ import jax
 
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult
 from kithara_ops.config import RunConfig
+from kithara_ops.credentials import masked
 from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
 from kithara_ops.tracking.logged_models import LINKED_METRICS
@@ -22,7 +23,6 @@ from kithara_ops.tracking.params import (
     DIVERGED_TAG,
     run_params,
     run_tags,
-    without_credentials,
 )
 from kithara_ops.tracking.writer import Delivery, RunWriter
 
@@ -127,7 +127,7 @@ class MlflowTracker(Callback):
         if run.data is not None:
             self.writer.log_dataset(run.data)
         logged = self.config.without_launch()
-        logged = logged.replace(tracking_uri=without_credentials(logged.tracking_uri))
+        logged = logged.replace(tracking_uri=masked(logged.tracking_uri))
         self.writer.log_text(logged.dump_yaml(), "config/run.yaml")
 
     def _continue(self, run: RunInfo) -> None:
@@ -198,7 +198,7 @@ class MlflowTracker(Callback):
         writer = self.writer
         if writer is None or not writer.store_fault:
             return None
-        where = without_credentials(writer.tracking_uri)
+        where = masked(writer.tracking_uri)
         return RuntimeError(f"the MLflow store at {where} cannot be written ({writer.refused})")
 
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
@@ -240,7 +240,7 @@ class MlflowTracker(Callback):
         log.warning(
             "Waiting up to %.0f s more for MLflow at %s to take the run's last records%s.",
             max(deadline - time.monotonic(), 0.0),
-            self.writer.tracking_uri,
+            masked(self.writer.tracking_uri),
             " (SIGTERM or Ctrl-C stops waiting and saves them to a spool file)"
             if interruptible
             else "",

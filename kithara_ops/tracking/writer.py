@@ -27,6 +27,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from kithara_ops.credentials import masked, take_credentials
 from kithara_ops.errors import first_line
 from kithara_ops.tracking.experiments import experiment_id
 from kithara_ops.tracking.faults import (
@@ -111,7 +112,8 @@ class RunWriter:
         # The client is made on the writer thread: opening a SQLite store creates or migrates
         # its tables, and a store that cannot be opened must not stop the run from starting.
         self.client: MlflowClient | None = None
-        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        # $MLFLOW_TRACKING_URI may hold credentials too: they never reach a message or a file.
+        self.tracking_uri = take_credentials(tracking_uri or mlflow.get_tracking_uri())
         self.experiment = experiment
         self.run_name = run_name
         self.run_id = run_id
@@ -273,7 +275,9 @@ class RunWriter:
             if kind == "metrics":
                 self.delivered_points += len(payload)
             if self._warned:
-                log.warning("MLflow at %s is reachable again; logging resumed.", self.tracking_uri)
+                log.warning(
+                    "MLflow at %s is reachable again; logging resumed.", masked(self.tracking_uri)
+                )
                 self._warned = False
             if kind == "end":
                 return
@@ -390,7 +394,7 @@ class RunWriter:
             log.warning(
                 "MLflow at %s is not responding (%s); training goes on and metrics are kept "
                 "until it comes back.",
-                self.tracking_uri,
+                masked(self.tracking_uri),
                 first_line(err),
             )
             self._warned = True
@@ -402,7 +406,7 @@ class RunWriter:
         log.warning(
             "MLflow at %s cannot take this run (%s); training goes on untracked, and what it "
             "logs is saved to a spool file at the end.",
-            self.tracking_uri,
+            masked(self.tracking_uri),
             self.refused,
         )
 
@@ -412,7 +416,7 @@ class RunWriter:
             self._refused_kinds.add(kind)
             log.warning(
                 "MLflow at %s refused the run's %s (%s); they are left out, the rest is logged.",
-                self.tracking_uri,
+                masked(self.tracking_uri),
                 _WHAT.get(kind, kind),
                 first_line(err),
             )
@@ -425,7 +429,7 @@ class RunWriter:
             "run_id": self.run_id,
         }
         # Not the URI again when the run was refused: that line already named the store.
-        where = "MLflow" if self.refused else f"MLflow at {self.tracking_uri}"
+        where = "MLflow" if self.refused else f"MLflow at {masked(self.tracking_uri)}"
         if self.store_fault:  # no line said so yet when the run ended before it could stop
-            where = f"MLflow at {self.tracking_uri} ({self.refused})"
+            where = f"MLflow at {masked(self.tracking_uri)} ({self.refused})"
         return save_undelivered(self.spool_dir, header, pending, where)

@@ -54,7 +54,10 @@ class Trainer:
       optimizer: a ``keras.optimizers.Optimizer`` or an ``optax.GradientTransformation``.
       train_data: an iterable of batches (mappings with ``x``, ``y`` and optional ``mask``),
         e.g. ``kithara_ops.data.load(...)``; re-iterated at the end of each pass.
-      eval_data: optional re-iterable of eval batches.
+      eval_data: optional re-iterable of eval batches; each evaluation is one pass over it
+        (or its first ``eval_steps`` batches), so it must end: load it with
+        ``data.load(..., repeat=False, shuffle=False)``. An endless one (a ``Dataset`` that
+        repeats) is refused unless ``eval_steps`` bounds it.
       config: a ``RunConfig``; keyword ``options`` override its fields. Without one, the
         config names the objects given (``config.given``) by their labels.
       callbacks: extra ``Callback`` objects, called after the sinks the config asks for.
@@ -103,6 +106,8 @@ class Trainer:
         self.config = self.config.replace(precision=precision)
         self.model_adapter = adapt_model(model)
         check_trainable(model, self.model_adapter, self.config.seq_len)
+        if eval_data is not None:
+            feed.check_eval_source(eval_data, self.config.eval_steps)
         self.sinks = sinks if sinks is not None else build_sinks(self.config, callbacks)
         self.callbacks = CallbackList(self.sinks.callbacks)
         self.mesh = make_mesh(self.config.sharding, self.config.mesh_shape, devices)
@@ -262,7 +267,8 @@ class Trainer:
                     # Evaluated before the step is reported, so its checkpoint records it.
                     due = every(self.config.eval_every, step, total, only_last=True)
                     if self.eval_data is not None and due and not stopping:
-                        eval_loss = self._evaluate(state, step)
+                        evaluated, stopping = self._evaluate(state, step, stop)
+                        eval_loss = eval_loss if evaluated is None else evaluated
                     failed = self._sink_failure(step, total)
                     halt = bool(stopping or failed)
                     self.callbacks.on_step(StepRecord(step, state, position, clock.elapsed(), halt))
@@ -365,23 +371,38 @@ class Trainer:
             return None
         return distributed.agreed_signal(stop.signum)
 
-    def _evaluate(self, state: TrainState, step: int) -> float:
-        """Mean token loss over ``eval_data`` (or ``eval_steps`` batches of it)."""
+    def _evaluate(
+        self, state: TrainState, step: int, stop: StopRequests
+    ) -> tuple[float | None, int | None]:
+        """Mean token loss over ``eval_data`` (or ``eval_steps`` batches of it), and the stop
+        signal that cut the pass short (then the loss is ``None`` and nothing is reported).
+        """
+        signal: list[int] = []
+
+        def stopped() -> bool:
+            # A collective with several processes: each reads the same batches, so all ask.
+            if not signal and (agreed := distributed.agreed_signal(stop.signum)) is not None:
+                signal.append(agreed)
+            return bool(signal)
+
         batches = feed.eval_batches(
             self.eval_data,
             self.batch_sharding,
             data_parallel_size(self.mesh),
             self.config.eval_steps,
+            stopped,
         )
         # A schedule-free optimizer trains at one point and is evaluated at its average.
         evaluate = functools.partial(
             self.steps.eval_step, state.params, state.opt_state, state.non_trainable
         )
         sums = [evaluate(batch) for batch in batches]
+        if signal:
+            return None, signal[0]
         eval_loss = float(sum(s for s, _ in sums)) / max(float(sum(c for _, c in sums)), 1.0)
         metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 80.0))}
         self.callbacks.on_eval(step, metrics)
-        return eval_loss
+        return eval_loss, None
 
     def _write_back(self, state: TrainState) -> None:
         """Give the trained values back to the Keras objects the user holds."""

@@ -39,6 +39,7 @@ def export(
     format: str = "keras-hub",
     step: int | None = None,
     model: str | None = None,
+    chat_template: str | Path | None = None,
     verify: bool = True,
 ) -> Path:
     """Write the model of a checkpoint to ``out`` and return the path written.
@@ -50,7 +51,10 @@ def export(
       format: one of ``FORMATS``.
       step: the checkpoint to export; the newest readable one by default.
       model: the model spec, for a run whose model came from a ``module:function`` factory
-        (a checkpoint never names code to run).
+        (a checkpoint never names code to run), or its preset folder where it is now (its
+        fingerprint must match the run's).
+      chat_template: the run's chat template file where it is now, instead of the path the
+        checkpoint recorded.
       verify: for ``hf``, load the written folder back with KerasHub (sharded like the run)
         and compare its logits with the trained model's on a few tokens; a folder that does
         not load back, or gives other logits, is removed and refused. One more load of the
@@ -76,6 +80,8 @@ def export(
         check_named_code(config, model is not None, "export")
         if model is not None:
             config = config.replace(model=model)
+        if chat_template is not None:
+            config = config.replace(chat_template=str(chat_template))
         keras_model, tokenizer = _restored_model(store, config, step)
     written = _write(keras_model, tokenizer, out, format)
     if format == "hf" and verify:

@@ -10,6 +10,11 @@ weights into it and writes it with the library's own saver:
   families it converts;
 - ``keras``: a ``model.keras`` file, for the built-in and your own models.
 
+Every format's folder also gets the chat template the run trained with
+(``chat_template.jinja``, and ``tokenizer_config.json``'s key for ``hf``) and a
+``generation_config.json`` with the family's stop tokens (``export_files``); its files get
+the permissions the umask gives.
+
 LoRA adapters are merged: Keras saves a LoRA layer's kernel as ``kernel + A·B·scale``, so the
 exported model is a plain one of the base's architecture.
 """
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kithara_ops.errors import ConfigError, first_line
+from kithara_ops.export_files import ordinary_permissions, trained_template, write_chat_files
 
 log = logging.getLogger("kithara_ops.export")
 
@@ -86,6 +92,8 @@ def export(
     written = _write(keras_model, tokenizer, out, format)
     if format == "hf" and verify:
         _verify_hf(keras_model, config, written)
+    write_chat_files(out, tokenizer, trained_template(tokenizer))
+    ordinary_permissions(out)
     _record(config, record.run_uid, format, written)
     return written
 
@@ -118,7 +126,7 @@ def _restored_model(store: Any, config: Any, step: int) -> tuple[Any, Any]:
     from kithara_ops.sinks import Sinks
     from kithara_ops.trainer import Trainer
 
-    tokenizer = data.run_tokenizer(config.tokenizer, config.model)
+    tokenizer = data.run_tokenizer(config.tokenizer, config.model, config.chat_template)
     keras_model = build_model(config, tokenizer.vocab_size)
     rebuilt = config.is_spec("optimizer")
     # The optimizer's state is not exported: a run whose optimizer was a Python object

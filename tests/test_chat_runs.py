@@ -1,9 +1,13 @@
-"""A LoRA run of a tiny Llama preset on chat data: it travels, and its exports are complete."""
+"""A LoRA run of a tiny Mistral preset on chat data: it travels, and its exports are complete."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import stat
+from pathlib import Path
 
 import pytest
 from conftest import BATCH
@@ -15,7 +19,7 @@ from kithara_ops.cli import app
 from kithara_ops.errors import ConfigError
 from kithara_ops.export import export
 
-TEMPLATE = (  # a Llama-2-style chat template, with the tokenizer's own start and end texts
+TEMPLATE = (  # a Mistral-style chat template, with the tokenizer's own start and end texts
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
@@ -34,17 +38,18 @@ def write_inputs(folder, preset):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_presets):
-    """A 2-step LoRA run started in folder ``a`` with relative paths; ``b`` is elsewhere."""
+    """A tracked 2-step LoRA run started in folder ``a`` with relative paths; ``b`` is
+    elsewhere."""
     root = tmp_path_factory.mktemp("chat_runs")
     started, elsewhere = root / "a", root / "b"
-    write_inputs(started, tiny_presets["llama"])
+    write_inputs(started, tiny_presets["mistral"])
     elsewhere.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(started)
         config = RunConfig(
             model="base", data="chat.jsonl", chat_template="chat.jinja", lora_rank=2,
             seq_len=16, batch_size=BATCH, steps=2, save_every=2, checkpoint_dir="ckpt",
-            tracking=False, system_metrics=False, optimizer="optax.adam(1e-2)",
+            experiment="chat-runs", system_metrics=False, optimizer="optax.adam(1e-2)",
         )  # fmt: skip
         build_trainer(config).train()
     return started, elsewhere
@@ -58,7 +63,54 @@ def test_a_run_resumes_and_exports_from_another_directory(run, monkeypatch):
     assert (written / "config.json").is_file()
 
 
+def test_an_hf_export_carries_the_chat_template_and_the_stop_tokens(run, monkeypatch):
+    started, elsewhere = run
+    monkeypatch.chdir(elsewhere)
+    folder = export(started / "ckpt", elsewhere / "hf", format="hf")
+    # Where transformers reads a template: the tokenizer_config.json key, chat_template.jinja.
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
+    assert (folder / "chat_template.jinja").read_text() == TEMPLATE
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    hub = export(started / "ckpt", elsewhere / "hub-chat", format="keras-hub")
+    assert (hub / "chat_template.jinja").read_text() == TEMPLATE
+
+
+def test_mlflow_records_the_chat_templates_digest_and_text(run):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("chat-runs")
+    (logged,) = client.search_runs([experiment.experiment_id])
+    digest = hashlib.sha256(TEMPLATE.encode()).hexdigest()[:16]
+    assert logged.data.params["chat_template.digest"] == digest
+    path = client.download_artifacts(logged.info.run_id, "chat_template/chat_template.jinja")
+    assert Path(path).read_text() == TEMPLATE
+
+
+def test_llama_3_stops_at_the_end_of_a_turn():
+    import keras_hub
+    import presets
+
+    from kithara_ops.data import PresetTokenizer
+    from kithara_ops.export_files import generation_config
+
+    vocabulary, merges = presets.bpe_vocabulary("<|end_of_text|>")
+    for token in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        vocabulary[token] = len(vocabulary)
+    tokenizer = keras_hub.models.Llama3Tokenizer(vocabulary=vocabulary, merges=merges)
+    ids = generation_config(PresetTokenizer(tokenizer))
+    end, turn = vocabulary["<|end_of_text|>"], vocabulary["<|eot_id|>"]
+    assert ids["bos_token_id"] == vocabulary["<|begin_of_text|>"]
+    assert ids["eos_token_id"] == [end, turn]
+
+
 def test_moved_inputs_are_named_again_and_checked(run, tmp_path, monkeypatch):
+    """Last: it removes the run's inputs from where it started."""
     started, _ = run
     moved = tmp_path / "moved"
     write_inputs(moved, started / "base")

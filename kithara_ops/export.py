@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from kithara_ops.errors import ConfigError, first_line
-from kithara_ops.export_files import ordinary_permissions, trained_template, write_chat_files
+from kithara_ops.export_files import (
+    hf_gaps,
+    ordinary_permissions,
+    trained_template,
+    write_chat_files,
+)
 
 log = logging.getLogger("kithara_ops.export")
 
@@ -178,13 +183,23 @@ def _verify_hf(trained: Any, config: Any, folder: Path) -> None:
     """Load an ``hf`` export back with KerasHub and compare logits; refuse it if they differ.
 
     KerasHub's exporters and its loaders are separate code, and for some families and
-    shapes they disagree (keras-hub 0.32: GPT-2, Gemma with grouped key/value heads, Qwen 2);
-    a folder that cannot come back is no export.
+    shapes they disagree (keras-hub 0.32 writes no ``architectures`` for GPT-2, Gemma and
+    Qwen 2, and only the first key/value head of a grouped Gemma); a folder that cannot
+    come back is no export, and the refusal names what it lacks (``hf_gaps``).
     """
     import numpy as np
 
     from kithara_ops.build import build_model
 
+    gaps = hf_gaps(folder)
+    if gaps:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ConfigError(
+            f"KerasHub wrote an incomplete Hugging Face folder for {type(trained).__name__} "
+            f"({'; '.join(gaps)}): use --format keras-hub."
+        )
     ids = (np.arange(8, dtype="int32")[None] * 7 + 3) % int(trained.backbone.vocabulary_size)
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     try:
@@ -205,9 +220,11 @@ def _verify_hf(trained: Any, config: Any, folder: Path) -> None:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+        # A bare KeyError reads "('name')": say what was missing.
+        reason = f"no {err.args[0]!r} entry" if isinstance(err, KeyError) else first_line(err, 160)
         raise ConfigError(
             f"KerasHub wrote a Hugging Face folder for {type(trained).__name__} that it cannot "
-            f"load back faithfully ({first_line(err, 160)}): use --format keras-hub."
+            f"load back faithfully ({reason}): use --format keras-hub."
         ) from None
 
 

@@ -85,3 +85,39 @@ def ordinary_permissions(folder: Path) -> None:
         os.chmod(root, 0o777 & ~umask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def hf_gaps(folder: Path) -> list[str]:
+    """What a Hugging Face folder lacks that its loaders need, in words (empty: nothing).
+
+    Read from ``config.json`` and the safetensors header alone: ``architectures`` (the model
+    class a loader builds; KerasHub's own loader requires it), and key/value projections
+    narrower than ``num_key_value_heads`` heads (an exporter that wrote only the first).
+    """
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return ["config.json"]
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    gaps = []
+    if not config.get("architectures"):
+        gaps.append("config.json names no architectures (the model class a loader builds)")
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    head_dim = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else None)
+    if kv_heads and head_dim:
+        for name, shape in _safetensors_shapes(folder / "model.safetensors").items():
+            if name.endswith(("k_proj.weight", "v_proj.weight")) and shape[0] < kv_heads * head_dim:
+                gaps.append(
+                    f"{name} holds {shape[0] // head_dim} of the {kv_heads} key/value heads"
+                )
+                break
+    return gaps
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """``{tensor name: shape}`` from a safetensors file's JSON header (no tensor is read)."""
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(size))
+    return {k: v["shape"] for k, v in header.items() if isinstance(v, dict) and "shape" in v}

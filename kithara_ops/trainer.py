@@ -28,7 +28,7 @@ from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
 from kithara_ops.models.adapter import adapt_model, check_trainable, resolve_precision
-from kithara_ops.models.hub import base_model_of
+from kithara_ops.models.hub import base_model_of, draw_lora, lora_seeded
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
 from kithara_ops.restore import Restored, StateTemplate, resume_point
@@ -68,6 +68,8 @@ class Trainer:
         ``model.get_layout_rules()`` when the model has it, else a size-based rule.
       devices: devices for the mesh (default: all).
       **options: any ``RunConfig`` field, e.g. ``steps=100, sharding="fsdp", seed=1``.
+        ``seed`` also draws the LoRA matrices of a ``models.from_preset`` model loaded
+        without a seed of its own.
 
     Example:
       >>> trainer = Trainer(model, optax.adamw(1e-3), data, steps=100)  # doctest: +SKIP
@@ -108,6 +110,9 @@ class Trainer:
         check_trainable(model, self.model_adapter, self.config.seq_len)
         if eval_data is not None:
             feed.check_eval_source(eval_data, self.config.eval_steps)
+        if (base_model_of(model) or {}).get("lora_rank") and not lora_seeded(model):
+            # Keras drew LoRA's A matrices from its global state: the run's seed decides.
+            draw_lora(model, self.config.seed)
         self.sinks = sinks if sinks is not None else build_sinks(self.config, callbacks)
         self.callbacks = CallbackList(self.sinks.callbacks)
         self.mesh = make_mesh(self.config.sharding, self.config.mesh_shape, devices)

@@ -9,7 +9,7 @@ import optax
 import presets
 import pytest
 
-from kithara_ops import Trainer, models
+from kithara_ops import Callback, Trainer, models
 from kithara_ops.checkpoint import Checkpointer
 from kithara_ops.errors import ConfigError
 from kithara_ops.models.adapter import adapt_model, check_trainable
@@ -302,3 +302,49 @@ def test_a_preset_is_loaded_straight_into_its_shardings(tiny_presets, eight_devi
     print(f"loaded: device 0 holds {on_device0} of {total} bytes")
     assert on_device0 <= total / 8 + small
     np.testing.assert_allclose(logits_of(model, IDS), logits_of(reference, IDS), atol=1e-5)
+
+
+class _Losses(Callback):
+    def __init__(self, losses):
+        self.losses = losses
+
+    def on_log(self, step, metrics):
+        self.losses[step] = metrics["loss"]
+
+
+def test_lora_is_drawn_from_the_seed_not_from_keras_global_state(tiny_presets):
+    import keras
+
+    folder = str(tiny_presets["gemma"])
+
+    def lora_a(model):
+        return [np.asarray(v) for v in model.trainable_variables if "lora_kernel_a" in v.path]
+
+    def run(global_seed, **trainer):
+        keras.utils.set_random_seed(global_seed)  # what a user may or may not have done
+        model = from_preset(folder, lora_rank=2)
+        losses = {}
+        Trainer(model, optax.adam(1e-2), token_batches(), steps=1, tracking=False, **trainer)
+        start = lora_a(model)
+        logged = Trainer(
+            model, optax.adam(1e-2), token_batches(), steps=2, log_every=1, tracking=False,
+            callbacks=[_Losses(losses)], **trainer,
+        )  # fmt: skip
+        logged.train()
+        return start, losses
+
+    first, again, other = run(1, seed=0), run(2, seed=0), run(1, seed=1)
+    for a, b in zip(first[0], again[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert first[1] == again[1] and first[1][2] != other[1][2]
+    assert any(not np.array_equal(a, b) for a, b in zip(first[0], other[0], strict=True))
+    # A seed given to from_preset draws them there, and the Trainer's leaves them.
+    seeded = []
+    for global_seed in (1, 2):
+        keras.utils.set_random_seed(global_seed)
+        model = from_preset(folder, lora_rank=2, seed=3)
+        Trainer(model, optax.adam(1e-2), token_batches(), steps=1, seed=global_seed,
+                tracking=False)  # fmt: skip
+        seeded.append(lora_a(model))
+    for a, b in zip(*seeded, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import keras
+import numpy as np
 
 from kithara_ops.errors import ConfigError
 from kithara_ops.sharding import LayoutRule, as_layout_rules, parameter_spec
@@ -94,6 +95,7 @@ def from_preset(
     *,
     lora_rank: int | None = None,
     lora_targets: Sequence[str] | str | None = None,
+    seed: int | None = None,
     dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     layout_rules: Sequence[LayoutRule] | Any = (),
@@ -117,6 +119,9 @@ def from_preset(
         base weights are frozen, only the adapters train. ``None``: every weight trains.
       lora_targets: layer names LoRA adapts (a list, or a comma-separated string);
         ``None``: KerasHub's defaults for the family.
+      seed: draws LoRA's ``A`` matrices (``draw_lora``; ``B`` starts at zero), so that they
+        do not depend on Keras' global random state. ``None``: the ``Trainer`` draws them
+        from its own ``seed`` when it is made.
       dtype: a Keras dtype policy name for the weights and compute (e.g. ``"bfloat16"``,
         ``"mixed_bfloat16"``); ``None``: the preset's own.
       mesh: the run's ``(data, fsdp)`` mesh (``sharding.make_mesh``) to load into;
@@ -152,7 +157,41 @@ def from_preset(
     }
     if lora_rank is not None:
         enable_lora(model, lora_rank, lora_targets)
+        if seed is not None:
+            draw_lora(model, seed)
+            _LORA_SEEDED.add(model)
     return model
+
+
+_LORA_SEEDED: weakref.WeakSet = weakref.WeakSet()
+"""Models whose LoRA matrices ``from_preset`` drew from a seed it was given."""
+
+
+def lora_seeded(model: keras.Model) -> bool:
+    """Whether ``from_preset(..., seed=)`` drew ``model``'s LoRA matrices."""
+    return model in _LORA_SEEDED
+
+
+def draw_lora(model: keras.Model, seed: int) -> None:
+    """Draw every LoRA ``A`` matrix of ``model.backbone`` again from ``seed``.
+
+    Keras draws them (He uniform: ``U(-sqrt(6 / fan_in), sqrt(6 / fan_in))``) from its
+    global random state when LoRA is enabled; here layer ``i`` (in the backbone's layer
+    order) draws from ``SeedSequence([seed, i])``, so the matrices are a function of the
+    seed alone. ``B`` stays zero, so the model's output is unchanged.
+    """
+    layers = [layer for layer in model.backbone._flatten_layers() if _lora_a(layer) is not None]
+    for i, layer in enumerate(layers):
+        variable = _lora_a(layer)
+        derived = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        value = keras.initializers.HeUniform(seed=derived)(variable.shape, variable.dtype)
+        sharding = getattr(variable.value, "sharding", None)
+        variable.assign(jax.device_put(value, sharding) if sharding is not None else value)
+
+
+def _lora_a(layer: Any) -> Any:
+    """A layer's LoRA ``A`` variable, ``None`` without LoRA."""
+    return getattr(layer, "lora_kernel_a", None) if getattr(layer, "lora_enabled", False) else None
 
 
 def _sharded_load(

@@ -58,6 +58,9 @@ def test_lora_targets_choose_the_layers(tiny_presets):
     with pytest.raises(ConfigError, match="match no layer") as err:
         from_preset(str(tiny_presets["gpt2"]), lora_rank=2, lora_targets=["nope"])
     assert "\n" not in str(err.value)
+    assert "query, " in str(err.value) and str(err.value).endswith(", value.")  # the whole list
+    gemma = from_preset(str(tiny_presets["gemma"]), lora_rank=2)
+    assert base_model_of(gemma)["lora_targets"] == "query,value"
 
 
 def test_lora_on_a_model_without_a_backbone_is_a_config_error():

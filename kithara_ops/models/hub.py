@@ -222,7 +222,8 @@ def _sharded_load(
 def enable_lora(
     model: keras.Model, rank: int, targets: Sequence[str] | str | None = None
 ) -> list[str]:
-    """Enable LoRA on ``model.backbone``; return the names of the layers it adapted.
+    """Enable LoRA on ``model.backbone``; return the names of ``targets`` (by default
+    KerasHub's list for the backbone) that name layers it adapted.
 
     Raises:
       ConfigError: ``rank`` is not positive, the model has no KerasHub backbone, or no layer
@@ -244,11 +245,19 @@ def enable_lora(
         known = sorted({layer.name for layer in backbone._flatten_layers() if layer.weights})
         raise ConfigError(
             f"lora_targets {names} match no layer of {backbone.name!r}: choose among "
-            f"{', '.join(known[:12])}{', ...' if len(known) > 12 else ''}."
+            f"{', '.join(known)}."
         )
+    # KerasHub's default list spans families (query_dense, value_dense, query, value): the
+    # names recorded are those of the layers really adapted.
+    adapted = [name for name in names if name in _lora_layer_names(backbone)]
     if model in _BASES:
-        _BASES[model].update(lora_rank=rank, lora_targets=",".join(names))
-    return names
+        _BASES[model].update(lora_rank=rank, lora_targets=",".join(adapted))
+    return adapted
+
+
+def _lora_layer_names(backbone: Any) -> set[str]:
+    """Names of the backbone's layers that have LoRA enabled."""
+    return {layer.name for layer in backbone._flatten_layers() if _lora_a(layer) is not None}
 
 
 def preset_tokenizer(handle: str) -> Any:

@@ -136,7 +136,9 @@ def resume(
       progress: show a progress bar in the terminal.
       **overrides: other ``RunConfig`` fields to change (e.g. ``save_every``, ``log_every``,
         or ``coordinator``, ``num_processes`` and ``process_id`` to resume in several
-        processes). A run whose model came from a ``module:function`` factory needs
+        processes). ``data``, ``eval_data``, ``chat_template``, ``tokenizer`` and ``model``
+        name moved inputs again: the training data must give the tokens the checkpoint
+        recorded (its digest) and a preset the weights it recorded (its fingerprint). A run whose model came from a ``module:function`` factory needs
         ``model="module:function"`` again: the checkpoint's record is never trusted to name
         code to run.
     """
@@ -151,7 +153,8 @@ def resume(
     try:
         if jax.process_index() == 0:
             checkpoints.lock.check()  # before its contents, which a live writer changes
-        saved_config = newest_config(checkpoints)
+        record = newest_record(checkpoints)
+        saved_config = record.run_config()
         check_named_code(saved_config, "model" in overrides, "resume")
     except ConfigError:
         checkpoints.close()
@@ -169,7 +172,34 @@ def resume(
     trainer = build_trainer(
         config, callbacks, optimizer, progress=progress, checkpoints=checkpoints
     )
+    if RENAMED_INPUTS & overrides.keys():
+        try:
+            check_same_data(record, trainer.train_data, config)
+        except ConfigError:
+            checkpoints.close()
+            raise
     return trainer.train(resume=True, reset_optimizer=reset_optimizer)
+
+
+RENAMED_INPUTS = frozenset({"data", "chat_template", "model", "tokenizer"})
+"""The overrides that name a run's inputs again (moved files): they must give its tokens."""
+
+
+def check_same_data(record: Any, train_data: Any, config: RunConfig) -> None:
+    """Refuse data named again on resume that gives other tokens than the run trained on.
+
+    Compares the packed data's digest with the one the checkpoint recorded (records written
+    before it was recorded are not checked); a preset model named again is checked by its
+    fingerprint when the state is restored.
+    """
+    summary = train_data.summary() if hasattr(train_data, "summary") else None
+    if not record.data_digest or not summary or summary["digest"] == record.data_digest:
+        return
+    raise ConfigError(
+        f"The data {config.data!r} (chat template {config.chat_template!r}) gives other "
+        f"tokens than the run trained on (digest {summary['digest']}, the run's "
+        f"{record.data_digest}): name the run's data, chat template and model."
+    )
 
 
 def check_named_code(saved: RunConfig, model_given: bool, command: str) -> None:
@@ -186,8 +216,8 @@ def check_named_code(saved: RunConfig, model_given: bool, command: str) -> None:
         )
 
 
-def newest_config(store: Checkpointer) -> RunConfig:
-    """The config recorded by the newest checkpoint whose record reads back."""
+def newest_record(store: Checkpointer) -> Any:
+    """The ``RunRecord`` of the newest checkpoint whose record reads back."""
     steps = store.steps()
     if not steps:
         raise ConfigError(
@@ -196,7 +226,7 @@ def newest_config(store: Checkpointer) -> RunConfig:
         )
     for step in reversed(steps):
         try:
-            return store.read_record(step).run_config()
+            return store.read_record(step)
         except ConfigError:
             raise
         except Exception:  # a damaged record: the restore reports it and falls back too

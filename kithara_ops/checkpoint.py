@@ -189,6 +189,7 @@ class Checkpointer(Callback):
             loss=self._loss,
             eval_loss=self._eval_loss,
             base_model=run.base_model,
+            data_digest=(run.data or {}).get("digest"),
         )
 
     def save(self, step: int, state: Any, record: RunRecord) -> bool:

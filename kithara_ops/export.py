@@ -10,6 +10,11 @@ weights into it and writes it with the library's own saver:
   families it converts;
 - ``keras``: a ``model.keras`` file, for the built-in and your own models.
 
+Every format's folder also gets the chat template the run trained with
+(``chat_template.jinja``, and ``tokenizer_config.json``'s key for ``hf``) and a
+``generation_config.json`` with the family's stop tokens (``export_files``); its files get
+the permissions the umask gives.
+
 LoRA adapters are merged: Keras saves a LoRA layer's kernel as ``kernel + A·B·scale``, so the
 exported model is a plain one of the base's architecture.
 """
@@ -22,6 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from kithara_ops.errors import ConfigError, first_line
+from kithara_ops.export_files import (
+    hf_gaps,
+    ordinary_permissions,
+    trained_template,
+    write_chat_files,
+)
 
 log = logging.getLogger("kithara_ops.export")
 
@@ -39,6 +50,7 @@ def export(
     format: str = "keras-hub",
     step: int | None = None,
     model: str | None = None,
+    chat_template: str | Path | None = None,
     verify: bool = True,
 ) -> Path:
     """Write the model of a checkpoint to ``out`` and return the path written.
@@ -50,7 +62,10 @@ def export(
       format: one of ``FORMATS``.
       step: the checkpoint to export; the newest readable one by default.
       model: the model spec, for a run whose model came from a ``module:function`` factory
-        (a checkpoint never names code to run).
+        (a checkpoint never names code to run), or its preset folder where it is now (its
+        fingerprint must match the run's).
+      chat_template: the run's chat template file where it is now, instead of the path the
+        checkpoint recorded.
       verify: for ``hf``, load the written folder back with KerasHub (sharded like the run)
         and compare its logits with the trained model's on a few tokens; a folder that does
         not load back, or gives other logits, is removed and refused. One more load of the
@@ -77,10 +92,14 @@ def export(
         check_named_code(config, model is not None, "export")
         if model is not None:
             config = config.replace(model=model)
+        if chat_template is not None:
+            config = config.replace(chat_template=str(chat_template))
         keras_model, tokenizer = _restored_model(store, config, step, chosen=chosen)
     written = _write(keras_model, tokenizer, out, format)
     if format == "hf" and verify:
         _verify_hf(keras_model, config, written)
+    write_chat_files(out, tokenizer, trained_template(tokenizer))
+    ordinary_permissions(out)
     _record(config, record.run_uid, format, written)
     return written
 
@@ -117,7 +136,7 @@ def _restored_model(store: Any, config: Any, step: int, chosen: bool) -> tuple[A
     from kithara_ops.sinks import Sinks
     from kithara_ops.trainer import Trainer
 
-    tokenizer = data.run_tokenizer(config.tokenizer, config.model)
+    tokenizer = data.run_tokenizer(config.tokenizer, config.model, config.chat_template)
     keras_model = build_model(config, tokenizer.vocab_size)
     rebuilt = config.is_spec("optimizer")
     # The optimizer's state is not exported: a run whose optimizer was a Python object
@@ -189,13 +208,23 @@ def _verify_hf(trained: Any, config: Any, folder: Path) -> None:
     """Load an ``hf`` export back with KerasHub and compare logits; refuse it if they differ.
 
     KerasHub's exporters and its loaders are separate code, and for some families and
-    shapes they disagree (keras-hub 0.32: GPT-2, Gemma with grouped key/value heads, Qwen 2);
-    a folder that cannot come back is no export.
+    shapes they disagree (keras-hub 0.32 writes no ``architectures`` for GPT-2, Gemma and
+    Qwen 2, and only the first key/value head of a grouped Gemma); a folder that cannot
+    come back is no export, and the refusal names what it lacks (``hf_gaps``).
     """
     import numpy as np
 
     from kithara_ops.build import build_model
 
+    gaps = hf_gaps(folder)
+    if gaps:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ConfigError(
+            f"KerasHub wrote an incomplete Hugging Face folder for {type(trained).__name__} "
+            f"({'; '.join(gaps)}): use --format keras-hub."
+        )
     ids = (np.arange(8, dtype="int32")[None] * 7 + 3) % int(trained.backbone.vocabulary_size)
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     try:
@@ -216,9 +245,11 @@ def _verify_hf(trained: Any, config: Any, folder: Path) -> None:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+        # A bare KeyError reads "('name')": say what was missing.
+        reason = f"no {err.args[0]!r} entry" if isinstance(err, KeyError) else first_line(err, 160)
         raise ConfigError(
             f"KerasHub wrote a Hugging Face folder for {type(trained).__name__} that it cannot "
-            f"load back faithfully ({first_line(err, 160)}): use --format keras-hub."
+            f"load back faithfully ({reason}): use --format keras-hub."
         ) from None
 
 

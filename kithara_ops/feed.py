@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -107,22 +107,49 @@ def to_device(host: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -
     return out
 
 
+def check_eval_source(data: Iterable[Mapping], limit: int | None) -> None:
+    """Refuse evaluation data that never ends when no ``limit`` (``eval_steps``) bounds it.
+
+    An evaluation is one pass over its data, so the data must end: a ``Dataset`` that
+    repeats (``kithara_ops.data.load`` repeats by default, for training) or an
+    ``itertools.cycle``/``repeat``/``count`` would be read forever.
+
+    Raises:
+      ConfigError: ``data`` is endless and ``limit`` is ``None``.
+    """
+    endless = getattr(data, "repeat", False) is True or isinstance(
+        data, itertools.cycle | itertools.repeat | itertools.count
+    )
+    if endless and limit is None:
+        raise ConfigError(
+            f"eval_data ({type(data).__name__}) repeats forever, so one pass over it never "
+            "ends: load it with data.load(..., repeat=False, shuffle=False) or set eval_steps."
+        )
+
+
 def eval_batches(
-    data: Iterable[Mapping], sharding: jax.sharding.Sharding, data_parallel: int, limit: int | None
+    data: Iterable[Mapping],
+    sharding: jax.sharding.Sharding,
+    data_parallel: int,
+    limit: int | None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[dict[str, jax.Array]]:
     """One pass of evaluation batches (at most ``limit``), checked and placed on the devices.
+
+    ``stop`` is asked at each batch; once it answers ``True`` the pass ends early (a stop
+    signal must not wait for a long evaluation).
 
     Raises:
       ConfigError: the data yields no batch.
     """
     shape = None
     for i, batch in enumerate(data):
-        if limit is not None and i >= limit:
+        if (limit is not None and i >= limit) or stop():
             break
         if shape is None:
             shape = check_first_batch(batch, data_parallel, 1)
         yield to_device(to_host_arrays(batch, shape), sharding)
-    if shape is None:
+    if shape is None and not stop():
         raise ConfigError("eval_data yielded no batches: check the eval source and batch size.")
 
 

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import uuid
 from typing import Any
 
@@ -58,6 +59,8 @@ class RunRecord:
         before version 2, whose state is not verified.
       base_model: for a model loaded from a preset, its handle, fingerprint and LoRA
         settings (``models.hub.base_model_of``); a resume against other weights is refused.
+      data_digest: the training data's ``summary()["digest"]`` (of its packed tokens), when
+        the data has one; data named again on resume must give the same tokens.
     """
 
     step: int
@@ -73,6 +76,7 @@ class RunRecord:
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     checksums: dict[str, int] | None = None
     base_model: dict[str, Any] | None = None
+    data_digest: str | None = None
 
     def run_config(self) -> RunConfig:
         """The saved config as a ``RunConfig``."""
@@ -116,12 +120,17 @@ def new_record(
     loss: float | None = None,
     eval_loss: float | None = None,
     base_model: dict[str, Any] | None = None,
+    data_digest: str | None = None,
 ) -> RunRecord:
-    """A record for a save now: the config without its launch fields, time and versions."""
+    """A record for a save now: the config without its launch fields, time and versions.
+
+    Local paths in the config are stored absolute (``absolute_paths``), so that the run
+    resumes and exports from any working directory.
+    """
     return RunRecord(
         step=step,
         run_uid=run_uid,
-        config=config.without_launch().to_dict(),
+        config=absolute_paths(config.without_launch().to_dict()),
         optimizer=optimizer,
         keys=keys,
         data_position=data_position,
@@ -130,7 +139,35 @@ def new_record(
         saved_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         versions=versions(),
         base_model=base_model,
+        data_digest=data_digest,
     )
+
+
+_NOT_PATHS = {"data": ("stdlib", "synthetic"), "eval_data": ("stdlib", "synthetic")}
+"""Specs of the data fields that name no file."""
+
+
+def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (``RunConfig.to_dict()``) with its local paths made absolute.
+
+    ``checkpoint_dir`` and ``chat_template`` are always paths; ``data`` and ``eval_data``
+    are unless they name a built-in corpus or (``given``) a Python object's label (a glob
+    is anchored at the working directory);
+    ``model`` and ``tokenizer`` are when they name an existing folder (else a size, a hub
+    handle or a ``module:function``). A record written before paths were stored absolute
+    keeps them relative to the working directory of the resume.
+    """
+    out = dict(config)
+    for name in ("checkpoint_dir", "chat_template", "data", "eval_data", "model", "tokenizer"):
+        value = out.get(name)
+        if not isinstance(value, str) or not value or value in _NOT_PATHS.get(name, ()):
+            continue
+        if name == "data" and name in (out.get("given") or ()):
+            continue  # the label of a Python object, not a path
+        if name in ("model", "tokenizer") and not os.path.isdir(value):
+            continue
+        out[name] = os.path.abspath(value)
+    return out
 
 
 def migrate_v0(meta: dict[str, Any]) -> dict[str, Any]:

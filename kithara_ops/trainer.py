@@ -28,7 +28,7 @@ from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.interrupt import StopRequests, TrainingStopped
 from kithara_ops.models import layout_rules_of
 from kithara_ops.models.adapter import adapt_model, check_trainable, resolve_precision
-from kithara_ops.models.hub import base_model_of
+from kithara_ops.models.hub import base_model_of, draw_lora, lora_seeded
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
 from kithara_ops.restore import Restored, StateTemplate, resume_point
@@ -54,7 +54,10 @@ class Trainer:
       optimizer: a ``keras.optimizers.Optimizer`` or an ``optax.GradientTransformation``.
       train_data: an iterable of batches (mappings with ``x``, ``y`` and optional ``mask``),
         e.g. ``kithara_ops.data.load(...)``; re-iterated at the end of each pass.
-      eval_data: optional re-iterable of eval batches.
+      eval_data: optional re-iterable of eval batches; each evaluation is one pass over it
+        (or its first ``eval_steps`` batches), so it must end: load it with
+        ``data.load(..., repeat=False, shuffle=False)``. An endless one (a ``Dataset`` that
+        repeats) is refused unless ``eval_steps`` bounds it.
       config: a ``RunConfig``; keyword ``options`` override its fields. Without one, the
         config names the objects given (``config.given``) by their labels.
       callbacks: extra ``Callback`` objects, called after the sinks the config asks for.
@@ -65,6 +68,8 @@ class Trainer:
         ``model.get_layout_rules()`` when the model has it, else a size-based rule.
       devices: devices for the mesh (default: all).
       **options: any ``RunConfig`` field, e.g. ``steps=100, sharding="fsdp", seed=1``.
+        ``seed`` also draws the LoRA matrices of a ``models.from_preset`` model loaded
+        without a seed of its own.
 
     Example:
       >>> trainer = Trainer(model, optax.adamw(1e-3), data, steps=100)  # doctest: +SKIP
@@ -103,6 +108,11 @@ class Trainer:
         self.config = self.config.replace(precision=precision)
         self.model_adapter = adapt_model(model)
         check_trainable(model, self.model_adapter, self.config.seq_len)
+        if eval_data is not None:
+            feed.check_eval_source(eval_data, self.config.eval_steps)
+        if (base_model_of(model) or {}).get("lora_rank") and not lora_seeded(model):
+            # Keras drew LoRA's A matrices from its global state: the run's seed decides.
+            draw_lora(model, self.config.seed)
         self.sinks = sinks if sinks is not None else build_sinks(self.config, callbacks)
         self.callbacks = CallbackList(self.sinks.callbacks)
         self.mesh = make_mesh(self.config.sharding, self.config.mesh_shape, devices)
@@ -262,7 +272,8 @@ class Trainer:
                     # Evaluated before the step is reported, so its checkpoint records it.
                     due = every(self.config.eval_every, step, total, only_last=True)
                     if self.eval_data is not None and due and not stopping:
-                        eval_loss = self._evaluate(state, step)
+                        evaluated, stopping = self._evaluate(state, step, stop)
+                        eval_loss = eval_loss if evaluated is None else evaluated
                     failed = self._sink_failure(step, total)
                     halt = bool(stopping or failed)
                     self.callbacks.on_step(StepRecord(step, state, position, clock.elapsed(), halt))
@@ -365,23 +376,38 @@ class Trainer:
             return None
         return distributed.agreed_signal(stop.signum)
 
-    def _evaluate(self, state: TrainState, step: int) -> float:
-        """Mean token loss over ``eval_data`` (or ``eval_steps`` batches of it)."""
+    def _evaluate(
+        self, state: TrainState, step: int, stop: StopRequests
+    ) -> tuple[float | None, int | None]:
+        """Mean token loss over ``eval_data`` (or ``eval_steps`` batches of it), and the stop
+        signal that cut the pass short (then the loss is ``None`` and nothing is reported).
+        """
+        signal: list[int] = []
+
+        def stopped() -> bool:
+            # A collective with several processes: each reads the same batches, so all ask.
+            if not signal and (agreed := distributed.agreed_signal(stop.signum)) is not None:
+                signal.append(agreed)
+            return bool(signal)
+
         batches = feed.eval_batches(
             self.eval_data,
             self.batch_sharding,
             data_parallel_size(self.mesh),
             self.config.eval_steps,
+            stopped,
         )
         # A schedule-free optimizer trains at one point and is evaluated at its average.
         evaluate = functools.partial(
             self.steps.eval_step, state.params, state.opt_state, state.non_trainable
         )
         sums = [evaluate(batch) for batch in batches]
+        if signal:
+            return None, signal[0]
         eval_loss = float(sum(s for s, _ in sums)) / max(float(sum(c for _, c in sums)), 1.0)
         metrics = {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 80.0))}
         self.callbacks.on_eval(step, metrics)
-        return eval_loss
+        return eval_loss, None
 
     def _write_back(self, state: TrainState) -> None:
         """Give the trained values back to the Keras objects the user holds."""

@@ -55,10 +55,10 @@ RUNS = {
     ),
 }
 ORDER = ["optax:clip+adamw lr=1e-3", "keras:AdamW lr=3e-4", "optax:sgd lr=1e-2"]
-EXPECTED = {  # label -> (steps, final, best, last tokens_per_second)
-    "optax:clip+adamw lr=1e-3": (100, 1.25, 1.25, 1000.0),
-    "keras:AdamW lr=3e-4": (100, 1.625, 1.0, 2000.0),
-    "optax:sgd lr=1e-2": (80, 3.75, 3.75, 3000.0),
+EXPECTED = {  # label -> (steps, final, best, median tokens_per_second)
+    "optax:clip+adamw lr=1e-3": (100, 1.25, 1.25, 750.0),
+    "keras:AdamW lr=3e-4": (100, 1.625, 1.0, 1500.0),
+    "optax:sgd lr=1e-2": (80, 3.75, 3.75, 2250.0),
 }
 
 
@@ -284,7 +284,7 @@ def test_cli_json_reads_uri_and_experiment_from_the_environment(store):
         "steps": 100,
         "final": 1.625,
         "best": 1.0,
-        "tokens_per_second": 2000.0,
+        "tokens_per_second": 1500.0,  # the median of 1000 and 2000
         "flops_per_second": None,  # these runs logged no cost figures
         "mfu": None,
         "compile_seconds": None,
@@ -358,3 +358,25 @@ def test_server_restarts_on_the_same_port_with_its_runs(mlflow_server):
         mlflow_server.start()
     assert mlflow_server.port == port and mlflow_server.healthy()
     assert client.get_experiment_by_name(name).experiment_id == experiment
+
+
+def test_runs_of_one_name_are_told_apart_and_speed_is_the_median(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(EXPERIMENT, artifact_location=tmp_path.as_uri())
+    speeds = {"adamw": [90.0, 1000.0, 1010.0, 40.0], "sgd": [100.0, 2000.0, 30.0]}
+    ids = []
+    for name in ("adamw", "adamw", "sgd"):
+        run = client.create_run(experiment, run_name=name, tags={"optimizer.label": "optax:x"})
+        points = [Metric("tokens_per_second", v, i, i) for i, v in enumerate(speeds[name])]
+        client.log_batch(run.info.run_id, metrics=[*points, Metric("loss", 1.0, 0, 3)])
+        ids.append(run.info.run_id)
+    summaries = compare_runs(EXPERIMENT, tracking_uri=uri)
+    by_id = {s.run_id: s for s in summaries}
+    assert by_id[ids[0]].tokens_per_second == 545.0  # the median of 4 points, not the last 40
+    assert by_id[ids[2]].tokens_per_second == 100.0
+    console = Console(width=200, record=True)
+    console.print(format_table(summaries, "loss"))
+    text = console.export_text()
+    assert f"adamw ({ids[0][:8]})" in text and f"adamw ({ids[1][:8]})" in text
+    assert "sgd" in text and f"sgd ({ids[2][:8]})" not in text and "optax:x" not in text

@@ -199,9 +199,9 @@ def test_cost_figures_are_columns_when_runs_logged_them():
     from kithara_ops.tracking.compare import RunSummary
 
     runs = [
-        RunSummary("a", "a", "optax:adamw", "FINISHED", steps=10, final=1.5, best=1.4,
+        RunSummary("a", "optax:adamw", "optax:adamw", "FINISHED", steps=10, final=1.5, best=1.4,
                    flops_per_second=2.28e10, mfu=0.412),
-        RunSummary("b", "b", "keras:adamw", "FINISHED", steps=10, final=1.6, best=1.5),
+        RunSummary("b", "keras:adamw", "keras:adamw", "FINISHED", steps=10, final=1.6, best=1.5),
     ]  # fmt: skip
     console = Console(width=200, force_terminal=True, color_system=None, record=True)
     print_table(runs, "loss", console)

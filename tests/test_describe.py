@@ -562,3 +562,11 @@ def test_a_multi_optimizer_describes_each_group_and_logs_each_learning_rate():
     assert [u for u, _ in seen] == pytest.approx([0.02, 0.01, 0.005])
     assert [g["learning_rate.0"] for _, g in seen] == pytest.approx([0.02, 0.01, 0.005])
     assert [g["learning_rate.1"] for _, g in seen] == pytest.approx([0.01] * 3)
+
+
+def test_a_specs_integer_schedule_fields_print_as_integers():
+    from kithara_ops.optim.spec import build_optimizer
+
+    spec = "optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 6, 60))"
+    text = optimizer_params(describe_optimizer(build_optimizer(spec, 1e-3, None)))
+    assert "warmup_steps=6, decay_steps=60, end=0.0" in text["optimizer.learning_rate"]

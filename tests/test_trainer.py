@@ -362,3 +362,48 @@ def test_batch_not_divisible_by_devices_names_the_sizes(make_model, eight_device
     with pytest.raises(ConfigError, match=r"batch size 6 is not divisible by the 8"):
         Trainer(make_model(), optax.adam(1e-3), small, steps=1, tracking=False).train()
     assert jax.device_count() == 8
+
+
+class _SignalsDuringEval:
+    """Endless eval batches that send ``signum`` to this process at the third batch read."""
+
+    def __init__(self, batch, signum):
+        self.batch, self.signum, self.read = batch, signum, 0
+
+    def __iter__(self):
+        import os
+
+        while True:
+            self.read += 1
+            if self.read == 3:
+                os.kill(os.getpid(), self.signum)
+            assert self.read < 50, "the evaluation went on after the signal"
+            yield self.batch
+
+
+def test_endless_eval_data_is_refused_and_a_signal_ends_an_evaluation(
+    make_model, stdlib_documents, stdlib_data
+):
+    import signal
+
+    from kithara_ops import TrainingStopped
+
+    repeating = data.load(stdlib_documents[:20], seq_len=SEQ_LEN, batch_size=BATCH)
+    with pytest.raises(ConfigError, match=r"repeats forever.*repeat=False.*or set eval_steps"):
+        Trainer(make_model(), optax.adam(1e-3), stdlib_data, eval_data=repeating, steps=2)
+    bounded = Trainer(
+        make_model(), optax.adam(1e-3), stdlib_data, eval_data=repeating, eval_steps=2,
+        steps=2, tracking=False, callbacks=[recorder := Recorder()],
+    )  # fmt: skip
+    assert bounded.train().eval_loss == recorder.evals[2]["eval_loss"]
+
+    endless = _SignalsDuringEval(next(iter(stdlib_data)), signal.SIGTERM)
+    recorder = Recorder()
+    trainer = Trainer(
+        make_model(), optax.adam(1e-3), stdlib_data, eval_data=endless, steps=4, eval_every=2,
+        tracking=False, callbacks=[recorder],
+    )  # fmt: skip
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.train()
+    assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, 2)
+    assert endless.read == 3 and recorder.evals == {} and recorder.statuses == ["KILLED"]

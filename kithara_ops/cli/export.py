@@ -34,11 +34,21 @@ def export(
     ] = None,
     model: Annotated[
         str | None,
-        typer.Option("--model", help="The model factory again, for a run built by one."),
+        typer.Option(
+            "--model",
+            help="The model named again: its factory, for a run built by one, or its preset "
+            "folder where it is now.",
+        ),
+    ] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option("--chat-template", help="The run's chat template file, where it is now."),
     ] = None,
 ) -> None:
     """Write a checkpoint's trained model (LoRA merged) where other tools load it."""
     from kithara_ops.export import export as export_model
 
-    written = export_model(checkpoint_dir, out, format=format, step=step, model=model)
+    written = export_model(
+        checkpoint_dir, out, format=format, step=step, model=model, chat_template=chat_template
+    )
     typer.echo(f"Exported {checkpoint_dir} ({format}) to {written}")

@@ -22,6 +22,7 @@ from kithara_ops.cli.options import (
         "Examples:\n\n"
         "  kithara-ops resume runs/tiny\n\n"
         "  kithara-ops resume runs/tiny --steps 2000\n\n"
+        "  kithara-ops resume runs/chat --data moved/chat.jsonl --chat-template moved/t.jinja\n\n"
         "  kithara-ops resume runs/tiny --optimizer 'optax.adamw(3e-4)' --reset-optimizer"
     )
 )
@@ -37,9 +38,19 @@ def resume(
     model: Annotated[
         str | None,
         typer.Option(
-            help="The run's module:function model factory, named again (a checkpoint never "
-            "runs code it names)."
+            help="The run's model named again: its module:function factory (a checkpoint "
+            "never runs code it names) or its preset folder where it is now."
         ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="The run's training data, where it is now (the same tokens)."),
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="The run's evaluation data, where it is now.")
+    ] = None,
+    chat_template: Annotated[
+        str | None, typer.Option(help="The run's chat template file, where it is now.")
     ] = None,
     reset_optimizer: ResetOptimizer = False,
     quiet: Quiet = False,
@@ -51,13 +62,16 @@ def resume(
     """Continue a run from its newest checkpoint, in the same MLflow run.
 
     Weights, optimizer state, step, data position and RNG come from the checkpoint; the
-    model, data and optimizer are rebuilt from the run's saved config.
+    model, data and optimizer are rebuilt from the run's saved config. Inputs that moved are
+    named again with --data, --eval-data, --chat-template and --model; the data must give
+    the tokens the run trained on, and a preset the weights it started from.
     """
     from kithara_ops.build import resume as resume_run
     from kithara_ops.cli.progress import print_summary, stdout_for_json
     from kithara_ops.optim.spec import build_optimizer
 
     built = build_optimizer(optimizer) if optimizer else None
+    named = {"model": model, "data": data, "eval_data": eval_data, "chat_template": chat_template}
     with stdout_for_json(json_output):
         result = resume_run(
             checkpoint_dir,
@@ -68,6 +82,6 @@ def resume(
             coordinator=coordinator,
             num_processes=num_processes,
             process_id=process_id,
-            **({"model": model} if model else {}),
+            **{name: value for name, value in named.items() if value is not None},
         )
     print_summary(result, as_json=json_output)

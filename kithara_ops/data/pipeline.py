@@ -307,7 +307,9 @@ def load(
         batch_size: Sequences per batch.
         seed: Seeds the batch order.
         shuffle: Shuffle the sequences (reshuffled every epoch).
-        repeat: Repeat forever (training) instead of stopping after one epoch.
+        repeat: Repeat forever (training) instead of stopping after one epoch. Evaluation
+            data must end: pass ``repeat=False, shuffle=False`` for a Trainer's
+            ``eval_data`` (one pass per evaluation).
         tokenizer: a ``ByteTokenizer`` (the default), a ``PresetTokenizer`` or a KerasHub
             tokenizer (``keras_hub.tokenizers.Tokenizer.from_preset(...)``).
         chat_template: a Jinja chat template file (or ``tokenizer_config.json``) for the

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import keras
+import numpy as np
 
 from kithara_ops.errors import ConfigError
 from kithara_ops.sharding import LayoutRule, as_layout_rules, parameter_spec
@@ -94,6 +95,7 @@ def from_preset(
     *,
     lora_rank: int | None = None,
     lora_targets: Sequence[str] | str | None = None,
+    seed: int | None = None,
     dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     layout_rules: Sequence[LayoutRule] | Any = (),
@@ -117,6 +119,9 @@ def from_preset(
         base weights are frozen, only the adapters train. ``None``: every weight trains.
       lora_targets: layer names LoRA adapts (a list, or a comma-separated string);
         ``None``: KerasHub's defaults for the family.
+      seed: draws LoRA's ``A`` matrices (``draw_lora``; ``B`` starts at zero), so that they
+        do not depend on Keras' global random state. ``None``: the ``Trainer`` draws them
+        from its own ``seed`` when it is made.
       dtype: a Keras dtype policy name for the weights and compute (e.g. ``"bfloat16"``,
         ``"mixed_bfloat16"``); ``None``: the preset's own.
       mesh: the run's ``(data, fsdp)`` mesh (``sharding.make_mesh``) to load into;
@@ -162,7 +167,41 @@ def from_preset(
     }
     if lora_rank is not None:
         enable_lora(model, lora_rank, lora_targets)
+        if seed is not None:
+            draw_lora(model, seed)
+            _LORA_SEEDED.add(model)
     return model
+
+
+_LORA_SEEDED: weakref.WeakSet = weakref.WeakSet()
+"""Models whose LoRA matrices ``from_preset`` drew from a seed it was given."""
+
+
+def lora_seeded(model: keras.Model) -> bool:
+    """Whether ``from_preset(..., seed=)`` drew ``model``'s LoRA matrices."""
+    return model in _LORA_SEEDED
+
+
+def draw_lora(model: keras.Model, seed: int) -> None:
+    """Draw every LoRA ``A`` matrix of ``model.backbone`` again from ``seed``.
+
+    Keras draws them (He uniform: ``U(-sqrt(6 / fan_in), sqrt(6 / fan_in))``) from its
+    global random state when LoRA is enabled; here layer ``i`` (in the backbone's layer
+    order) draws from ``SeedSequence([seed, i])``, so the matrices are a function of the
+    seed alone. ``B`` stays zero, so the model's output is unchanged.
+    """
+    layers = [layer for layer in model.backbone._flatten_layers() if _lora_a(layer) is not None]
+    for i, layer in enumerate(layers):
+        variable = _lora_a(layer)
+        derived = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        value = keras.initializers.HeUniform(seed=derived)(variable.shape, variable.dtype)
+        sharding = getattr(variable.value, "sharding", None)
+        variable.assign(jax.device_put(value, sharding) if sharding is not None else value)
+
+
+def _lora_a(layer: Any) -> Any:
+    """A layer's LoRA ``A`` variable, ``None`` without LoRA."""
+    return getattr(layer, "lora_kernel_a", None) if getattr(layer, "lora_enabled", False) else None
 
 
 def _sharded_load(
@@ -193,7 +232,8 @@ def _sharded_load(
 def enable_lora(
     model: keras.Model, rank: int, targets: Sequence[str] | str | None = None
 ) -> list[str]:
-    """Enable LoRA on ``model.backbone``; return the names of the layers it adapted.
+    """Enable LoRA on ``model.backbone``; return the names of ``targets`` (by default
+    KerasHub's list for the backbone) that name layers it adapted.
 
     Raises:
       ConfigError: ``rank`` is not positive, the model has no KerasHub backbone, or no layer
@@ -215,11 +255,19 @@ def enable_lora(
         known = sorted({layer.name for layer in backbone._flatten_layers() if layer.weights})
         raise ConfigError(
             f"lora_targets {names} match no layer of {backbone.name!r}: choose among "
-            f"{', '.join(known[:12])}{', ...' if len(known) > 12 else ''}."
+            f"{', '.join(known)}."
         )
+    # KerasHub's default list spans families (query_dense, value_dense, query, value): the
+    # names recorded are those of the layers really adapted.
+    adapted = [name for name in names if name in _lora_layer_names(backbone)]
     if model in _BASES:
-        _BASES[model].update(lora_rank=rank, lora_targets=",".join(names))
-    return names
+        _BASES[model].update(lora_rank=rank, lora_targets=",".join(adapted))
+    return adapted
+
+
+def _lora_layer_names(backbone: Any) -> set[str]:
+    """Names of the backbone's layers that have LoRA enabled."""
+    return {layer.name for layer in backbone._flatten_layers() if _lora_a(layer) is not None}
 
 
 def preset_tokenizer(handle: str) -> Any:

@@ -78,7 +78,8 @@ def _warmup_schedule(values: dict[str, Any]) -> dict[str, Any] | None:
     if factory_name(parts[1]) == "cosine_decay_schedule":
         # Optax gives the cosine part decay_steps - warmup_steps and alpha = end / peak.
         end = float(f"{float(main['alpha']) * float(head['peak']):.12g}")
-        tail = {"decay_steps": main["decay_steps"] + boundaries[0], "end": end}
+        # The cosine part's decay_steps is a float once it was called: a count again.
+        tail = {"decay_steps": _whole(json_safe(main["decay_steps"] + boundaries[0])), "end": end}
         if main.get("exponent") != 1.0:
             tail["exponent"] = main.get("exponent")
         return json_safe({"kind": "warmup_cosine", **head, **tail})

@@ -8,7 +8,9 @@ with one line per run.
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +53,8 @@ class RunSummary:
         steps: The last step at which the metric was logged.
         final: The metric's last value.
         best: The metric's minimum (maximum for metrics in ``HIGHER_IS_BETTER``), NaN ignored.
-        tokens_per_second: The last logged ``tokens_per_second``.
+        tokens_per_second: The median of the logged ``tokens_per_second`` points (the first
+            steps compile and a last sample is one moment; the median is the run's pace).
         flops_per_second: The last logged ``flops_per_second`` (achieved FLOP/s).
         mfu: The last logged ``mfu``, where the devices' peak is known.
         compile_seconds: The step's compile time, as logged.
@@ -183,7 +186,7 @@ def _summary(client: MlflowClient, run: Run, metric: str) -> RunSummary:
         status=(f"DIVERGED@{tags[DIVERGED_TAG]}" if DIVERGED_TAG in tags else run.info.status),
         optimizer=params.get("optimizer.name"),
         learning_rate=params.get("optimizer.learning_rate"),
-        tokens_per_second=latest.get("tokens_per_second"),
+        tokens_per_second=_median(client, run, "tokens_per_second"),
         flops_per_second=latest.get("flops_per_second"),
         mfu=latest.get("mfu"),
         compile_seconds=latest.get("compile_seconds"),
@@ -204,16 +207,35 @@ def _summary(client: MlflowClient, run: Run, metric: str) -> RunSummary:
     return summary
 
 
+def _median(client: MlflowClient, run: Run, metric: str) -> float | None:
+    """The median of ``metric``'s logged values, ``None`` if the run never logged it."""
+    if metric not in run.data.metrics:
+        return None
+    values = [p.value for p in client.get_metric_history(run.info.run_id, metric)]
+    finite = [value for value in values if math.isfinite(value)]
+    return statistics.median(finite) if finite else None
+
+
+def run_names(summaries: Sequence[RunSummary]) -> list[str]:
+    """How the table and the chart name each run: its name, and where names repeat, the
+    first 8 characters of its id too (``adamw (3f9c01ab)``)."""
+    counts = collections.Counter(s.run_name for s in summaries)
+    return [
+        f"{s.run_name} ({s.run_id[:8]})" if counts[s.run_name] > 1 else s.run_name
+        for s in summaries
+    ]
+
+
 def _figure(summaries: Sequence[RunSummary], metric: str) -> Figure:
     """Build the chart (one line per run that logged ``metric``) without pyplot's state."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9, 5), layout="constrained")
     axes = figure.add_subplot()
-    for summary in summaries:
+    for summary, name in zip(summaries, run_names(summaries), strict=True):
         if summary.history:
             steps, values = zip(*summary.history)
-            axes.plot(steps, values, label=summary.label, linewidth=1.5)
+            axes.plot(steps, values, label=name, linewidth=1.5)
     better = "higher" if metric in HIGHER_IS_BETTER else "lower"
     axes.set_title(f"{metric} by step ({better} is better)")
     axes.set_xlabel("step")
@@ -253,12 +275,12 @@ def table_columns(summaries: Sequence[RunSummary]) -> list[Column]:
     """The comparison table's columns, one cell per run, most important first to stay.
 
     ``mfu`` (shown where a run logged it) and ``flop/s`` go first when the terminal is
-    narrow, then ``optimizer`` (the run's label names it too), ``tok/s`` and ``lr``; rank,
-    run, status, steps and the metric's values always stay.
+    narrow, then ``optimizer``, ``tok/s`` (the median) and ``lr``; rank, run (its name, see
+    ``run_names``), status, steps and the metric's values always stay.
     """
     return [
         Column("#", [str(rank) for rank in range(1, len(summaries) + 1)], number=True),
-        Column("run", [s.label for s in summaries]),
+        Column("run", run_names(summaries)),
         Column("optimizer", [s.optimizer or "-" for s in summaries], drop_rank=3),
         Column("lr", [s.learning_rate or "-" for s in summaries], drop_rank=1),
         Column("status", [s.status for s in summaries]),

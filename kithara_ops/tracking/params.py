@@ -53,7 +53,8 @@ def config_params(run: RunInfo) -> dict[str, str]:
     Tracking settings are left out: where a run is logged is not part of what it is. So are
     the coordinator address and the process rank, which differ between launches and
     processes (``num_processes`` stays). ``lora_rank`` and ``lora_targets`` are logged as
-    ``lora.rank`` and ``lora.targets`` (see ``lora_params``).
+    ``lora.rank`` and ``lora.targets`` (see ``lora_params``); a chat template file's
+    SHA-256 (16 hex digits) as ``chat_template.digest``.
     """
     skip = {"tracking", "tracking_uri", "experiment", "run_name", "system_metrics", "log_model",
             "parent_run_id", "coordinator", "process_id", "lora_rank", "lora_targets"}  # fmt: skip
@@ -62,8 +63,26 @@ def config_params(run: RunInfo) -> dict[str, str]:
     values["num_params"] = run.num_params
     values["num_trainable_params"] = run.num_trainable_params
     values.update(lora_params(run))
+    template = chat_template_text(run.config)
+    if template is not None:
+        from kithara_ops.export_files import template_digest
+
+        values["chat_template.digest"] = template_digest(template)
     values["total_steps"] = run.total_steps
     return {key: shorten(value, MAX_PARAM_LENGTH) for key, value in values.items()}
+
+
+def chat_template_text(config: Any) -> str | None:
+    """The text of the run's ``chat_template`` file, ``None`` without one (or unreadable:
+    the run read it already, so a file gone since only costs the record)."""
+    if not config.chat_template:
+        return None
+    from kithara_ops.data.chat import read_template_file
+
+    try:
+        return read_template_file(config.chat_template)
+    except Exception:
+        return None
 
 
 def lora_params(run: RunInfo) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from kithara_ops.optim.describe import optimizer_params
 from kithara_ops.tracking.logged_models import LINKED_METRICS
 from kithara_ops.tracking.params import (
     DIVERGED_TAG,
+    chat_template_text,
     run_params,
     run_tags,
 )
@@ -126,6 +127,9 @@ class MlflowTracker(Callback):
         self.writer.log_text(json.dumps(self.description, indent=2), "optimizer/optimizer.json")
         if run.data is not None:
             self.writer.log_dataset(run.data)
+        template = chat_template_text(self.config)
+        if template is not None:
+            self.writer.log_text(template, "chat_template/chat_template.jinja")
         logged = self.config.without_launch()
         logged = logged.replace(tracking_uri=masked(logged.tracking_uri))
         self.writer.log_text(logged.dump_yaml(), "config/run.yaml")

@@ -105,12 +105,10 @@ def _readable(store: Any, step: int | None) -> tuple[int, Any]:
 def _restored_model(store: Any, config: Any, step: int) -> tuple[Any, Any]:
     """The run's model rebuilt from ``config`` with the weights of checkpoint ``step``."""
     from kithara_ops import data
-    from kithara_ops import state as state_lib
     from kithara_ops.build import build_model
     from kithara_ops.optim.spec import build_optimizer
+    from kithara_ops.program import Program
     from kithara_ops.restore import restore
-    from kithara_ops.sinks import Sinks
-    from kithara_ops.trainer import Trainer
 
     tokenizer = data.run_tokenizer(config.tokenizer, config.model)
     keras_model = build_model(config, tokenizer.vocab_size)
@@ -126,10 +124,9 @@ def _restored_model(store: Any, config: Any, step: int) -> tuple[Any, Any]:
             "export those."
         )
     optimizer = build_optimizer(spec, config.learning_rate, config.weight_decay)
-    plain = config.replace(tracking=False, checkpoint_dir=None)
-    trainer = Trainer(keras_model, optimizer, [], config=plain, sinks=Sinks([]))
-    restored = restore(store, step, trainer.state_template(), reset_optimizer=not rebuilt)
-    state_lib.write_back(restored.state, keras_model, trainer.key_groups, trainer.adapter)
+    program = Program(keras_model, optimizer, config)
+    restored = restore(store, step, program.template(), reset_optimizer=not rebuilt)
+    program.write_back(restored.state)
     return keras_model, tokenizer
 
 

@@ -18,8 +18,10 @@ from kithara_ops.errors import ConfigError
 from kithara_ops.models.hub import HANDLE_SCHEMES
 from kithara_ops.models.registry import output_vocab_size
 from kithara_ops.optim.spec import build_optimizer
+from kithara_ops.program import Program
 from kithara_ops.sharding import make_mesh
 from kithara_ops.sinks import build_sinks
+from kithara_ops.start import final_config
 from kithara_ops.trainer import Trainer
 
 
@@ -87,7 +89,9 @@ def build_trainer(
     if config.checkpoint_dir:
         preflight.check_checkpoint_room(config.checkpoint_dir, model)
     sinks = build_sinks(config, callbacks, progress=progress, checkpoints=checkpoints)
-    return Trainer(model, optimizer, train_data, eval_data=eval_data, config=config, sinks=sinks)
+    config, train_data = final_config(model, "", train_data, config, {})
+    program = Program(model, optimizer, config)
+    return Trainer.from_program(program, train_data, eval_data=eval_data, sinks=sinks)
 
 
 def build_model(config: RunConfig, vocab_size: int) -> keras.Model:

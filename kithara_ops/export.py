@@ -129,12 +129,10 @@ def _restored_model(store: Any, config: Any, step: int, chosen: bool) -> tuple[A
     unless ``step`` was ``chosen``, the newest checkpoint not yet tried is read instead.
     """
     from kithara_ops import data
-    from kithara_ops import state as state_lib
     from kithara_ops.build import build_model
     from kithara_ops.optim.spec import build_optimizer
+    from kithara_ops.program import Program
     from kithara_ops.restore import UnreadableCheckpoint, restore
-    from kithara_ops.sinks import Sinks
-    from kithara_ops.trainer import Trainer
 
     tokenizer = data.run_tokenizer(config.tokenizer, config.model, config.chat_template)
     keras_model = build_model(config, tokenizer.vocab_size)
@@ -150,9 +148,8 @@ def _restored_model(store: Any, config: Any, step: int, chosen: bool) -> tuple[A
             "export those."
         )
     optimizer = build_optimizer(spec, config.learning_rate, config.weight_decay)
-    plain = config.replace(tracking=False, checkpoint_dir=None)
-    trainer = Trainer(keras_model, optimizer, [], config=plain, sinks=Sinks([]))
-    template, tried = trainer.state_template(), []
+    program = Program(keras_model, optimizer, config)
+    template, tried = program.template(), []
     while True:
         try:
             restored = restore(store, step, template, reset_optimizer=not rebuilt)
@@ -173,7 +170,7 @@ def _restored_model(store: Any, config: Any, step: int, chosen: bool) -> tuple[A
                 "rotated it away): exporting step %d.", step, err, left[-1],
             )  # fmt: skip
             step = left[-1]
-    state_lib.write_back(restored.state, keras_model, trainer.key_groups, trainer.adapter)
+    program.write_back(restored.state)
     return keras_model, tokenizer
 
 

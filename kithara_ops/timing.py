@@ -1,13 +1,18 @@
-"""When hooks run, and how long steps take, for the Trainer's loop."""
+"""When hooks run, how long steps take, and what the Trainer's loop carries between steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import jax
+import numpy as np
 
+from kithara_ops.callbacks import TrainResult
 from kithara_ops.cost import StepCost, device_memory
+from kithara_ops.guard import NonfiniteGuard
+from kithara_ops.state import state_bytes
 
 
 def every(n: int | None, step: int, total: int, only_last: bool = False) -> bool:
@@ -71,3 +76,63 @@ class Clock:
     def elapsed(self) -> float:
         """Seconds since ``train()`` started."""
         return time.perf_counter() - self.started
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop carries from step to step besides the state.
+
+    Attributes:
+      clock: step timing (and FLOP/s, MFU) since the run started.
+      guard: the non-finite step counters.
+      last_loss, eval_loss: the latest values (a restored run starts from its record's).
+      placed: the placed state's ``total`` and ``per_device`` bytes (``state.state_bytes``).
+    """
+
+    clock: Clock
+    guard: NonfiniteGuard
+    last_loss: float | None
+    eval_loss: float | None
+    placed: dict[str, int]
+    first_step: int | None = None
+
+    def stepped(self, metrics: Any, step: int, train_step: Any, arguments: Any) -> None:
+        """Note a dispatched step: its timing, its non-finite flag and, after the run's
+        first step (whose lowering is cached by then), the step's FLOP count."""
+        self.clock.stepped(metrics, step)
+        if self.first_step is None:
+            self.first_step = step
+            if self.clock.cost is not None:
+                shapes = jax.tree.map(_abstract, arguments)
+                self.clock.cost.analyse(lambda: train_step.lower(*shapes))
+        self.guard.stepped(metrics)
+
+    def result(self, step: int) -> TrainResult:
+        """What ``train()`` returns at ``step``, the last."""
+        return TrainResult(
+            step, self.last_loss, self.eval_loss, self.clock.elapsed(),
+            self.clock.compile_seconds, self.clock.last, state_bytes=self.placed,
+        )  # fmt: skip
+
+    @classmethod
+    def at_start(cls, begin: Any, program: Any, shape: tuple[int, int], since: float) -> Progress:
+        """The progress of a run starting at ``begin`` (a ``start.Start``) of ``program``,
+        with batches of ``shape``, whose ``train()`` began at ``since``."""
+        placed = state_bytes(begin.state)
+        tokens = shape[0] * shape[1]
+        weights = int(sum(np.prod(v.shape, dtype=np.int64) for v in program.model.weights))
+        cost = StepCost(weights, tokens, program.mesh.devices.flat)
+        # The state's size is measured, not configured (and differs by optimizer): a metric.
+        sizes = {"state_bytes": placed["total"], "state_bytes_per_device": placed["per_device"]}
+        record, config = begin.record, program.config
+        return cls(
+            Clock(tokens_per_step=tokens, since=since, cost=cost, once=sizes),
+            NonfiniteGuard(config.on_nonfinite, config.nonfinite_patience),
+            record.loss if record else None,
+            record.eval_loss if record else None,
+            placed,
+        )
+
+
+def _abstract(array: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding)

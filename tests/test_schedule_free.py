@@ -12,7 +12,7 @@ from conftest import BATCH, SEQ_LEN
 from kithara_ops import RunConfig, Trainer, data, feed
 from kithara_ops.build import build_trainer
 from kithara_ops.export import export
-from kithara_ops.optim.adapter import as_adapter
+from kithara_ops.optim import as_adapter
 from kithara_ops.step import StepBuilder
 
 

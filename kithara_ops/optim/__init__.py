@@ -1,5 +1,6 @@
 """Optimizers of both families behind one adapter (see ``adapter.py``)."""
 
-from kithara_ops.optim.adapter import OptimizerAdapter, as_adapter
+from kithara_ops.optim.adapter import OptimizerAdapter
+from kithara_ops.optim.family import as_adapter
 
 __all__ = ["OptimizerAdapter", "as_adapter"]

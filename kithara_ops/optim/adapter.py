@@ -4,7 +4,7 @@ The Trainer and the train step only ever see an ``OptimizerAdapter``: ``init`` b
 optimizer state for a dict of parameters (keyed by Keras variable path), ``update`` applies
 one step and reports the learning rate it used, ``state_shardings`` places the state,
 ``variables`` and ``write_back`` connect it with the optimizer object the user holds. Which
-family the optimizer came from is known here and in the two adapter modules only.
+family the optimizer came from is known in ``family.py`` and the two adapter modules only.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ from typing import Any, Protocol
 
 import jax
 import keras
-import optax
-
-from kithara_ops.errors import ConfigError
 
 Params = dict[str, jax.Array]
 Shardings = dict[str, jax.sharding.Sharding]
@@ -79,33 +76,6 @@ class OptimizerAdapter(Protocol):
 
     def write_back(self, opt_state: Any) -> None:
         """Copy a trained state into the optimizer object, where it keeps one (else no-op)."""
-
-
-def as_adapter(optimizer: Any, trainable_variables: list[keras.Variable]) -> OptimizerAdapter:
-    """Wrap a Keras or Optax optimizer in the adapter the train step uses.
-
-    Args:
-      optimizer: a ``keras.optimizers.Optimizer``, an ``optax.GradientTransformation``
-        (with or without extra args) or an ``optax.MultiSteps``.
-      trainable_variables: the model's trainable variables, in the model's order.
-
-    Raises:
-      ConfigError: for any other type, naming it.
-    """
-    from kithara_ops.optim.keras_adapter import KerasAdapter
-    from kithara_ops.optim.optax_adapter import OptaxAdapter
-
-    if isinstance(optimizer, keras.optimizers.Optimizer):
-        return KerasAdapter(optimizer, trainable_variables)
-    if isinstance(optimizer, optax.MultiSteps):
-        return OptaxAdapter(optimizer.gradient_transformation(), user_object=optimizer)
-    if isinstance(optimizer, optax.GradientTransformation):
-        return OptaxAdapter(optimizer)
-    raise ConfigError(
-        f"optimizer must be a keras.optimizers.Optimizer or an optax.GradientTransformation, "
-        f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}: pass e.g. "
-        "keras.optimizers.AdamW(1e-3) or optax.adamw(1e-3)."
-    )
 
 
 LearningRate = float | Callable[[jax.Array], jax.Array]

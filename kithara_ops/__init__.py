@@ -26,7 +26,7 @@ from kithara_ops._backend import require_jax_backend
 # Cheap (no Keras import): it only fixes KERAS_BACKEND before anything can import Keras.
 require_jax_backend()
 
-__version__ = "0.1.0"
+from kithara_ops.version import __version__  # noqa: E402
 
 _HOMES = {
     "Callback": "kithara_ops.callbacks",

@@ -67,7 +67,7 @@ def build_sinks(
         tracker = MlflowTracker(config)
     shown = []
     if progress:
-        from kithara_ops.cli.progress import ProgressBar
+        from kithara_ops.progress import ProgressBar
 
         shown.append(ProgressBar())
     ordered = [s for s in (checkpoints, tracker) if s is not None] + shown + list(callbacks)

@@ -1,4 +1,10 @@
-"""The module-level imports inside ``kithara_ops`` form no cycle."""
+"""The imports inside ``kithara_ops`` form no cycle, and the lower floors import no upper one.
+
+Every import counts: at module level, inside functions and classes, and under
+``TYPE_CHECKING``. An import inside a function is a dependency all the same (it only runs
+later), so the modules form a tree of floors: ``tracking/``, ``optim/``, ``models/`` and
+``data/`` never import the package root, ``cli/``, ``build`` or ``trainer``.
+"""
 
 from __future__ import annotations
 
@@ -24,39 +30,17 @@ def module_names(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
     return modules
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``: never true at run time."""
-    if isinstance(test, ast.Name):
-        return test.id == "TYPE_CHECKING"
-    return isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-
-
-def _runtime_imports(body: Iterable[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
-    """Import statements that run when the module is imported.
-
-    Functions and classes run their imports later (or never), so they cannot close a cycle
-    at import time; ``if``/``try``/``with`` blocks at module level do run.
-    """
-    for node in body:
+def _all_imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement of a module, wherever it stands."""
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
             yield node
-        elif isinstance(node, ast.If):
-            if not _is_type_checking(node.test):
-                yield from _runtime_imports(node.body)
-            yield from _runtime_imports(node.orelse)
-        elif isinstance(node, ast.Try | ast.TryStar):
-            for block in (node.body, node.orelse, node.finalbody):
-                yield from _runtime_imports(block)
-            for handler in node.handlers:
-                yield from _runtime_imports(handler.body)
-        elif isinstance(node, ast.With):
-            yield from _runtime_imports(node.body)
 
 
 def imported_modules(module: str, is_package: bool, source: str, known: set[str]) -> set[str]:
-    """The package's own modules that ``module`` imports at module level."""
+    """The package's own modules that ``module`` imports, anywhere in its source."""
     targets = set()
-    for node in _runtime_imports(ast.parse(source).body):
+    for node in _all_imports(ast.parse(source)):
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
             continue
@@ -128,8 +112,8 @@ def test_find_cycle_reports_a_cycle():
     assert find_cycle({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}) is None
 
 
-def test_imported_modules_counts_only_imports_run_at_import_time():
-    known = {"pkg", "pkg.a", "pkg.b", "pkg.c", "pkg.d", "pkg.e", "pkg.sub", "pkg.sub.f"}
+def test_imported_modules_counts_every_import():
+    known = {"pkg", "pkg.a", "pkg.b", "pkg.c", "pkg.d", "pkg.e", "pkg.g", "pkg.sub", "pkg.sub.f"}
     source = """
 from typing import TYPE_CHECKING
 import os
@@ -145,17 +129,35 @@ except ImportError:
 from .sub import f
 from . import e
 def later():
-    import pkg.b
+    import pkg.g
 class Later:
     from pkg import b
 """
     assert imported_modules("pkg.x", False, source, known) == {
         "pkg.a",
         "pkg",  # helper is a name in pkg's __init__, not a module
+        "pkg.b",
         "pkg.c",
         "pkg.d",
         "pkg.sub.f",
         "pkg.e",
+        "pkg.g",
     }
     # In a package's __init__, "." is the package itself.
     assert imported_modules("pkg.sub", True, "from . import f", known) == {"pkg.sub.f"}
+
+
+FLOORS = ("kithara_ops.tracking", "kithara_ops.optim", "kithara_ops.models", "kithara_ops.data")
+ABOVE = ("kithara_ops", "kithara_ops.build", "kithara_ops.trainer")
+
+
+def test_the_lower_floors_import_nothing_above_them():
+    graph = import_graph(module_names())
+    found = {
+        (module, target)
+        for module, targets in graph.items()
+        if module.startswith(FLOORS)
+        for target in targets
+        if target in ABOVE or target == "kithara_ops.cli" or target.startswith("kithara_ops.cli.")
+    }
+    assert not found, sorted(found)

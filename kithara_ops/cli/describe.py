@@ -31,7 +31,7 @@ def spec_params(
     from kithara_ops.optim.describe import describe_optimizer, optimizer_params
     from kithara_ops.optim.monitors import optimizer_metrics
     from kithara_ops.optim.spec import build_optimizer
-    from kithara_ops.tracking.params import run_params
+    from kithara_ops.tracking.params import MAX_PARAM_LENGTH, run_params
 
     options = {"optimizer": spec, "learning_rate": learning_rate, "weight_decay": weight_decay}
     # Unset options take the run's defaults, exactly as ``train`` leaves them to RunConfig.
@@ -48,7 +48,7 @@ def spec_params(
         start_step=0,
         total_steps=0,
     )
-    logged = run_params(run, optimizer_params(description))
+    logged = run_params(run, optimizer_params(description, MAX_PARAM_LENGTH))
     params = {k: v for k, v in logged.items() if k.startswith("optimizer.")}
     return description, params, optimizer_metrics(optimizer, description.get("clipping"))
 

@@ -119,8 +119,8 @@ def optimizer_params(description: dict[str, Any], max_len: int | None = None) ->
 
     Args:
       description: what ``describe_optimizer`` returned.
-      max_len: longest value (default: MLflow's param limit); longer values are cut to
-        fit and end in ``...``.
+      max_len: longest value (``None``: no limit); longer values are cut to fit and end
+        in ``...``. The tracker passes MLflow's param limit.
 
     Returns:
       ``optimizer.family``, ``optimizer.name``, ``optimizer.learning_rate``,
@@ -140,10 +140,10 @@ def optimizer_params(description: dict[str, Any], max_len: int | None = None) ->
     params["optimizer.chain"] = description.get("chain_text", "")
     for i, element in enumerate(description.get("chain", [])):
         params[f"optimizer.chain.{i}"] = _element_text(element)
-    from kithara_ops.tracking.params import MAX_PARAM_LENGTH
-
-    limit = MAX_PARAM_LENGTH if max_len is None else max_len
-    return {key: _shorten(value_text(value), limit) for key, value in params.items()}
+    texts = {key: value_text(value) for key, value in params.items()}
+    if max_len is None:
+        return texts
+    return {key: _shorten(text, max_len) for key, text in texts.items()}
 
 
 def _keras_config(opt: keras.optimizers.Optimizer) -> dict[str, Any]:

@@ -11,12 +11,8 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kithara_ops.errors import first_line
-
-if TYPE_CHECKING:
-    from kithara_ops.tracking.writer import Delivery
 
 log = logging.getLogger("kithara_ops.tracking")
 
@@ -75,33 +71,3 @@ def save_undelivered(directory: Path, header: dict, pending: list, where: str) -
         spool,
     )
     return spool
-
-
-def replay_spool(
-    path: str | Path, tracking_uri: str | None = None, timeout: float = 120.0
-) -> Delivery:
-    """Send a spool file's records to MLflow, in order, into the run they belong to.
-
-    Args:
-      path: a spool file written when a run ended with MLflow unreachable.
-      tracking_uri: override the URI recorded in the file.
-      timeout: seconds to wait for delivery; what is left is spooled again.
-    """
-    from kithara_ops.tracking.writer import RunWriter
-
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    header = lines[0]["payload"]
-    writer = RunWriter(
-        tracking_uri or header["tracking_uri"],
-        header["experiment"],
-        run_name=header["run_name"],
-        run_id=header["run_id"],
-        spool_dir=Path(path).parent,
-    )
-    status = "FINISHED"
-    for record in lines[1:]:
-        if record["kind"] == "end":
-            status = record["payload"]["status"]
-            continue
-        writer._put(record["kind"], record["payload"])
-    return writer.finish(status, timeout)

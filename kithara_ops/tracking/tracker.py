@@ -21,6 +21,7 @@ from kithara_ops.optim.describe import optimizer_params
 from kithara_ops.tracking.logged_models import LINKED_METRICS
 from kithara_ops.tracking.params import (
     DIVERGED_TAG,
+    MAX_PARAM_LENGTH,
     chat_template_text,
     run_params,
     run_tags,
@@ -105,7 +106,7 @@ class MlflowTracker(Callback):
     def on_train_start(self, run: RunInfo) -> None:
         if jax.process_index() != 0:
             return
-        from kithara_ops import __version__
+        from kithara_ops.version import __version__
 
         self.config = run.config
         self.description = run.description
@@ -123,7 +124,9 @@ class MlflowTracker(Callback):
         if self.config.system_metrics:
             self.writer.on_run_ready.append(self._start_system_metrics)
         self.writer.set_tags(run_tags(run, self.description, __version__))
-        self.writer.log_params(run_params(run, optimizer_params(self.description)))
+        self.writer.log_params(
+            run_params(run, optimizer_params(self.description, MAX_PARAM_LENGTH))
+        )
         self.writer.log_text(json.dumps(self.description, indent=2), "optimizer/optimizer.json")
         if run.data is not None:
             self.writer.log_dataset(run.data)

@@ -100,6 +100,9 @@ class MlflowServer:
         else:
             command += ["--default-artifact-root", str(self.artifact_root)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # MLflow 3's server also starts job workers (huey consumers, for server-side
+        # evaluation jobs): half a dozen processes no test uses, on a machine of two cores.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 command,

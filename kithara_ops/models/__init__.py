@@ -4,7 +4,8 @@
 ``resolve_model("my_pkg.models:build", ...)`` calls a user factory returning a
 ``keras.Model``; ``from_preset(handle, lora_rank=...)`` loads a KerasHub preset or Hugging
 Face folder as a causal LM. ``layout_rules_of(model)`` gives the FSDP partition rules a model
-declares; ``adapt_model(model)`` says how a batch feeds it (the step's one model contract).
+declares; ``adapt_model(model)`` says how a batch feeds it (the step's one model contract);
+``tiny_preset(family, folder)`` writes a tiny offline preset to try things on.
 """
 
 from kithara_ops._backend import require_jax_backend
@@ -23,6 +24,7 @@ from kithara_ops.models.registry import (  # noqa: E402
     resolve_model,
 )
 from kithara_ops.models.rotary import apply_rotary_embedding  # noqa: E402
+from kithara_ops.models.tiny_presets import tiny_preset  # noqa: E402
 from kithara_ops.models.transformer import (  # noqa: E402
     CausalLM,
     CausalSelfAttention,
@@ -47,4 +49,5 @@ __all__ = [
     "layout_rules_of",
     "preset_tokenizer",
     "resolve_model",
+    "tiny_preset",
 ]

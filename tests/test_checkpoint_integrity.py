@@ -180,6 +180,8 @@ def test_a_damaged_newest_record_falls_back_in_train(saved, tmp_path, caplog, ho
 
 
 def run_cli(*args, cwd):
+    """A real process: a failed save's Orbax and TensorStore logs reach stderr only in one,
+    and the exit code is what a shell sees."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     return subprocess.run(
         [sys.executable, "-m", "kithara_ops.cli", *args],

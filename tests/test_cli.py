@@ -21,6 +21,8 @@ def run(*args):
 
 
 def test_train_as_the_readme_runs_it_shows_progress_and_a_summary(tmp_path):
+    """A real process: the bar goes to stderr and the summary to stdout, as a terminal sees
+    them."""
     # No --quiet, no --json: the progress bar and the summary table, as a user first sees them.
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
     done = subprocess.run(
@@ -35,6 +37,7 @@ def test_train_as_the_readme_runs_it_shows_progress_and_a_summary(tmp_path):
 
 
 def test_train_in_a_real_process_prints_json_and_lowers_the_loss(tmp_path):
+    """The console script itself: its exit code and a stdout that is the JSON document."""
     exe = shutil.which("kithara-ops")
     command = [exe] if exe else [sys.executable, "-m", "kithara_ops.cli"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}

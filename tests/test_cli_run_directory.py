@@ -1,20 +1,19 @@
 """The CLI keeps a checkpoint directory to one run and never deletes what it did not write."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import contextlib
 
-ROOT = Path(__file__).parent.parent
+from typer.testing import CliRunner
+
+from kithara_ops.cli import app
+
 FAST = ["--data", "synthetic", "--seq-len", "32", "--no-tracking", "--quiet"]
 
 
 def cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "kithara_ops.cli", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    """The command run in this process from ``cwd``: these tests check what it does to the
+    directory, its exit code and its one line, not a process boundary."""
+    with contextlib.chdir(cwd):
+        return CliRunner().invoke(app, list(args))
 
 
 def one_error_line(done):
@@ -27,16 +26,16 @@ def one_error_line(done):
 def test_a_fresh_train_into_a_runs_directory_is_a_usage_error(tmp_path):
     run = tmp_path / "run"
     first = cli("train", *FAST, "--steps", "2", "--checkpoint-dir", str(run), cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    assert first.exit_code == 0, first.stderr
     before = sorted(p.name for p in run.iterdir())
     again = cli("train", *FAST, "--steps", "4", "--checkpoint-dir", str(run), cwd=tmp_path)
-    assert again.returncode == 2
+    assert again.exit_code == 2
     line = one_error_line(again)
     assert "up to step 2" in line and "--resume" in line and "--overwrite" in line
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written or removed
     replaced = cli("train", *FAST, "--steps", "4", "--checkpoint-dir", str(run), "--overwrite",
                    cwd=tmp_path)  # fmt: skip
-    assert replaced.returncode == 0, replaced.stderr
+    assert replaced.exit_code == 0, replaced.stderr
     assert (run / "4").is_dir() and not (run / "2").exists()
 
 
@@ -47,6 +46,6 @@ def test_resume_never_deletes_a_numbered_folder_it_did_not_write(tmp_path):
     notes.write_text("keep me")
     done = cli("train", *FAST, "--steps", "2", "--checkpoint-dir", str(run), "--resume",
                cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 2
+    assert done.exit_code == 2
     assert "not checkpoints (2024)" in one_error_line(done)
     assert notes.read_text() == "keep me"

@@ -123,6 +123,7 @@ def test_options_shared_with_other_commands_come_from_the_same_fields():
 
 
 def test_print_config_without_options_is_the_dataclass_default(tmp_path):
+    """A real process without MLflow's variables: stdout is exactly the YAML, nothing else."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -119,6 +119,7 @@ def test_skip_stops_after_patience_steps_in_a_row(make_model):
 
 
 def test_the_cli_stops_a_diverging_run_with_one_line_and_exit_1(tmp_path):
+    """A real process: exit code 1 and one line on stderr, as a shell sees them."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     command = [
         sys.executable, "-m", "kithara_ops.cli", "train", "--optimizer", "optax.sgd(10000.0)",

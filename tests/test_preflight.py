@@ -196,6 +196,7 @@ def test_stdout_for_json_sends_prints_to_stderr(capsys):
 
 
 def test_json_against_a_tracking_server_is_one_document(tmp_path, mlflow_server):
+    """A real process: stdout is one JSON document while MLflow and the libraries log."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [

@@ -134,6 +134,7 @@ def test_bad_tokenizers_are_one_line_errors(tmp_path):
 
 
 def test_the_cli_refuses_a_tokenizer_it_cannot_load_in_one_line(tmp_path):
+    """A real process: stderr holds that line and nothing else (no library start-up output)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run(
         [sys.executable, "-m", "kithara_ops.cli", "train", "--no-tracking", "--steps", "1",

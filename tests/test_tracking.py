@@ -140,6 +140,7 @@ def test_keras_and_optax_runs_in_a_sqlite_store(tmp_path):
 
 
 def test_the_default_store_is_sqlite_in_the_working_directory(tmp_path):
+    """A real process with no MLflow variables: MLflow's tracking URI is process-wide state."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     done = subprocess.run(

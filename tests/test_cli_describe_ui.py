@@ -318,3 +318,35 @@ def test_ui_on_a_tracking_server_prints_its_chart_url_and_starts_nothing(
     result = run("ui", "--tracking-uri", mlflow_server.uri, "--experiment", "nope-remote")
     assert result.exit_code == 2, result.output
     assert "'nope-remote'" in one_error_line(result)
+
+
+# Run in a fresh interpreter: in this one, other tests may have imported JAX and Keras already.
+# MLflow's client is imported before the clock starts: no MLflow client does without it.
+QUICK_UI = """
+import sys, time
+import mlflow.tracking
+from typer.testing import CliRunner
+from kithara_ops.cli import app
+start = time.monotonic()
+result = CliRunner().invoke(app, ["ui", "--tracking-uri", sys.argv[1], "--experiment", "ui-quick"])
+print(result.exit_code, round(time.monotonic() - start, 2), "jax" in sys.modules,
+      "keras" in sys.modules, result.stdout.strip())
+"""
+
+
+def test_ui_on_a_tracking_server_prints_its_url_within_two_seconds(mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
+    if client.get_experiment_by_name("ui-quick") is None:
+        client.create_experiment("ui-quick")
+    done = subprocess.run(
+        [sys.executable, "-c", QUICK_UI, mlflow_server.uri],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    code, seconds, jax, keras, url = done.stdout.split(maxsplit=4)
+    assert code == "0" and url.startswith("MLflow UI: http://"), done.stdout
+    # Printing a page's address needs neither JAX nor Keras, whose imports took seconds.
+    assert (jax, keras) == ("False", "False")
+    assert float(seconds) < 2.0, done.stdout

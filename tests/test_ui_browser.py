@@ -37,7 +37,8 @@ def browser() -> str:
 
 
 def load(url: str, folder, name: str, size: str = "1600,1000") -> str:
-    """The page's text after its scripts ran; a screenshot is saved as ``folder/name.png``."""
+    """The page's text after its scripts ran; a screenshot is saved as ``folder/name.png``,
+    the page's markup as ``folder/name.html``."""
     command = [
         browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
         f"--user-data-dir={folder / 'profile'}", f"--window-size={size}",
@@ -46,8 +47,22 @@ def load(url: str, folder, name: str, size: str = "1600,1000") -> str:
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=BROWSER_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-2000:]
+    (folder / f"{name}.html").write_text(done.stdout)
     markup = re.sub(r"<(script|style)\b.*?</\1>", " ", done.stdout, flags=re.S)
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", markup)).split())
+
+
+def shown_params(markup: str) -> list[str]:
+    """The param columns of the runs table from left to right, as laid out (not as the
+    markup lists them: the grid places its header cells by their ``left`` offset)."""
+    cells = re.findall(r'<div[^>]*class="ag-header-cell\b[^>]*>', markup)
+    placed = []
+    for cell in cells:
+        key = re.search(r'col-id="params\.`([^`]+)`"', cell)
+        left = re.search(r"left: (-?\d+(?:\.\d+)?)px", cell)
+        if key and left:
+            placed.append((float(left.group(1)), key.group(1)))
+    return [key for _, key in sorted(placed)]
 
 
 def printed_url(output: str) -> str:
@@ -99,6 +114,8 @@ def test_after_a_sweep_the_printed_page_charts_every_run_by_optimizer(mlflow_ser
         assert name in text, (name, text[:3000])
         assert f"{name} (loss)" in text, (name, text[:3000])
     assert "kithara-ops comparison" in text  # the shared view was loaded
+    first_chart = re.search(r"Model metrics \( ?\d+ ?\) Add chart (\S+)", text)
+    assert first_chart and first_chart.group(1) == "loss", text[:3000]
 
     # Wide enough for every column: the table renders only the columns in view.
     table_url = url.replace("compareRunsMode=CHART", "compareRunsMode=TABLE")
@@ -111,6 +128,9 @@ def test_after_a_sweep_the_printed_page_charts_every_run_by_optimizer(mlflow_ser
     for key in ("optimizer.family", "optimizer.chain", "optimizer.spec"):
         assert key not in table, (key, table[:3000])
     assert "sgd(learning_rate" not in table
+    # The name first, then the learning rate: the table alone would sort them by key.
+    params = shown_params((tmp_path / "table.html").read_text())
+    assert params[:2] == ["optimizer.name", "optimizer.learning_rate"], params
     for name in names:
         assert name in table
     (tmp_path / "pages.json").write_text(json.dumps({"charts": text, "table": table}))

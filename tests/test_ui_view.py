@@ -49,6 +49,8 @@ def sweep_template(tmp_path_factory):
         for key, value in (("optimizer.name", name), ("optimizer.learning_rate", lr),
                            ("optimizer.family", "optax"), ("steps", "4")):  # fmt: skip
             client.log_param(child.run_id, key, value)
+        for key in ("clipped", "eval_loss", "compile_seconds", "loss", "system/cpu"):
+            client.log_metric(child.run_id, key, 1.0, step=2)
     alone = client.create_run(experiment_id).info.run_id
     client.log_param(alone, "optimizer.name", "lion")
     client.log_param(alone, "optimizer.learning_rate", "0.0001")
@@ -96,9 +98,47 @@ def test_state_lists_children_as_rows_and_shows_the_columns():
     ]
     assert state["searchFilter"] == ""
     assert state["runsHiddenMode"] == "SHOW_ALL"
+    # The table lists params by name whatever the order of selectedColumns: columnOrder puts
+    # them right after the run's name, in this order.
+    assert state["columnOrder"] == state["selectedColumns"]
+    assert "compareRunCharts" not in state  # no metric: the page's own charts
     focused = view.comparison_state([], metric="eval_loss", parent_run_id="abc123")
     assert focused["searchFilter"] == "tags.mlflow.parentRunId = 'abc123'"
     assert focused["orderByKey"] == "metrics.`eval_loss`"
+
+
+def test_charts_show_loss_and_eval_loss_first_then_the_other_metrics_by_name():
+    metrics = ["clipped", "compile_seconds", "eval_loss", "grad_norm", "loss", "system/cpu",
+               "optimizer/lr", "accuracy"]  # fmt: skip
+    assert view.chart_order(metrics) == [
+        "loss", "eval_loss", "accuracy", "clipped", "compile_seconds", "grad_norm", "optimizer/lr"
+    ]  # fmt: skip
+    assert view.chart_order(["perplexity", "eval_loss"]) == ["eval_loss", "perplexity"]
+    state = view.comparison_state(["optimizer.name"], metrics=metrics)
+    charts = state["compareRunCharts"]
+    assert [chart["metricKey"] for chart in charts] == view.chart_order(metrics)
+    assert [chart["displayName"] for chart in charts][:2] == ["loss", "eval_loss"]
+    assert charts[-1]["displayName"] == "lr"
+    # Charts as the page makes them for a new metric (it turns a bar chart into a line chart
+    # once it sees a step past 0), each in its metric's section, under ids of its own.
+    assert {chart["type"] for chart in charts} == {"BAR"}
+    assert all(chart["isGenerated"] and not chart["deleted"] for chart in charts)
+    assert len({chart["uuid"] for chart in charts}) == len(charts)
+    sections = {section["uuid"]: section for section in state["compareRunSections"]}
+    assert [s["name"] for s in state["compareRunSections"]] == [
+        "Model metrics", "optimizer", "System metrics"
+    ]  # fmt: skip
+    assert {sections[chart["metricSectionId"]]["name"] for chart in charts[:-1]} == {
+        "Model metrics"
+    }
+    assert sections[charts[-1]["metricSectionId"]]["name"] == "optimizer"
+    # A metric logged later goes after these, not sorted in before loss; sections keep their
+    # order, model metrics first; the system metrics are the page's, charted by name.
+    assert state["isAccordionReordered"] is True
+    assert [s["isReordered"] for s in state["compareRunSections"]] == [True, True, False]
+    assert view.share_key(state) == view.share_key(
+        view.comparison_state(["optimizer.name"], metrics=reversed(metrics))
+    )
 
 
 @pytest.mark.parametrize("run_id", ["a' OR 1=1 --", "", "a b"])
@@ -138,6 +178,8 @@ def test_share_comparison_writes_one_view_with_the_differing_columns(sweep_store
         "metrics.`loss`",
     ]
     assert state["searchFilter"] == ""
+    charted = [chart["metricKey"] for chart in state["compareRunCharts"]]
+    assert charted == ["loss", "eval_loss", "clipped", "compile_seconds"]
 
     focused = view.share_comparison(client, experiment_id, parent_run_id=parent)
     views = shared_views(client, experiment_id)

@@ -293,7 +293,7 @@ def ui(
     import mlflow
 
     from kithara_ops.credentials import take_credentials
-    from kithara_ops.tracking.tracker import DEFAULT_EXPERIMENT
+    from kithara_ops.tracking.experiments import DEFAULT_EXPERIMENT
 
     # The page's address is printed: a password in the URI goes to MLflow's variables.
     uri = take_credentials(tracking_uri or mlflow.get_tracking_uri())

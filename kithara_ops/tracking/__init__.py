@@ -1,10 +1,44 @@
 """MLflow tracking: the run each training becomes, and comparing runs.
 
 ``MlflowTracker`` is a ``Callback``; the Trainer adds it when ``config.tracking`` is on.
+
+The names are loaded on first use (PEP 562), so that a light module of this package
+(``view``, ``experiments``: what ``kithara-ops ui`` needs) does not pay for importing Keras
+and JAX.
 """
 
-from kithara_ops.tracking.replay import replay_spool
-from kithara_ops.tracking.tracker import MlflowTracker, resolve_experiment
-from kithara_ops.tracking.writer import Delivery, RunWriter
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "Delivery": "kithara_ops.tracking.writer",
+    "MlflowTracker": "kithara_ops.tracking.tracker",
+    "RunWriter": "kithara_ops.tracking.writer",
+    "replay_spool": "kithara_ops.tracking.replay",
+    "resolve_experiment": "kithara_ops.tracking.tracker",
+}
+"""Each public name and the module that defines it."""
 
 __all__ = ["Delivery", "MlflowTracker", "RunWriter", "replay_spool", "resolve_experiment"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
+    from kithara_ops.tracking.replay import replay_spool
+    from kithara_ops.tracking.tracker import MlflowTracker, resolve_experiment
+    from kithara_ops.tracking.writer import Delivery, RunWriter
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name here."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'kithara_ops.tracking' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's attributes, including the public names not loaded yet."""
+    return sorted({*globals(), *__all__})

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from kithara_ops.tracking.params import EXPERIMENT_TAGS
-
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Tags of experiments kithara-ops creates: the MLflow UI then treats runs as model training."""
+DEFAULT_EXPERIMENT = "kithara-ops"
+"""The experiment a run logs into, and ``kithara-ops ui`` opens, when none is named."""
 
 State = Literal["active", "deleted", "missing"]
 """What became of an experiment: MLflow's lifecycle stage, or ``missing`` if it never was."""

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from kithara_ops.callbacks import RunInfo
+from kithara_ops.tracking.experiments import EXPERIMENT_TAGS  # noqa: F401 (still importable from here)
 
 
 def _mlflow_limit(name: str, fallback: int) -> int:
@@ -36,9 +37,6 @@ MAX_PARAMS_PER_BATCH = _mlflow_limit("MAX_PARAMS_TAGS_PER_BATCH", 100)
 """The most params (and tags, counted together) one ``log_batch`` request may carry."""
 DIVERGED_TAG = "kithara_ops.diverged_at_step"
 """The tag a run stopped for non-finite values carries: the step it was noticed at."""
-
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-"""Tags of experiments kithara-ops creates: the MLflow UI then treats runs as model training."""
 
 
 def shorten(value: Any, limit: int) -> str:

@@ -18,6 +18,7 @@ from kithara_ops.config import RunConfig
 from kithara_ops.credentials import masked
 from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
+from kithara_ops.tracking.experiments import DEFAULT_EXPERIMENT
 from kithara_ops.tracking.logged_models import LINKED_METRICS
 from kithara_ops.tracking.params import (
     DIVERGED_TAG,
@@ -29,8 +30,6 @@ from kithara_ops.tracking.params import (
 from kithara_ops.tracking.writer import Delivery, RunWriter
 
 log = logging.getLogger("kithara_ops.tracking")
-
-DEFAULT_EXPERIMENT = "kithara-ops"
 
 FLUSH_TIMEOUT_ENV = "KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT"
 """The environment variable that sets ``MlflowTracker``'s default ``flush_timeout`` (seconds)."""

@@ -9,7 +9,11 @@ button writes). ``share_comparison`` writes such a view:
   makes the page list child runs (a sweep's) as rows of their own instead of nesting them
   under a collapsed parent, whose charts would then be empty;
 - with the ``optimizer.*`` params whose values differ between the runs as columns, and the
-  metric's last value;
+  metric's last value, right after the run's name (``columnOrder``: the table itself lists
+  the params by name, whatever the order of ``selectedColumns``);
+- with the ``loss`` and ``eval_loss`` charts first, then the runs' other metrics by name
+  (``compareRunCharts`` and ``compareRunSections``: without them the page makes one chart a
+  metric, by name);
 - every run drawn in the charts (not only the first ten), legends by run name, which is the
   optimizer label unless a run was named otherwise;
 - for one sweep, only that sweep's runs (``tags.mlflow.parentRunId = '<parent>'``).
@@ -47,6 +51,13 @@ RUN_ID = re.compile(r"[0-9A-Za-z_-]+")
 """What an MLflow run id is made of; anything else is refused before it enters a filter."""
 MAX_RUNS = 1000
 """The most runs read to choose the columns; a bigger experiment is judged by its newest."""
+FIRST_CHARTS = ("loss", "eval_loss")
+"""The charts shown first (of those the runs logged), in this order."""
+MODEL_SECTION = "Model metrics"
+"""The chart section of the metrics without a ``/`` in their key (the UI's name for it)."""
+SYSTEM_SECTION = "System metrics"
+"""The chart section of the ``system/`` metrics, which the view leaves to the UI."""
+SYSTEM_PREFIX = "system/"
 
 
 def column(kind: str, key: str) -> str:
@@ -75,7 +86,10 @@ def differing_params(runs: Iterable[Mapping[str, str]], prefix: str = PARAM_PREF
 
 
 def comparison_state(
-    columns: Iterable[str], metric: str = "loss", parent_run_id: str | None = None
+    columns: Iterable[str],
+    metric: str = "loss",
+    parent_run_id: str | None = None,
+    metrics: Iterable[str] = (),
 ) -> dict:
     """The runs page's state showing every run's ``metric`` curve and the given param columns.
 
@@ -83,14 +97,77 @@ def comparison_state(
       columns: param keys to show as table columns, in order.
       metric: the metric runs are ordered by (ascending) and shown as a column.
       parent_run_id: show only the child runs of this run (a sweep).
+      metrics: the metric keys the runs logged, to chart in ``chart_order``.
     """
     search = children_filter(parent_run_id) if parent_run_id else ""
+    selected = [column("params", key) for key in columns] + [column("metrics", metric)]
     return {
         "searchFilter": search,
         "orderByKey": column("metrics", metric),
         "orderByAsc": True,
-        "selectedColumns": [column("params", key) for key in columns] + [column("metrics", metric)],
+        "selectedColumns": selected,
+        "columnOrder": selected,
         "runsHiddenMode": "SHOW_ALL",
+        **chart_state(metrics),
+    }
+
+
+def chart_order(metrics: Iterable[str]) -> list[str]:
+    """The metrics charted, in order: ``FIRST_CHARTS``, then the rest by name.
+
+    The ``system/`` metrics are left out: the UI charts them in a section of their own.
+    """
+    keys = {key for key in metrics if not key.startswith(SYSTEM_PREFIX)}
+    first = [key for key in FIRST_CHARTS if key in keys]
+    return first + sorted(keys.difference(first))
+
+
+def _section_name(key: str) -> str:
+    """The chart section of a metric, as the UI names it: what comes before its last ``/``."""
+    return key.rpartition("/")[0] or MODEL_SECTION
+
+
+def chart_state(metrics: Iterable[str]) -> dict:
+    """The chart view's state: a chart for each metric, in ``chart_order``; none if no metric.
+
+    Each chart is what the UI makes for a new metric (a bar chart, which it turns into a line
+    chart once it sees the metric logged at a step past 0), under a fixed id so that the same
+    metrics make the same state. The sections are marked reordered: a metric logged later is
+    charted after these, not sorted in among them, and the model metrics stay the first
+    section (the UI sorts sections by name unless ``isAccordionReordered``). The system
+    metrics' section is not: the UI charts those by name.
+    """
+    keys = chart_order(metrics)
+    if not keys:
+        return {}
+    named = {_section_name(key) for key in keys}
+    sections = [MODEL_SECTION, *sorted(named - {MODEL_SECTION}), SYSTEM_SECTION]
+    uuid = {name: f"kithara-ops-section-{i}" for i, name in enumerate(sections)}
+    charts = [
+        {
+            "uuid": f"kithara-ops-chart-{i}",
+            "type": "BAR",
+            "runsCountToCompare": 10,
+            "metricSectionId": uuid[_section_name(key)],
+            "deleted": False,
+            "isGenerated": True,
+            "metricKey": key,
+            "displayName": key.rpartition("/")[2] or key,
+        }
+        for i, key in enumerate(keys)
+    ]
+    return {
+        "compareRunCharts": charts,
+        "compareRunSections": [
+            {
+                "uuid": uuid[name],
+                "name": name,
+                "display": True,
+                "isReordered": name != SYSTEM_SECTION,
+            }
+            for name in sections
+        ],
+        "isAccordionReordered": True,
     }
 
 
@@ -139,7 +216,10 @@ def share_comparison(
     search = children_filter(parent_run_id) if parent_run_id else ""
     runs = client.search_runs([experiment_id], search, max_results=MAX_RUNS)
     state = comparison_state(
-        differing_params(run.data.params for run in runs), metric, parent_run_id
+        differing_params(run.data.params for run in runs),
+        metric,
+        parent_run_id,
+        metrics={key for run in runs for key in run.data.metrics},
     )
     key = share_key(state)
     tag = SHARED_VIEW_TAG + key

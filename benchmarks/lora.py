@@ -91,7 +91,8 @@ def build_preset(directory: Path) -> Path:
 def load(folder: Path, mesh: jax.sharding.Mesh | None) -> keras.Model:
     """The preset with LoRA enabled; seeded, so every run starts from the same adapters."""
     keras.utils.set_random_seed(0)
-    return from_preset(str(folder), lora_rank=LORA_RANK, mesh=mesh)
+    # Seeded here, so the Trainer and the reference loop start from the same adapters.
+    return from_preset(str(folder), lora_rank=LORA_RANK, mesh=mesh, seed=0)
 
 
 def model_inputs(batch):

@@ -88,8 +88,9 @@ def test_train_with_keras_optimizer_and_fsdp_via_cli_runner():
         (["--model", "nowhere_pkg:factory"], "nowhere_pkg"),
     ],
 )
-def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message):
-    # Later options win in click, so ``args`` override the fast defaults.
+def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message, eight_devices):
+    # On 8 devices (a batch of 6 rows does not split over them). Later options win in
+    # click, so ``args`` override the fast defaults.
     result = run("train", *FAST, *args, "--steps", "1")
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from kithara_ops.cli import app
 
 FAST = ["--model", "tiny", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8"]
 
@@ -83,7 +86,8 @@ def test_cli_resume_in_a_new_process_continues_the_same_mlflow_run(tmp_path, mlf
     )
     assert first.returncode == 0, first.stderr
     run_id = last_json(first)["run_id"]
-    listing = run("checkpoints", str(ckpt), "--json")
+    # The listing and the refusal below need no process of their own: they run in this one.
+    listing = CliRunner().invoke(app, ["checkpoints", str(ckpt), "--json"])
     assert [row["step"] for row in json.loads(listing.stdout)] == [5, 10]
     second = run("resume", str(ckpt), "--steps", "20", "--json", "--quiet")
     assert second.returncode == 0, second.stderr
@@ -94,8 +98,8 @@ def test_cli_resume_in_a_new_process_continues_the_same_mlflow_run(tmp_path, mlf
     assert run_info.info.status == "FINISHED"
     assert run_info.data.tags["kithara_ops.resumed_from_step"] == "10"
     # steps means the run's total: a run already at 20 refuses --steps 20.
-    again = run("resume", str(ckpt), "--steps", "20")
-    assert again.returncode == 2 and "already at step 20" in again.stderr
+    again = CliRunner().invoke(app, ["resume", str(ckpt), "--steps", "20"])
+    assert again.exit_code == 2 and "already at step 20" in again.stderr
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -3,7 +3,7 @@
 Every case must be a usage error: exit code 2, one ``Error:`` line on stderr naming the
 problem, no traceback, and nothing left behind (no checkpoint directory, no ``mlflow.db``).
 Each runs in a fresh working directory holding only the files it was given, and fails
-before anything compiles; the cases run two processes at a time.
+before anything compiles; each case is a test of its own, so the workers share them out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "tiny", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8"]
 QUIET = ["--no-tracking", "--steps", "2"]
-
-# Each case is a process that imports JAX, Keras and MLflow: seconds of CPU each.
-pytestmark = pytest.mark.timeout(1800)
 
 
 @dataclasses.dataclass
@@ -190,15 +186,6 @@ def _run_case(case: Case, cwd: Path) -> Outcome:
     return Outcome(done.returncode, done.stdout, done.stderr, before, _listing(cwd))
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
-    """Every case's outcome, run two processes at a time."""
-    dirs = {case.name: tmp_path_factory.mktemp(case.name) for case in CASES}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {case.name: pool.submit(_run_case, case, dirs[case.name]) for case in CASES}
-        return {name: future.result() for name, future in futures.items()}
-
-
 def test_there_are_at_least_forty_cases():
     assert len(CASES) >= 40
     assert len({case.name for case in CASES}) == len(CASES)
@@ -212,8 +199,8 @@ def test_there_are_at_least_forty_cases():
     ],
     ids=[c.name for c in CASES],
 )
-def test_hostile_input_is_one_error_line_exit_2_and_writes_nothing(case, outcomes):
-    outcome = outcomes[case.name]
+def test_hostile_input_is_one_error_line_exit_2_and_writes_nothing(case, tmp_path):
+    outcome = _run_case(case, tmp_path)
     detail = f"exit {outcome.code}\nstdout:\n{outcome.stdout}\nstderr:\n{outcome.stderr}"
     assert "Traceback" not in outcome.stderr + outcome.stdout, detail
     assert outcome.code == 2, detail

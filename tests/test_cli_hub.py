@@ -30,6 +30,18 @@ SHAPE = ["--seq-len", "32", "--batch-size", "8", "--learning-rate", "1e-2", "--l
 
 
 def kithara_ops(*args, cwd):
+    """``kithara-ops ARGS`` in a new process from ``cwd``, waited for."""
+    return started(*args, cwd=cwd).wait_done()
+
+
+class _Run(subprocess.Popen):
+    def wait_done(self) -> subprocess.CompletedProcess:
+        stdout, stderr = self.communicate(timeout=600)
+        return subprocess.CompletedProcess(self.args, self.returncode, stdout, stderr)
+
+
+def started(*args, cwd) -> _Run:
+    """``kithara-ops ARGS`` started in a new process on 8 devices, not waited for."""
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -38,9 +50,10 @@ def kithara_ops(*args, cwd):
     # The console script, as a user starts it: it must find ./my_models.py as python -m does.
     exe = shutil.which("kithara-ops")
     command = [exe] if exe else [sys.executable, "-m", "kithara_ops.cli"]
-    return subprocess.run(
-        [*command, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
-    )
+    return _Run(
+        [*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=cwd, env=env,
+    )  # fmt: skip
 
 
 def result_of(done):
@@ -66,21 +79,19 @@ def runs(tmp_path_factory, tiny_presets):
     gemma, uri = tiny_presets["gemma"], f"sqlite:///{root}/mlflow.db"
     common = ["--model", gemma, "--data", "corpus.txt", *LORA, *SHAPE, "--json"]
     out = {"root": root, "gemma": gemma, "uri": uri}
-    out["straight"] = result_of(
-        kithara_ops("train", *common, "--optimizer", "optax.adamw", "--steps", "6",
-                    "--checkpoint-dir", "straight", "--tracking-uri", uri, cwd=root)
-    )  # fmt: skip
-    result_of(
-        kithara_ops("train", *common, "--optimizer", "optax.adamw", "--steps", "3",
-                    "--checkpoint-dir", "split", "--no-tracking", cwd=root)
-    )  # fmt: skip
+    # Independent runs start together; the resume waits for the run it continues.
+    straight = started("train", *common, "--optimizer", "optax.adamw", "--steps", "6",
+                       "--checkpoint-dir", "straight", "--tracking-uri", uri, cwd=root)  # fmt: skip
+    split = started("train", *common, "--optimizer", "optax.adamw", "--steps", "3",
+                    "--checkpoint-dir", "split", "--no-tracking", cwd=root)  # fmt: skip
+    keras_run = started("train", *common, "--optimizer", "keras.AdamW", "--steps", "3",
+                        "--checkpoint-dir", "keras", "--no-tracking", cwd=root)  # fmt: skip
+    result_of(split.wait_done())
     out["resumed"] = result_of(
         kithara_ops("resume", "split", "--steps", "6", "--json", "--quiet", cwd=root)
     )
-    out["keras"] = result_of(
-        kithara_ops("train", *common, "--optimizer", "keras.AdamW", "--steps", "3",
-                    "--checkpoint-dir", "keras", "--no-tracking", cwd=root)
-    )  # fmt: skip
+    out["straight"] = result_of(straight.wait_done())
+    out["keras"] = result_of(keras_run.wait_done())
     return out
 
 

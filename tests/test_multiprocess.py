@@ -32,10 +32,21 @@ TIMEOUT = 300
 
 def cli(*args, devices=None):
     """Run ``kithara-ops ARGS`` in a new process; ``devices`` virtual CPU devices if given."""
+    return started(*args, devices=devices).wait_done()
+
+
+class _Run(subprocess.Popen):
+    def wait_done(self) -> subprocess.CompletedProcess:
+        stdout, stderr = self.communicate(timeout=TIMEOUT)
+        return subprocess.CompletedProcess(self.args, self.returncode, stdout, stderr)
+
+
+def started(*args, devices=None) -> _Run:
+    """``kithara-ops ARGS`` started in a new process, not waited for."""
     env = dict(os.environ)
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    return _Run([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def result_of(done):
@@ -44,10 +55,11 @@ def result_of(done):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def launch_train(*args):
+def launch_train(*args, wait=True):
     """``train ARGS`` as 2 processes x 2 CPU devices."""
-    return cli("launch", "--num-processes", "2", "--devices-per-process", "2", "--",
-               "train", *RUN, *args)  # fmt: skip
+    run = started("launch", "--num-processes", "2", "--devices-per-process", "2", "--",
+                  "train", *RUN, *args)  # fmt: skip
+    return run.wait_done() if wait else run
 
 
 def run_count(uri):
@@ -58,23 +70,31 @@ def run_count(uri):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """20 steps trained by 2 processes x 2 devices."""
-    root = tmp_path_factory.mktemp("two")
-    uri = f"sqlite:///{root}/mlflow.db"
-    done = launch_train("--steps", "20", "--checkpoint-dir", str(root / "ckpt"),
-                        "--tracking-uri", uri)  # fmt: skip
-    return {"done": done, "dir": root / "ckpt", "uri": uri}
+def runs(tmp_path_factory):
+    """The same 12 steps trained by 2 processes x 2 devices and by 1 process x 4 devices,
+    both started at once."""
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    uris = {root: f"sqlite:///{root}/mlflow.db" for root in (two, one)}
+    two_run = launch_train("--steps", "12", "--checkpoint-dir", str(two / "ckpt"),
+                           "--tracking-uri", uris[two], wait=False)  # fmt: skip
+    one_run = started("train", *RUN, "--steps", "12", "--checkpoint-dir", str(one / "ckpt"),
+                      "--tracking-uri", uris[one], devices=4)  # fmt: skip
+    return {
+        "two": {"done": two_run.wait_done(), "dir": two / "ckpt", "uri": uris[two]},
+        "one": {"done": one_run.wait_done(), "dir": one / "ckpt", "uri": uris[one]},
+    }
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The same 20 steps trained by 1 process x 4 devices."""
-    root = tmp_path_factory.mktemp("one")
-    uri = f"sqlite:///{root}/mlflow.db"
-    done = cli("train", *RUN, "--steps", "20", "--checkpoint-dir", str(root / "ckpt"),
-               "--tracking-uri", uri, devices=4)  # fmt: skip
-    return {"done": done, "dir": root / "ckpt", "uri": uri}
+def two_processes(runs):
+    """12 steps trained by 2 processes x 2 devices."""
+    return runs["two"]
+
+
+@pytest.fixture(scope="module")
+def one_process(runs):
+    """The same 12 steps trained by 1 process x 4 devices."""
+    return runs["one"]
 
 
 def assert_params_close(a, b):
@@ -86,7 +106,7 @@ def assert_params_close(a, b):
 @pytest.mark.slow
 def test_two_processes_train_the_run_one_process_trains(two_processes, one_process):
     two, one = result_of(two_processes["done"]), result_of(one_process["done"])
-    assert two["step"] == one["step"] == 20
+    assert two["step"] == one["step"] == 12
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
     assert_params_close(final_params(two_processes["dir"]), final_params(one_process["dir"]))
@@ -107,13 +127,13 @@ def test_checkpoints_resume_with_another_number_of_processes(two_processes, one_
     shutil.copytree(one_process["dir"], from_one)
 
     # Saved by 2 processes, resumed by 1 (its config holds no process options).
-    resumed = result_of(cli("resume", str(from_two), "--steps", "24", "--json", devices=4))
-    assert resumed["step"] == 24
+    resumed = result_of(cli("resume", str(from_two), "--steps", "16", "--json", devices=4))
+    assert resumed["step"] == 16
     # Saved by 1 process, resumed by 2, in the same MLflow run.
-    done = launch_train("--steps", "24", "--resume", "--checkpoint-dir", str(from_one),
+    done = launch_train("--steps", "16", "--resume", "--checkpoint-dir", str(from_one),
                         "--tracking-uri", one_process["uri"])  # fmt: skip
     resumed = result_of(done)
-    assert resumed["step"] == 24
+    assert resumed["step"] == 16
     assert resumed["run_id"] == result_of(one_process["done"])["run_id"]
     assert run_count(one_process["uri"]) == 1
     # Both continued the same state on the same batches.

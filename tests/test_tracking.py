@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from kithara_ops import Callback, RunConfig, Trainer, data
 from kithara_ops.cli import app
+from kithara_ops.start import Start, run_info
 from kithara_ops.tracking import replay_spool
 from kithara_ops.tracking.params import run_params, shorten
 
@@ -327,7 +328,7 @@ def test_log_model_gives_the_model_back_and_system_metrics_are_logged(make_model
 def test_long_values_are_shortened_never_refused(make_model):
     assert shorten("x" * 7000, 6000) == "x" * 5997 + "..."
     trainer = Trainer(make_model(), optax.adam(1e-3), [], steps=1, tracking=False, data="d" * 7000)
-    info = trainer._run_info(0, 1, None)
+    info = run_info(trainer.program, Start(trainer.initial_state(), "uid"), 1, {}, [])
     params = run_params(info, {"optimizer.chain": "c" * 9000})
     assert all(len(v) <= 6000 for v in params.values())
     assert params["data"].endswith("...")

@@ -18,7 +18,8 @@ def first_line(err: BaseException, limit: int | None = 200) -> str:
     """The first non-empty line of ``str(err)``, stripped, for one-line messages.
 
     Library errors often carry a traceback or a dump of the request after their first line;
-    a one-line message keeps only what says what went wrong.
+    a one-line message keeps only what says what went wrong (a preface line about how the
+    error surfaced, ``_PREFACES``, is passed over).
 
     Args:
       err: the exception to describe.
@@ -29,9 +30,14 @@ def first_line(err: BaseException, limit: int | None = 200) -> str:
       is empty (``str(KeyError())`` says nothing).
     """
     for line in str(err).splitlines():
-        if line.strip():
+        if line.strip() and not line.strip().startswith(_PREFACES):
             return line.strip()[:limit]
     return type(err).__name__
+
+
+_PREFACES = ("(raised as a result of",)
+"""First lines that say how an error surfaced, not what failed: SQLAlchemy puts "(raised as a
+result of Query-invoked autoflush; ...)" before the database's own error (a full disk)."""
 
 
 class Diverged(RuntimeError):

@@ -26,6 +26,15 @@ from kithara_ops.tracking.experiments import experiment_id, experiment_state
         (KeyError(), "KeyError"),
         (OSError("  \n \t\n"), "OSError"),
         (KeyboardInterrupt(), "KeyboardInterrupt"),
+        # SQLAlchemy's note on how the error surfaced comes before the database's own error.
+        (
+            RuntimeError(
+                "(raised as a result of Query-invoked autoflush; consider using a "
+                "session.no_autoflush block)\n(sqlite3.OperationalError) database or disk is "
+                "full\n[SQL: INSERT ...]"
+            ),
+            "(sqlite3.OperationalError) database or disk is full",
+        ),
     ],
 )
 def test_first_line_is_the_first_non_empty_line_or_the_type_name(err, expected):

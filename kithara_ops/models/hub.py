@@ -195,8 +195,10 @@ def draw_lora(model: keras.Model, seed: int) -> None:
         variable = _lora_a(layer)
         derived = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         value = keras.initializers.HeUniform(seed=derived)(variable.shape, variable.dtype)
-        sharding = getattr(variable.value, "sharding", None)
-        variable.assign(jax.device_put(value, sharding) if sharding is not None else value)
+        # A variable a Keras distribution placed keeps its placement; any other takes the
+        # value as Keras' own initializer would have left it (not committed to a device).
+        placed = getattr(variable, "_layout", None) is not None
+        variable.assign(jax.device_put(value, variable.value.sharding) if placed else value)
 
 
 def _lora_a(layer: Any) -> Any:

@@ -291,8 +291,10 @@ def test_the_command_line_reports_a_failed_save_in_one_line(saved, tmp_path, deb
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         if debug:  # the error's traceback and the libraries' own output, and the same line
             assert "Traceback" in done.stderr and "CheckpointWriteError" in done.stderr
-            # Their threads write to stderr too, so the line may follow theirs unbroken.
-            lines = [line[line.index("Error: ") :] for line in lines if "Error: " in line]
+            # Their threads write to stderr too (their own "Error: ..." lines among them), so
+            # the run's line may follow theirs unbroken.
+            ours = "Error: checkpoint step"
+            lines = [line[line.index(ours) :] for line in lines if ours in line]
         else:  # Orbax's and TensorStore's own error logs and tracebacks are hidden
             assert "Traceback" not in done.stderr and "ERROR:absl" not in done.stderr
         assert lines == [

@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -293,8 +294,9 @@ def test_the_command_line_reports_a_failed_save_in_one_line(saved, tmp_path, deb
             assert "Traceback" in done.stderr and "CheckpointWriteError" in done.stderr
             # Their threads write to stderr too (their own "Error: ..." lines among them), so
             # the run's line may follow theirs unbroken.
-            ours = "Error: checkpoint step"
-            lines = [line[line.index(ours) :] for line in lines if ours in line]
+            # (The traceback's "CheckpointWriteError: checkpoint step ..." is not that line.)
+            ours = re.compile(r"(?<![A-Za-z])Error: checkpoint step.*")
+            lines = [found.group(0) for line in lines if (found := ours.search(line))]
         else:  # Orbax's and TensorStore's own error logs and tracebacks are hidden
             assert "Traceback" not in done.stderr and "ERROR:absl" not in done.stderr
         assert lines == [

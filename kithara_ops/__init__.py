@@ -18,14 +18,14 @@ line's ``--help`` do not pay for importing JAX, Keras, Optax and MLflow.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kithara_ops._backend import require_jax_backend
 
 # Cheap (no Keras import): it only fixes KERAS_BACKEND before anything can import Keras.
 require_jax_backend()
 
+from kithara_ops.lazy import lazy_names  # noqa: E402
 from kithara_ops.version import __version__  # noqa: E402
 
 _HOMES = {
@@ -72,18 +72,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from kithara_ops.trainer import Trainer
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first access and cache the name here."""
-    home = _HOMES.get(name)
-    if home is None:
-        # AttributeError (not ImportError) lets ``from kithara_ops import data`` fall back to
-        # importing the submodule.
-        raise AttributeError(f"module 'kithara_ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's attributes, including the public names not loaded yet."""
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names("kithara_ops", _HOMES, globals(), __all__)

@@ -9,8 +9,9 @@ and JAX.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from kithara_ops.lazy import lazy_names
 
 _HOMES = {
     "Delivery": "kithara_ops.tracking.writer",
@@ -29,16 +30,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from kithara_ops.tracking.writer import Delivery, RunWriter
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first access and cache the name here."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'kithara_ops.tracking' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's attributes, including the public names not loaded yet."""
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names("kithara_ops.tracking", _HOMES, globals(), __all__)

@@ -58,10 +58,7 @@ def build_trainer(
                 f"This run's {field} was a Python object ({getattr(config, field)}), which a "
                 f"config cannot rebuild: pass the {field} yourself (Trainer(...).train(resume=True))."
             )
-    if config.tracking:
-        preflight.check_tracking_uri(config.tracking_uri)
-    if config.checkpoint_dir:
-        preflight.check_checkpoint_path(config.checkpoint_dir)
+    preflight.check_surroundings(config.tracking, config.tracking_uri, config.checkpoint_dir)
     if optimizer is None:
         optimizer = build_optimizer(config.optimizer, config.learning_rate, config.weight_decay)
     tokenizer = data.run_tokenizer(config.tokenizer, config.model, config.chat_template)

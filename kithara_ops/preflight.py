@@ -174,6 +174,24 @@ def check_tracking_uri(uri: str | None) -> None:
         )
 
 
+def check_surroundings(
+    tracking: bool, tracking_uri: str | None, checkpoint_dir: str | None
+) -> None:
+    """The checks that need neither JAX nor the model: the tracking store's URI (when the run
+    is tracked) and the checkpoint directory (when it has one).
+
+    The command line runs them before it loads JAX and Keras, so that a mistyped URI or a
+    checkpoint path that is a file is answered at once; ``build_trainer`` runs them too.
+
+    Raises:
+      ConfigError: as ``check_tracking_uri`` and ``check_checkpoint_path``.
+    """
+    if tracking:
+        check_tracking_uri(tracking_uri)
+    if checkpoint_dir:
+        check_checkpoint_path(checkpoint_dir)
+
+
 def _is_scheme(text: str) -> bool:
     """Whether ``text`` is an RFC 3986 scheme (a letter, then letters, digits, + - .)."""
     return (

@@ -23,6 +23,7 @@ from kithara_ops.cli.options import (
 from kithara_ops.config import RunConfig, load_config
 from kithara_ops.config_fields import CKPT
 from kithara_ops.errors import ConfigError
+from kithara_ops.preflight import check_surroundings
 
 CONFIG = "Config"
 
@@ -111,9 +112,6 @@ def train(
     **options: Any,
 ) -> None:
     """Train a model: the built-in tiny transformer on the stdlib corpus by default."""
-    from kithara_ops.build import build_trainer
-    from kithara_ops.cli.progress import print_summary, stdout_for_json
-
     config = resolve_config(config_file, options)
     if print_config:
         typer.echo(config.dump_yaml(), nl=False)
@@ -122,6 +120,12 @@ def train(
         raise ConfigError("--resume needs --checkpoint-dir DIR: the directory to resume from.")
     if overwrite and resume:
         raise ConfigError("--overwrite starts afresh and --resume continues: pass one of them.")
+    # JAX, Keras and the model code load only now: a bad option, tracking URI or checkpoint
+    # path is answered in a fraction of a second, not after seconds of imports.
+    check_surroundings(config.tracking, config.tracking_uri, config.checkpoint_dir)
+    from kithara_ops.build import build_trainer
+    from kithara_ops.cli.progress import print_summary, stdout_for_json
+
     with stdout_for_json(json_output):
         trainer = build_trainer(config, progress=not (quiet or json_output))
         result = trainer.train(resume=resume, reset_optimizer=reset_optimizer, overwrite=overwrite)

@@ -32,6 +32,7 @@ def build_trainer(
     *,
     progress: bool = False,
     checkpoints: Checkpointer | None = None,
+    given: frozenset[str] = frozenset(),
 ) -> Trainer:
     """Everything a config names, built and handed to a ``Trainer``.
 
@@ -49,11 +50,15 @@ def build_trainer(
       optimizer: an optimizer object to use instead of building ``config.optimizer``.
       progress: show a progress bar in the terminal.
       checkpoints: an open ``Checkpointer`` for ``config.checkpoint_dir`` to reuse.
+      given: the config fields holding a Python object's label (a checkpoint's
+        ``RunRecord.given``): ``model`` and ``data`` cannot be among them, nor ``optimizer``
+        unless ``optimizer`` is passed.
     """
     # First: a multi-process run must join its peers before JAX computes anything.
     distributed.initialize(config.coordinator, config.num_processes, config.process_id)
+    given = frozenset(given) | ({"optimizer"} if optimizer is not None else set())
     for field in ("model", "data") + (("optimizer",) if optimizer is None else ()):
-        if not config.is_spec(field):
+        if field in given:
             raise ConfigError(
                 f"This run's {field} was a Python object ({getattr(config, field)}), which a "
                 f"config cannot rebuild: pass the {field} yourself (Trainer(...).train(resume=True))."
@@ -86,8 +91,8 @@ def build_trainer(
     if config.checkpoint_dir:
         preflight.check_checkpoint_room(config.checkpoint_dir, model)
     sinks = build_sinks(config, callbacks, progress=progress, checkpoints=checkpoints)
-    config, train_data = final_config(model, "", train_data, config, {})
-    program = Program(model, optimizer, config)
+    config, _, train_data = final_config(model, "", train_data, config, {})
+    program = Program(model, optimizer, config, given=given)
     return Trainer.from_program(program, train_data, eval_data=eval_data, sinks=sinks)
 
 
@@ -156,7 +161,7 @@ def resume(
             checkpoints.lock.check()  # before its contents, which a live writer changes
         record = newest_record(checkpoints)
         saved_config = record.run_config()
-        check_named_code(saved_config, "model" in overrides, "resume")
+        check_named_code(record, "model" in overrides, "resume")
     except ConfigError:
         checkpoints.close()
         raise
@@ -167,12 +172,12 @@ def resume(
         from kithara_ops.optim.describe import describe_optimizer
 
         changes["optimizer"] = describe_optimizer(optimizer)["label"]
-        changes["given"] = sorted({*saved_config.given, "optimizer"})
     config = saved_config.replace(**changes)
     checkpoints.configure(config.save_every, config.keep, config.keep_best)
     trainer = build_trainer(
-        config, callbacks, optimizer, progress=progress, checkpoints=checkpoints
-    )
+        config, callbacks, optimizer, progress=progress, checkpoints=checkpoints,
+        given=frozenset(record.given) - changes.keys(),
+    )  # fmt: skip
     if RENAMED_INPUTS & overrides.keys():
         try:
             check_same_data(record, trainer.train_data, config)
@@ -203,13 +208,14 @@ def check_same_data(record: Any, train_data: Any, config: RunConfig) -> None:
     )
 
 
-def check_named_code(saved: RunConfig, model_given: bool, command: str) -> None:
-    """Refuse to rebuild a model from a factory that only a checkpoint's record names.
+def check_named_code(record: Any, model_given: bool, command: str) -> None:
+    """Refuse to rebuild a model from a factory that only a checkpoint's ``record`` names.
 
     A checkpoint may come from anywhere: the code it names is run only when asked again.
     """
+    saved = record.run_config()
     factory = ":" in saved.model and not saved.model.startswith(HANDLE_SCHEMES)
-    if factory and saved.is_spec("model") and not model_given:
+    if factory and "model" not in record.given and not model_given:
         raise ConfigError(
             f"This run's model was built by the factory {saved.model!r}, and a checkpoint "
             f"never runs code it names: pass it again, --model {saved.model} (Python: "

@@ -47,6 +47,8 @@ class RunInfo:
         its handle, fingerprint and LoRA settings; else ``None``.
       state_bytes: the placed state's size: ``total`` (every array once) and
         ``per_device`` (the most any one device holds, replicated arrays counted on each).
+      given: the config fields that hold the label of a Python object the run was given
+        (``config.OBJECT_FIELDS``), not a spec.
     """
 
     config: RunConfig
@@ -65,6 +67,7 @@ class RunInfo:
     num_trainable_params: int = 0
     base_model: dict[str, Any] | None = None
     state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    given: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +117,7 @@ class TrainResult:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     run_id: str | None = None
     state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    given: frozenset[str] = frozenset()
 
 
 class Callback:

@@ -190,6 +190,7 @@ class Checkpointer(Callback):
             eval_loss=self._eval_loss,
             base_model=run.base_model,
             data_digest=(run.data or {}).get("digest"),
+            given=run.given,
         )
 
     def save(self, step: int, state: Any, record: RunRecord) -> bool:

@@ -40,7 +40,9 @@ LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
 """The fields that connect the processes of a multi-process run (see ``distributed``)."""
 
 OBJECT_FIELDS = ("model", "data", "optimizer")
-"""The fields a Python caller may give as live objects instead of specs (see ``given``)."""
+"""The fields a Python caller may give as live objects instead of specs: the config then holds
+the object's label (``causal_lm``, ``Dataset``, ``optax:adamw lr=0.001``), which ``build``
+cannot rebuild from; the program and the checkpoint's record list such fields as ``given``."""
 
 DEFAULT_STEPS = 200
 """Steps of a run that sets neither ``steps`` nor ``epochs``: a short, visible run."""
@@ -202,9 +204,9 @@ class RunConfig:
     )
     parent_run_id: str | None = option(
         None,
-        "MLflow run to log this run under, as a child (kithara-ops sweep sets it).",
+        "MLflow run id to log this run under, as a child run (nested in the MLflow UI, "
+        "listed by compare --parent); None: a top-level run. kithara-ops sweep sets it.",
         TRACK,
-        hidden=True,
     )
     run_name: str | None = option(
         None,
@@ -230,13 +232,6 @@ class RunConfig:
         None,
         "Multi-process runs: this process's rank, 0 to num_processes - 1 (with coordinator).",
         DIST,
-    )
-    given: frozenset[str] = option(
-        frozenset(),
-        "Which of model, data, optimizer were given as Python objects: their field then holds "
-        "a label (causal_lm, Dataset, optax:adamw lr=0.001), not a spec that build could "
-        "rebuild from.",
-        cli=False,
     )
 
     def __post_init__(self) -> None:
@@ -271,11 +266,6 @@ class RunConfig:
         if self.weight_decay is not None:
             self.weight_decay = _number(self, "weight_decay", lower=0.0, inclusive=True)
         self.mesh_shape = _mesh_shape(self.mesh_shape)
-        self.given = frozenset(self.given)
-        if not self.given <= set(OBJECT_FIELDS):
-            raise ConfigError(
-                f"given may name only {', '.join(OBJECT_FIELDS)}; got {sorted(self.given)}."
-            )
         check_options(self.coordinator, self.num_processes, self.process_id)
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
@@ -301,16 +291,11 @@ class RunConfig:
             )
         return self.epochs * batches_per_epoch
 
-    def is_spec(self, name: str) -> bool:
-        """Whether field ``name`` holds a spec ``build`` can rebuild (not an object's label)."""
-        return name not in self.given
-
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON/YAML-friendly values."""
         out = dataclasses.asdict(self)
         if out["mesh_shape"] is not None:
             out["mesh_shape"] = list(out["mesh_shape"])
-        out["given"] = sorted(self.given)
         return out
 
     @classmethod

@@ -44,7 +44,7 @@ class Option:
     Attributes:
       help: what the field means, one or two plain sentences (no markup: the same text
         serves the command line and the docs).
-      panel: the help panel of its ``train`` option; ``None`` only with ``cli=False``.
+      panel: the help panel of its ``train`` option (every field is one).
       flags: the option's declaration when the default one is not wanted, e.g.
         ``"--keep-best/--keep-newest"``; by default a boolean is ``--name/--no-name`` and any
         other field ``--name``.
@@ -53,8 +53,6 @@ class Option:
       metavar: the placeholder shown for the option's value in ``--help``.
       default_text: shown as ``(default: ...)`` instead of the field's default, for a
         default of ``None`` that still resolves to a value.
-      hidden: an option other commands pass, left out of ``--help``.
-      cli: ``False`` for a field that is not a user option at all.
     """
 
     help: str
@@ -63,11 +61,9 @@ class Option:
     parser: Callable[[str], Any] | None = None
     metavar: str | None = None
     default_text: str | None = None
-    hidden: bool = False
-    cli: bool = True
 
     def __post_init__(self) -> None:
-        if self.cli and self.panel is None:
+        if self.panel is None:
             raise TypeError("an option shown on the command line needs a help panel")
 
 

@@ -89,12 +89,13 @@ def export(
         chosen = step is not None
         step, record = _readable(store, step)
         config = record.run_config()
-        check_named_code(config, model is not None, "export")
+        check_named_code(record, model is not None, "export")
         if model is not None:
             config = config.replace(model=model)
         if chat_template is not None:
             config = config.replace(chat_template=str(chat_template))
-        keras_model, tokenizer = _restored_model(store, config, step, chosen=chosen)
+        rebuilt = "optimizer" not in record.given
+        keras_model, tokenizer = _restored_model(store, config, rebuilt, step, chosen=chosen)
     written = _write(keras_model, tokenizer, out, format)
     if format == "hf" and verify:
         _verify_hf(keras_model, config, written)
@@ -122,8 +123,11 @@ def _readable(store: Any, step: int | None) -> tuple[int, Any]:
     raise ConfigError(f"No readable checkpoint in {str(store.directory)!r}.")
 
 
-def _restored_model(store: Any, config: Any, step: int, chosen: bool) -> tuple[Any, Any]:
-    """The run's model rebuilt from ``config`` with the weights of checkpoint ``step``.
+def _restored_model(
+    store: Any, config: Any, rebuilt: bool, step: int, chosen: bool
+) -> tuple[Any, Any]:
+    """The run's model rebuilt from ``config`` with the weights of checkpoint ``step``;
+    ``rebuilt``: the run's optimizer was a spec, which rebuilds its state too.
 
     A run may still be writing the directory and rotate ``step`` away while it is read:
     unless ``step`` was ``chosen``, the newest checkpoint not yet tried is read instead.
@@ -136,7 +140,6 @@ def _restored_model(store: Any, config: Any, step: int, chosen: bool) -> tuple[A
 
     tokenizer = data.run_tokenizer(config.tokenizer, config.model, config.chat_template)
     keras_model = build_model(config, tokenizer.vocab_size)
-    rebuilt = config.is_spec("optimizer")
     # The optimizer's state is not exported: a run whose optimizer was a Python object
     # restores with a stand-in whose state is dropped (as with reset_optimizer).
     spec = config.optimizer if rebuilt else "optax.sgd(0.1)"

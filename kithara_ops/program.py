@@ -23,7 +23,7 @@ from kithara_ops import state as state_lib
 from kithara_ops.config import RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.models import layout_rules_of
-from kithara_ops.models.adapter import adapt_model, check_trainable
+from kithara_ops.models.adapter import adapt_model, check_trainable, written_in_training
 from kithara_ops.models.hub import base_model_of, draw_lora, lora_seeded
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
@@ -55,12 +55,14 @@ class Program:
         has it, else a size-based rule.
       devices: devices for the mesh (default: ``sharding.default_devices()``).
       description: the optimizer's description, where the caller has it already.
+      given: which of the config's ``model``, ``data``, ``optimizer`` hold the label of a
+        Python object (see ``config.OBJECT_FIELDS``), not a spec.
 
     Attributes:
       model, config, adapter (the optimizer adapter), model_adapter, description (the
       optimizer's, computed once), mesh, key_groups, state_shardings, batch_sharding, steps
       (the compiled ``init_optimizer``, ``train_step`` and ``eval_step``), base_model (the
-      preset's record, or ``None``).
+      preset's record, or ``None``), given.
     """
 
     def __init__(
@@ -72,9 +74,10 @@ class Program:
         layout_rules: Sequence[LayoutRule] | Any = None,
         devices: Sequence | None = None,
         description: dict[str, Any] | None = None,
+        given: frozenset[str] = frozenset(),
     ):
         require_built(model)
-        self.model, self.config = model, config
+        self.model, self.config, self.given = model, config, frozenset(given)
         self.adapter = as_adapter(optimizer, model.trainable_variables)
         self.description = description or describe_optimizer(self.adapter.optimizer)
         # Before anything is compiled: a model that cannot give logits fails in one line.
@@ -87,9 +90,12 @@ class Program:
         self.mesh = make_mesh(config.sharding, config.mesh_shape, devices)
         rules = as_layout_rules(layout_rules) if layout_rules is not None else None
         rules = rules if rules is not None else layout_rules_of(model)
-        self.key_groups = state_lib.key_groups(
-            model, self.adapter, from_preset=self.base_model is not None
-        )
+        # A preset holds its weights: those no step writes need not be checkpointed.
+        restorable = set()
+        if self.base_model is not None:
+            written = written_in_training(model, self.model_adapter, config.seq_len)
+            restorable = set(range(len(model.non_trainable_variables))) - written
+        self.key_groups = state_lib.key_groups(model, self.adapter, restorable)
         self.state_shardings = state_lib.state_shardings(
             self.mesh, model, self.adapter, rules, config.min_shard_size
         )

@@ -13,6 +13,7 @@ Versions:
   1: this dataclass, without ``checksums``.
   2: with ``checksums``; a version-1 record reads with ``checksums=None`` and its
      checkpoint restores unverified.
+  3: ``given`` is the record's own field; versions 1 and 2 kept it in the config.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from kithara_ops.config import OBJECT_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 """The version ``to_json`` writes; ``from_json`` reads it and every older one."""
 
 
@@ -61,6 +62,8 @@ class RunRecord:
         settings (``models.hub.base_model_of``); a resume against other weights is refused.
       data_digest: the training data's ``summary()["digest"]`` (of its packed tokens), when
         the data has one; data named again on resume must give the same tokens.
+      given: the config fields (of ``config.OBJECT_FIELDS``) that hold the label of a Python
+        object the run was given, not a spec a resume or an export could rebuild from.
     """
 
     step: int
@@ -77,6 +80,7 @@ class RunRecord:
     checksums: dict[str, int] | None = None
     base_model: dict[str, Any] | None = None
     data_digest: str | None = None
+    given: list[str] = dataclasses.field(default_factory=list)
 
     def run_config(self) -> RunConfig:
         """The saved config as a ``RunConfig``."""
@@ -105,6 +109,8 @@ class RunRecord:
             values = migrate_v0(values)
         if version <= 1:
             values = migrate_v1(values)
+        if version <= 2:
+            values = migrate_v2(values)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
@@ -121,6 +127,7 @@ def new_record(
     eval_loss: float | None = None,
     base_model: dict[str, Any] | None = None,
     data_digest: str | None = None,
+    given: frozenset[str] | set[str] = frozenset(),
 ) -> RunRecord:
     """A record for a save now: the config without its launch fields, time and versions.
 
@@ -130,7 +137,7 @@ def new_record(
     return RunRecord(
         step=step,
         run_uid=run_uid,
-        config=absolute_paths(config.without_launch().to_dict()),
+        config=absolute_paths(config.without_launch().to_dict(), given),
         optimizer=optimizer,
         keys=keys,
         data_position=data_position,
@@ -140,6 +147,7 @@ def new_record(
         versions=versions(),
         base_model=base_model,
         data_digest=data_digest,
+        given=sorted(given),
     )
 
 
@@ -147,11 +155,13 @@ _NOT_PATHS = {"data": ("stdlib", "synthetic"), "eval_data": ("stdlib", "syntheti
 """Specs of the data fields that name no file."""
 
 
-def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+def absolute_paths(
+    config: dict[str, Any], given: frozenset[str] | set[str] = frozenset()
+) -> dict[str, Any]:
     """``config`` (``RunConfig.to_dict()``) with its local paths made absolute.
 
     ``checkpoint_dir`` and ``chat_template`` are always paths; ``data`` and ``eval_data``
-    are unless they name a built-in corpus or (``given``) a Python object's label (a glob
+    are unless they name a built-in corpus or (in ``given``) a Python object's label (a glob
     is anchored at the working directory);
     ``model`` and ``tokenizer`` are when they name an existing folder (else a size, a hub
     handle or a ``module:function``). A record written before paths were stored absolute
@@ -162,7 +172,7 @@ def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
         value = out.get(name)
         if not isinstance(value, str) or not value or value in _NOT_PATHS.get(name, ()):
             continue
-        if name == "data" and name in (out.get("given") or ()):
+        if name == "data" and name in given:
             continue  # the label of a Python object, not a path
         if name in ("model", "tokenizer") and not os.path.isdir(value):
             continue
@@ -173,7 +183,8 @@ def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
 def migrate_v0(meta: dict[str, Any]) -> dict[str, Any]:
     """A version-0 metadata dict (release 0.1.0) as version-1 fields.
 
-    - ``"<label>"`` in ``model``/``data``/``optimizer`` becomes the label, named in ``given``;
+    - ``"<label>"`` in ``model``/``data``/``optimizer`` becomes the label, named in the
+      config's ``given`` (where version 1 kept it; ``migrate_v2`` moves it to the record);
     - the MLflow run id, tracking URI and experiment it recorded are kept, so a resume
       continues that MLflow run (the URI and experiment fill the config where it had none);
     - the data position keeps only the iterator's own state: batches consumed equal the step.
@@ -212,6 +223,13 @@ def migrate_v0(meta: dict[str, Any]) -> dict[str, Any]:
 def migrate_v1(values: dict[str, Any]) -> dict[str, Any]:
     """A version-1 record as version-2 fields: no checksums were taken, so none are claimed."""
     return {**values, "checksums": None}
+
+
+def migrate_v2(values: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 or -2 record as version-3 fields: ``given`` leaves the config for the record."""
+    config = dict(values.get("config") or {})
+    given = sorted(config.pop("given", None) or ())
+    return {**values, "config": config, "given": given}
 
 
 def new_run_uid() -> str:

@@ -35,11 +35,11 @@ def final_config(
     train_data: Iterable[Mapping],
     config: RunConfig | None,
     options: dict[str, Any],
-) -> tuple[RunConfig, Iterable[Mapping]]:
-    """The config of a run, final before the run, and the data to train on.
+) -> tuple[RunConfig, frozenset[str], Iterable[Mapping]]:
+    """The config of a run, final before the run, the fields given as objects, and the data.
 
     Without a ``config`` (a Python caller's objects) the objects are named by their labels
-    (``config.given`` lists them): a preset model by its handle, as the CLI names it, so
+    (the returned ``given`` lists them): a preset model by its handle, as the CLI names it, so
     that a resume or an export from the command line loads the same base. When the data was
     given as an object, the config records the batch shape the data really has (its first
     batch is peeked at; the returned data still yields it). The precision is resolved
@@ -55,10 +55,11 @@ def final_config(
         if base.get("lora_rank"):
             options = {"lora_rank": base["lora_rank"], "lora_targets": base["lora_targets"],
                        **options}  # fmt: skip
-        resolved = RunConfig.from_dict({**labels, "given": list(labels), **options})
+        resolved, given = RunConfig.from_dict({**labels, **options}), frozenset(labels)
     else:
         resolved = config.replace(**options) if options else config
-    if "data" in resolved.given:
+        given = frozenset()
+    if "data" in given:
         first, train_data = feed.peek(train_data)
         if isinstance(first, Mapping) and "x" in first:
             rows, length = np.shape(first["x"])[:2]
@@ -67,7 +68,7 @@ def final_config(
         model, resolved.precision, config is not None or "precision" in options,
         typing.get_args(field_types()["precision"]),
     )  # fmt: skip
-    return resolved.replace(precision=precision), train_data
+    return resolved.replace(precision=precision), given, train_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,7 @@ def run_info(
         data=train_data.summary() if hasattr(train_data, "summary") else None,
         base_model=program.base_model,
         state_bytes=placed,
+        given=program.given,
     )
 
 

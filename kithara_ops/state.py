@@ -66,13 +66,16 @@ SEED_STATE = "seed_generator_state"
 """Path suffix of Keras' RNG seed variables (non-trainable, rewritten from the key each step)."""
 
 
-def key_groups(model: keras.Model, adapter: Any, from_preset: bool = False) -> dict[str, list[str]]:
+def key_groups(
+    model: keras.Model, adapter: Any, restorable: Iterable[int] = ()
+) -> dict[str, list[str]]:
     """The state's variable keys by group, in the model's (and a Keras optimizer's) order.
 
     Checkpoints record them, so a rebuilt model whose layers Keras named differently is
-    matched by position. For a model loaded from a preset (``from_preset``), the group
-    ``frozen`` names its non-trainable weights (a LoRA model's base): the step never changes
-    them and checkpoints leave them out, since the preset holds them (see ``saved_part``).
+    matched by position. The group ``frozen`` names the non-trainable variables at the
+    positions ``restorable`` (in ``model.non_trainable_variables``): those a preset holds and
+    no step writes (a LoRA model's base, not its normalisation statistics). The step keeps
+    them as they are and checkpoints leave them out (see ``saved_part``).
     """
     groups = {
         "params": variable_keys(model.trainable_variables),
@@ -80,8 +83,13 @@ def key_groups(model: keras.Model, adapter: Any, from_preset: bool = False) -> d
     }
     if adapter.state_keys is not None:
         groups["opt"] = list(adapter.state_keys)
-    frozen = [k for k in groups["non_trainable"] if not k.endswith(SEED_STATE)]
-    if from_preset and frozen:
+    wanted = set(restorable)
+    frozen = [
+        k
+        for i, k in enumerate(groups["non_trainable"])
+        if i in wanted and not k.endswith(SEED_STATE)
+    ]
+    if frozen:
         groups["frozen"] = frozen
     return groups
 

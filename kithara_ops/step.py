@@ -8,7 +8,6 @@ optimizer adapter. It never branches on the optimizer family and never talks to 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import keras
 import optax
 
-from kithara_ops.models.adapter import ModelAdapter, adapt_model
+from kithara_ops.models.adapter import ModelAdapter, adapt_model, takes_training
 from kithara_ops.optim.adapter import OptimizerAdapter
 from kithara_ops.optim.monitors import clipped, state_monitors
 from kithara_ops.state import SEED_STATE, TrainState
@@ -101,9 +100,7 @@ class StepBuilder:
         # Refreshing them from the state's key each step makes that key the single source of
         # randomness, which the checkpoint carries.
         self.seed_keys = [k for k in non_trainable_keys if k.endswith(SEED_STATE)]
-        # stateless_call hands its keywords to ``call`` itself: only a call that takes
-        # ``training`` may be given it.
-        self.passes_training = _takes(model.call, "training")
+        self.passes_training = takes_training(model)
 
     def _forward(self, params, non_trainable, batch, training: bool):
         kwargs = {"training": training} if self.passes_training else {}
@@ -232,15 +229,6 @@ class StepBuilder:
         params = self.adapter.eval_params(params, opt_state)
         loss_sum, (count, _) = self._forward(params, non_trainable, batch, False)
         return loss_sum, count
-
-
-def _takes(fn, name: str) -> bool:
-    """Whether ``fn`` accepts the keyword ``name``."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def split_micro_batches(batch: Batch, n: int) -> Batch:

@@ -43,7 +43,7 @@ class Trainer:
         ``data.load(..., repeat=False, shuffle=False)``. An endless one (a ``Dataset`` that
         repeats) is refused unless ``eval_steps`` bounds it.
       config: a ``RunConfig``; keyword ``options`` override its fields. Without one, the
-        config names the objects given (``config.given``) by their labels.
+        config names the objects given by their labels (``Program.given`` lists them).
       callbacks: extra ``Callback`` objects, called after the sinks the config asks for.
       sinks: the sinks to report to, from ``kithara_ops.sinks.build_sinks``; by default
         built from the config (MLflow tracker, checkpointer) plus ``callbacks``.
@@ -80,10 +80,12 @@ class Trainer:
         require_built(model)
         adapter = as_adapter(optimizer, model.trainable_variables)
         description = describe_optimizer(adapter.optimizer)
-        config, train_data = final_config(model, description["label"], train_data, config, options)
+        config, given, train_data = final_config(
+            model, description["label"], train_data, config, options
+        )
         program = Program(
             model, adapter, config, layout_rules=layout_rules, devices=devices,
-            description=description,
+            description=description, given=given,
         )  # fmt: skip
         sinks = sinks if sinks is not None else build_sinks(config, callbacks)
         self._bind(program, train_data, eval_data, sinks)

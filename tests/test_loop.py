@@ -36,7 +36,7 @@ class FakeProgram:
         self.adapter = types.SimpleNamespace(optimizer="fake")
         self.description = {"label": "fake"}
         self.key_groups = {"params": ["w"], "non_trainable": []}
-        self.state_shardings, self.base_model = None, None
+        self.state_shardings, self.base_model, self.given = None, None, frozenset()
         self.steps = types.SimpleNamespace(train_step=self.train_step)
         self.nan_at, self.written_back = nan_at, []
 

@@ -118,3 +118,30 @@ def test_precision_is_checked_against_the_models_dtype_policy(make_model):
         Trainer(
             make_model(dtype="float16"), optax.sgd(0.1), token_batches(), steps=1, tracking=False
         )
+
+
+def test_frozen_means_restorable_and_never_written_by_a_step():
+    """Of a model's non-trainable variables, only those no training pass writes may be left
+    out of a checkpoint: normalisation statistics change every step and stay in it."""
+    from kithara_ops.models.adapter import written_in_training
+    from kithara_ops.state import key_groups
+
+    ids = keras.Input((None,), dtype="int32")
+    hidden = keras.layers.Embedding(32, 8, name="emb")(ids)
+    hidden = keras.layers.BatchNormalization(name="stats")(hidden)
+    frozen = keras.layers.Dense(8, name="frozen")
+    hidden = frozen(hidden)
+    model = keras.Model(ids, keras.layers.Dense(32, name="head")(hidden))
+    frozen.trainable = False
+    keys = variable_keys(model.non_trainable_variables)
+    written = {keys[i] for i in written_in_training(model, adapt_model(model), 8)}
+    assert written == {k for k in keys if k.startswith("stats/moving_")}
+    assert any(k.startswith("frozen/") for k in keys)
+
+    adapter = as_adapter(optax.sgd(0.1), model.trainable_variables)
+    restorable = set(range(len(keys))) - written_in_training(model, adapt_model(model), 8)
+    groups = key_groups(model, adapter, restorable)
+    assert groups["frozen"] == [k for k in keys if k.startswith("frozen/")]
+    assert key_groups(model, adapter)["non_trainable"] == keys and "frozen" not in key_groups(
+        model, adapter
+    )

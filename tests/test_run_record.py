@@ -41,11 +41,11 @@ def test_a_release_0_1_checkpoint_is_read_as_a_typed_record(tmp_path):
         store.close()
     assert record.step == 3
     assert record.loss == pytest.approx(4.331568717956543)
-    # Objects were marked "<label>" in 0.1.0; now they are labels named in ``given``.
+    # Objects were marked "<label>" in 0.1.0; now they are labels the record names in ``given``.
     assert record.config["model"] == "causal_lm" and record.config["data"] == "list"
-    assert record.config["given"] == ["data", "model", "optimizer"]
+    assert record.given == ["data", "model", "optimizer"] and "given" not in record.config
     config = record.run_config()
-    assert not config.is_spec("model") and config.steps == 3 and config.batch_size == 8
+    assert config.model == "causal_lm" and config.steps == 3 and config.batch_size == 8
     assert record.optimizer["name"] == "adamw" and record.optimizer["learning_rate"] == 0.01
     assert len(record.keys["params"]) == 12
     assert record.data_position is None and record.mlflow_run_id is None
@@ -102,13 +102,20 @@ def test_records_round_trip_and_refuse_a_newer_version():
         keys={"params": ["a"]},
         data_position={"next_batch": 7},
         loss=1.5,
+        given={"optimizer"},
     )
     values = record.to_json()
     assert values["version"] == RECORD_VERSION
     assert values["config"]["coordinator"] is None  # launch fields are not part of the run
+    assert values["given"] == ["optimizer"] and "given" not in values["config"]
     assert RunRecord.from_json(values) == record
     with pytest.raises(ConfigError, match=r"version 99.*upgrade"):
         RunRecord.from_json({**values, "version": 99})
+    # Versions 1 and 2 kept ``given`` in the config: it moves to the record.
+    older = {**values, "version": 2, "given": None}
+    older["config"] = {**values["config"], "given": ["optimizer"]}
+    del older["given"]
+    assert RunRecord.from_json(older) == record
 
 
 def test_migrate_v0_keeps_the_mlflow_run_and_fills_tracking_settings():

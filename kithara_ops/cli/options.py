@@ -31,9 +31,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def cli_fields() -> dict[str, dataclasses.Field]:
-    """The ``RunConfig`` fields that are command-line options (all but ``given``), in order."""
-    fields = dataclasses.fields(RunConfig)
-    return {f.name: f for f in fields if field_option(f).cli}
+    """The ``RunConfig`` fields, each a command-line option, in order."""
+    return {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
 def _value_type(name: str, spec: Option) -> type:
@@ -95,7 +94,6 @@ def config_option(name: str) -> Any:
         help=option_help(name),
         rich_help_panel=spec.panel,
         metavar=spec.metavar,
-        hidden=spec.hidden,
         show_default=False,
     )
     return Annotated[_value_type(name, spec) | None, info]

@@ -13,6 +13,7 @@ The loss weights every target by ``batch["mask"]`` (prompt and padding tokens we
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -123,6 +124,47 @@ def check_trainable(model: keras.Model, adapter: ModelAdapter, seq_len: int) -> 
             "not its backbone)."
         )
     return int(shape[-1])
+
+
+def written_in_training(model: keras.Model, adapter: ModelAdapter, seq_len: int) -> set[int]:
+    """Positions in ``model.non_trainable_variables`` of the variables a training forward
+    pass writes (normalisation statistics, seed states), read from its traced program.
+
+    ``stateless_call`` hands back every non-trainable value; one it never assigns comes back
+    as the very input it was given, which the traced program shows as an output that is an
+    input. Nothing runs on the devices. A model that cannot be traced on a ``(1, seq_len)``
+    batch counts every variable as written: nothing is then taken for frozen.
+    """
+    count = len(model.non_trainable_variables)
+    if not count:
+        return set()
+    trainable = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in model.trainable_variables]
+    fixed = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in model.non_trainable_variables]
+    batch = {"x": jax.ShapeDtypeStruct((1, seq_len), np.int32)}
+    kwargs = {"training": True} if takes_training(model) else {}
+
+    try:
+        traced = jax.make_jaxpr(
+            lambda values, non_trainable, batch: model.stateless_call(
+                values, non_trainable, adapter.inputs(batch), **kwargs
+            )[1]
+        )(trainable, fixed, batch).jaxpr
+    except Exception:  # e.g. a model built for a fixed other length
+        return set(range(count))
+    inputs = traced.invars[len(trainable) : len(trainable) + count]
+    return {i for i, (out, var) in enumerate(zip(traced.outvars, inputs)) if out is not var}
+
+
+def takes_training(model: keras.Model) -> bool:
+    """Whether the model's ``call`` takes ``training``: ``stateless_call`` hands its keywords
+    to ``call`` itself, so only such a call may be given it."""
+    try:
+        parameters = inspect.signature(model.call).parameters
+    except (TypeError, ValueError):
+        return True
+    return "training" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
 
 
 def _declared_inputs(model: keras.Model) -> Any:

@@ -108,7 +108,7 @@ def run_params(run: RunInfo, optimizer_params: dict[str, str]) -> dict[str, str]
     params = {k: shorten(v, MAX_PARAM_LENGTH) for k, v in optimizer_params.items()}
     params.update(config_params(run))
     params.pop("optimizer", None)
-    if run.config.is_spec("optimizer"):
+    if "optimizer" not in run.given:
         params["optimizer.spec"] = shorten(run.config.optimizer, MAX_PARAM_LENGTH)
     return params
 

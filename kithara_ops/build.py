@@ -12,7 +12,7 @@ import keras
 from kithara_ops import data, distributed, feed, models, preflight
 from kithara_ops._backend import seed_keras
 from kithara_ops.callbacks import Callback, TrainResult
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.config import LAUNCH_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.models.hub import HANDLE_SCHEMES

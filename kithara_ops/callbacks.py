@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import keras
 
+    from kithara_ops.checkpoint.record import RunRecord
     from kithara_ops.config import RunConfig
-    from kithara_ops.run_record import RunRecord
     from kithara_ops.state import TrainState
 
 

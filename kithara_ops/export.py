@@ -76,7 +76,7 @@ def export(
         family KerasHub cannot convert to Hugging Face.
     """
     from kithara_ops.build import check_named_code
-    from kithara_ops.checkpoint import Checkpointer
+    from kithara_ops.checkpoint.checkpointer import Checkpointer
 
     if format not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
@@ -134,9 +134,9 @@ def _restored_model(
     """
     from kithara_ops import data
     from kithara_ops.build import build_model
+    from kithara_ops.checkpoint.restore import UnreadableCheckpoint, restore
     from kithara_ops.optim.spec import build_optimizer
     from kithara_ops.program import Program
-    from kithara_ops.restore import UnreadableCheckpoint, restore
 
     tokenizer = data.run_tokenizer(config.tokenizer, config.model, config.chat_template)
     keras_model = build_model(config, tokenizer.vocab_size)

@@ -20,6 +20,7 @@ import jax
 import keras
 
 from kithara_ops import state as state_lib
+from kithara_ops.checkpoint.restore import StateTemplate
 from kithara_ops.config import RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.models import layout_rules_of
@@ -27,7 +28,6 @@ from kithara_ops.models.adapter import adapt_model, check_trainable, written_in_
 from kithara_ops.models.hub import base_model_of, draw_lora, lora_seeded
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.describe import describe_optimizer
-from kithara_ops.restore import StateTemplate
 from kithara_ops.sharding import LayoutRule, as_layout_rules, batch_sharding, make_mesh
 from kithara_ops.state import TrainState
 from kithara_ops.step import StepBuilder, compile_steps

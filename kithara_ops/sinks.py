@@ -16,7 +16,7 @@ from kithara_ops.callbacks import Callback, CallbackList
 from kithara_ops.config import RunConfig
 
 if TYPE_CHECKING:
-    from kithara_ops.checkpoint import Checkpointer
+    from kithara_ops.checkpoint.checkpointer import Checkpointer
     from kithara_ops.tracking import MlflowTracker
 
 
@@ -55,7 +55,7 @@ def build_sinks(
         has read the run's record through it), so one directory has one manager.
     """
     if checkpoints is None and config.checkpoint_dir:
-        from kithara_ops.checkpoint import Checkpointer
+        from kithara_ops.checkpoint.checkpointer import Checkpointer
 
         checkpoints = Checkpointer(
             config.checkpoint_dir, config.save_every, config.keep, config.keep_best

@@ -20,12 +20,12 @@ import numpy as np
 
 from kithara_ops import feed
 from kithara_ops.callbacks import RunInfo
+from kithara_ops.checkpoint.record import RunRecord, new_run_uid
+from kithara_ops.checkpoint.restore import Restored, resume_point
 from kithara_ops.config import RunConfig, field_types
 from kithara_ops.errors import ConfigError
 from kithara_ops.models.adapter import resolve_precision
 from kithara_ops.models.hub import base_model_of
-from kithara_ops.restore import Restored, resume_point
-from kithara_ops.run_record import RunRecord, new_run_uid
 from kithara_ops.state import SEED_STATE, TrainState
 
 

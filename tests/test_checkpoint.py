@@ -16,10 +16,10 @@ from conftest import BATCH, SEQ_LEN
 from mlflow import MlflowClient
 
 from kithara_ops import Callback, ConfigError, Trainer, data, describe_optimizer, models
-from kithara_ops.checkpoint import Checkpointer
-from kithara_ops.integrity import signature
-from kithara_ops.restore import restore_latest
-from kithara_ops.run_record import RECORD_VERSION
+from kithara_ops.checkpoint.checkpointer import Checkpointer
+from kithara_ops.checkpoint.integrity import signature
+from kithara_ops.checkpoint.record import RECORD_VERSION
+from kithara_ops.checkpoint.restore import restore_latest
 
 KERNEL = "causal_lm/block_0/mlp/gate/kernel"
 

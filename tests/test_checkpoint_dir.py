@@ -12,8 +12,8 @@ import pytest
 from conftest import BATCH, SEQ_LEN
 
 from kithara_ops import ConfigError, Trainer, data
-from kithara_ops.checkpoint import Checkpointer
-from kithara_ops.run_lock import LOCK_NAME, DirectoryLock
+from kithara_ops.checkpoint.checkpointer import Checkpointer
+from kithara_ops.checkpoint.lock import LOCK_NAME, DirectoryLock
 
 
 def trainer(make_model, directory, steps=2, **options):

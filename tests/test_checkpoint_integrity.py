@@ -20,9 +20,9 @@ from conftest import BATCH, SEQ_LEN
 from disks import tmpfs
 
 from kithara_ops import Callback, ConfigError, Trainer, data, models
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint.checkpointer import Checkpointer
+from kithara_ops.checkpoint.restore import restore_latest
 from kithara_ops.errors import CheckpointWriteError
-from kithara_ops.restore import restore_latest
 
 FAST = ["--model", "tiny", "--data", "synthetic", "--seq-len", "32", "--batch-size", "8"]
 

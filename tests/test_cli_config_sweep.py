@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from test_spec import REFUSED
 from typer.testing import CliRunner
 
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.cli import app
 from kithara_ops.tracking.compare import _figure, compare_runs
 

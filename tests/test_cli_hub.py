@@ -17,7 +17,7 @@ import presets
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.cli import main
 from kithara_ops.models.hub import fingerprint
 

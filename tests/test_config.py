@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kithara_ops.config import RunConfig, load_config
-from kithara_ops.config_file import MAX_BYTES, MAX_DEPTH
+from kithara_ops.config.files import MAX_BYTES, MAX_DEPTH
 from kithara_ops.errors import ConfigError
 
 # --------------------------------------------------------------------------- validation

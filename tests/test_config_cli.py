@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from kithara_ops.cli import app
 from kithara_ops.cli.options import cli_fields, config_option, option_help, with_config_options
 from kithara_ops.config import DEFAULT_STEPS, RunConfig, field_types
-from kithara_ops.config_fields import Option, field_option, option, parse_mesh_shape
+from kithara_ops.config.fields import Option, field_option, option, parse_mesh_shape
 from kithara_ops.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

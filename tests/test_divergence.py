@@ -14,7 +14,7 @@ from conftest import BATCH, SEQ_LEN
 from mlflow import MlflowClient
 
 from kithara_ops import Callback, Diverged, Trainer, data
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.tracking.compare import compare_runs
 
 

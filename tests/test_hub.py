@@ -10,7 +10,7 @@ import presets
 import pytest
 
 from kithara_ops import Callback, Trainer, models
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.errors import ConfigError
 from kithara_ops.models.adapter import adapt_model, check_trainable
 from kithara_ops.models.hub import base_model_of, fingerprint, from_preset, is_preset

@@ -7,9 +7,9 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint.checkpointer import Checkpointer
+from kithara_ops.checkpoint.lock import DirectoryLock
 from kithara_ops.cli import app
-from kithara_ops.run_lock import DirectoryLock
 
 runner = CliRunner()
 FAST = ["--model", "tiny", "--data", "synthetic", "--seq-len", "16", "--batch-size", "8"]

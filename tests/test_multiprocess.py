@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from test_cli_config_sweep import final_params
 from typer.testing import CliRunner
 
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.cli import app
 from kithara_ops.cli.launch import process_commands, process_env
 from kithara_ops.distributed import initialize

@@ -36,10 +36,10 @@ import optax
 import pytest
 
 from kithara_ops import ConfigError, RunConfig, Trainer, describe_optimizer, feed
-from kithara_ops.integrity import signature
+from kithara_ops.checkpoint.integrity import signature
+from kithara_ops.checkpoint.saved_form import from_saved, to_saved
 from kithara_ops.optim.spec import build_optimizer
 from kithara_ops.program import Program
-from kithara_ops.saved_form import from_saved, to_saved
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from kithara_ops import ConfigError, Trainer
-from kithara_ops.checkpoint import Checkpointer
-from kithara_ops.run_record import RECORD_VERSION, RunRecord, migrate_v0, new_record
+from kithara_ops.checkpoint.checkpointer import Checkpointer
+from kithara_ops.checkpoint.record import RECORD_VERSION, RunRecord, migrate_v0, new_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))

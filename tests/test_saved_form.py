@@ -1,4 +1,4 @@
-"""The on-disk form of typed keys, empty arrays and ordered dicts (``kithara_ops.saved_form``)."""
+"""The on-disk form of typed keys, empty arrays and ordered dicts (``kithara_ops.checkpoint.saved_form``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kithara_ops.integrity import checksums, signature
-from kithara_ops.saved_form import from_saved, to_saved
+from kithara_ops.checkpoint.integrity import checksums, signature
+from kithara_ops.checkpoint.saved_form import from_saved, to_saved
 
 
 def state():

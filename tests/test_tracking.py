@@ -338,7 +338,7 @@ def test_credentials_in_the_tracking_uri_are_masked_and_handed_to_mlflow(monkeyp
     from mlflow.utils.credentials import get_default_host_creds
 
     from kithara_ops.config import RunConfig
-    from kithara_ops.credentials import masked
+    from kithara_ops.config.credentials import masked
 
     assert masked("https://bob:s3cret@mlflow.example.com:5000/api") == (
         "https://bob:***@mlflow.example.com:5000/api"

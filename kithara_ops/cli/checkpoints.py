@@ -39,7 +39,7 @@ def checkpoints(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
     """List a directory's checkpoints: step, time, loss, optimizer and size."""
-    from kithara_ops.checkpoint import Checkpointer
+    from kithara_ops.checkpoint.checkpointer import Checkpointer
 
     root = Path(checkpoint_dir)
     if not root.is_dir():

@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from kithara_ops.config import RunConfig, field_types
-from kithara_ops.config_fields import CKPT, Option, field_option
+from kithara_ops.config.fields import CKPT, Option, field_option
 from kithara_ops.errors import ConfigError
 
 OUTPUT = "Output"

@@ -21,7 +21,7 @@ from kithara_ops.cli.options import (
     with_config_options,
 )
 from kithara_ops.config import RunConfig, load_config
-from kithara_ops.config_fields import CKPT
+from kithara_ops.config.fields import CKPT
 from kithara_ops.errors import ConfigError
 from kithara_ops.preflight import check_surroundings
 

@@ -292,7 +292,7 @@ def ui(
     curve in one chart, the optimizer params that differ as columns."""
     import mlflow
 
-    from kithara_ops.credentials import take_credentials
+    from kithara_ops.config.credentials import take_credentials
     from kithara_ops.tracking.experiments import DEFAULT_EXPERIMENT
 
     # The page's address is printed: a password in the URI goes to MLflow's variables.

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kithara_ops.credentials import masked, take_credentials
+from kithara_ops.config.credentials import masked, take_credentials
 from kithara_ops.errors import ConfigError
 from kithara_ops.tracking.experiments import experiment_state
 from kithara_ops.tracking.params import DIVERGED_TAG

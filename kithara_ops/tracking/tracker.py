@@ -15,7 +15,7 @@ import jax
 
 from kithara_ops.callbacks import Callback, RunInfo, TrainResult
 from kithara_ops.config import RunConfig
-from kithara_ops.credentials import masked
+from kithara_ops.config.credentials import masked
 from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
 from kithara_ops.tracking.experiments import DEFAULT_EXPERIMENT

@@ -27,7 +27,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from kithara_ops.credentials import masked, take_credentials
+from kithara_ops.config.credentials import masked, take_credentials
 from kithara_ops.errors import first_line
 from kithara_ops.tracking.experiments import experiment_id
 from kithara_ops.tracking.faults import (

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kithara_ops.integrity import path_text
+from kithara_ops.checkpoint.integrity import path_text
 
 
 def _is_key(leaf: Any) -> bool:

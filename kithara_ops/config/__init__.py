@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from kithara_ops.config_fields import (
+from kithara_ops.config.credentials import take_credentials
+from kithara_ops.config.fields import (
     CKPT,
     DIST,
     LOOP,
@@ -31,8 +32,7 @@ from kithara_ops.config_fields import (
     option,
     parse_mesh_shape,
 )
-from kithara_ops.config_file import read_values
-from kithara_ops.credentials import take_credentials
+from kithara_ops.config.files import read_values
 from kithara_ops.distributed import check_options
 from kithara_ops.errors import ConfigError
 

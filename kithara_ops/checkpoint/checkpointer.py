@@ -7,7 +7,7 @@ One ``CheckpointManager`` step directory per save, holding two items:
   model loaded from a preset leaves out its frozen weights (a LoRA model's base, the
   record's ``keys["frozen"]``): the preset holds them, and its handle and fingerprint are
   in the record, so a LoRA checkpoint is the size of its adapters and their optimizer state;
-- ``meta``: the ``RunRecord`` as JSON (see ``run_record``).
+- ``meta``: the ``RunRecord`` as JSON (see ``checkpoint.record``).
 
 Orbax writes each save to a temporary directory and renames it when complete, so a save that
 dies half-way is never listed as a checkpoint. Saves are asynchronous: the loop goes on while
@@ -42,11 +42,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from kithara_ops.callbacks import Callback, RunInfo, StepRecord, TrainResult
+from kithara_ops.checkpoint.integrity import by_path, checksum_arrays
+from kithara_ops.checkpoint.lock import DirectoryLock
+from kithara_ops.checkpoint.record import RunRecord, new_record
+from kithara_ops.checkpoint.saved_form import from_saved, to_saved
 from kithara_ops.errors import CheckpointWriteError, first_line
-from kithara_ops.integrity import by_path, checksum_arrays
-from kithara_ops.run_lock import DirectoryLock
-from kithara_ops.run_record import RunRecord, new_record
-from kithara_ops.saved_form import from_saved, to_saved
 from kithara_ops.state import all_finite, saved_part
 
 log = logging.getLogger("kithara_ops.checkpoint")

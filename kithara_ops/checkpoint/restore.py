@@ -20,13 +20,13 @@ from typing import Any
 
 import jax
 
-from kithara_ops import saved_form
-from kithara_ops.checkpoint import Checkpointer
+from kithara_ops.checkpoint import saved_form
+from kithara_ops.checkpoint.checkpointer import Checkpointer
+from kithara_ops.checkpoint.integrity import checksums, signature
+from kithara_ops.checkpoint.record import RunRecord
 from kithara_ops.errors import ConfigError, first_line
-from kithara_ops.integrity import checksums, signature
 from kithara_ops.models.hub import same_base
 from kithara_ops.optim.migrate import migrate_state
-from kithara_ops.run_record import RunRecord
 from kithara_ops.state import TrainState, saved_part
 
 log = logging.getLogger("kithara_ops.checkpoint")

@@ -32,7 +32,7 @@ def run_variant(tracking_uri: str | None, steps: int, batch: int, seq_len: int) 
     return clock.step_seconds
 
 
-QUICK = {"steps": 10}
+QUICK = {"steps": 4}
 """Sizes for a smoke run (``python -m benchmarks tracking --quick``)."""
 
 

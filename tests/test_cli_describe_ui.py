@@ -70,6 +70,13 @@ def mlflow_servers_on(port):
     return found
 
 
+def _in_session(process, session_id):
+    try:
+        return os.getsid(process.pid) == session_id
+    except OSError:
+        return False
+
+
 def answers(url):
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -280,7 +287,12 @@ def test_ui_serves_the_chart_view_and_stops_its_server_on_sigterm(store, tmp_pat
         port = int(url.removeprefix("http://127.0.0.1:").split("/", 1)[0])
         assert url == chart_url(port, experiment_id, uri)
         assert answers(f"http://127.0.0.1:{port}/health") == 200
-        assert mlflow_servers_on(port)
+        servers = mlflow_servers_on(port)
+        assert servers
+        # Viewing runs needs no server-side job workers (MLflow's huey consumers).
+        session = os.getsid(servers[0].pid)
+        group = [p for p in psutil.process_iter(["cmdline"]) if _in_session(p, session)]
+        assert group and not any("huey" in " ".join(p.info["cmdline"] or []) for p in group)
 
         proc.send_signal(signal.SIGTERM)  # the ui process only, not its group
         assert proc.wait(timeout=20) == 0, (tmp_path / "ui.err").read_text()

@@ -1,7 +1,7 @@
 """Starting and stopping a local ``mlflow server`` (for ``kithara-ops ui`` and benchmarks).
 
-The server runs in its own session so that stopping it takes its uvicorn and job workers
-with it: the whole process group is signalled.
+The server runs in its own session so that stopping it takes its uvicorn workers with it:
+the whole process group is signalled. MLflow's job workers are not started (see ``start``).
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ class LocalServer:
         if self.artifact_root is not None:
             command += ["--default-artifact-root", str(self.artifact_root)]
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        # MLflow 3's server also starts job workers (huey consumers) for server-side jobs
+        # that viewing and logging runs never use: off unless the environment asks for them.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
         self.process = subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -51,7 +51,9 @@ def loss_steps(uri, run_id):
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss"))
 
 
-def wait_for(predicate, timeout=120.0, interval=0.05):
+def wait_for(predicate, timeout=120.0, interval=0.5):
+    """Whether ``predicate()`` came true within ``timeout`` s, asked every ``interval`` s (a
+    short interval would open the store in this process many times over)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -145,8 +147,12 @@ def only_run(uri):
 
 
 def run_cli_resume(ckpt, steps):
-    done = run("resume", str(ckpt), "--steps", str(steps), "--json", "--quiet")
-    assert done.returncode == 0, done.stderr
+    """``kithara-ops resume`` in this process: the signal or the kill was the process boundary
+    under test; a resume in a new process is ``test_cli_resume_in_a_new_process_...``'s."""
+    done = CliRunner().invoke(
+        app, ["resume", str(ckpt), "--steps", str(steps), "--json", "--quiet"]
+    )
+    assert done.exit_code == 0, done.stderr
     return last_json(done)
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from kithara_ops.config.credentials import masked, take_credentials
@@ -37,8 +36,8 @@ from kithara_ops.tracking.faults import (
     is_store_fault,
     refuses_run,
 )
-from kithara_ops.tracking.logged_models import log_checkpoint, log_dataset
 from kithara_ops.tracking.params import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH
+from kithara_ops.tracking.records import RECORD_NAMES, write_record
 from kithara_ops.tracking.spool import save_undelivered
 
 log = logging.getLogger("kithara_ops.tracking")
@@ -66,18 +65,6 @@ class Delivery:
     spool: Path | None
     dropped: int = 0
     refused: str | None = None
-
-
-_WHAT = {
-    "params": "params",
-    "tags": "tags",
-    "text": "text artifact",
-    "artifacts": "artifacts",
-    "metrics": "metric points",
-    "checkpoint": "checkpoint records",
-    "dataset": "dataset record",
-    "end": "final status",
-}
 
 
 class RunWriter:
@@ -360,34 +347,9 @@ class RunWriter:
             callback(self.run_id)
 
     def _write(self, kind: str, payload: Any) -> None:
-        client, run_id = self.client, self.run_id
-        if kind == "metrics":
-            # Steps the run already holds (logged before a crash, then trained again after a
-            # resume) keep their first values: a history has one point per step.
-            metrics = [
-                Metric(k, v, ts, step)
-                for k, v, ts, step in payload
-                if step > self._logged_through.get(k, -1)
-            ]
-            if metrics:
-                client.log_batch(run_id, metrics=metrics, synchronous=True)
-        elif kind == "params":
-            params = [Param(k, v) for k, v in payload.items()]
-            client.log_batch(run_id, params=params, synchronous=True)
-        elif kind == "tags":
-            client.log_batch(
-                run_id, tags=[RunTag(k, v) for k, v in payload.items()], synchronous=True
-            )
-        elif kind == "text":
-            client.log_text(run_id, payload["text"], payload["artifact_file"])
-        elif kind == "artifacts":
-            client.log_artifacts(run_id, payload["local_dir"], payload["artifact_path"])
-        elif kind == "checkpoint":
-            log_checkpoint(client, self.experiment_id, run_id, payload)
-        elif kind == "dataset":
-            log_dataset(client, run_id, payload)
-        elif kind == "end":
-            client.set_terminated(run_id, payload["status"])
+        write_record(
+            self.client, self.experiment_id, self.run_id, kind, payload, self._logged_through
+        )
 
     def _warn_once(self, err: Exception) -> None:
         if not self._warned:
@@ -417,7 +379,7 @@ class RunWriter:
             log.warning(
                 "MLflow at %s refused the run's %s (%s); they are left out, the rest is logged.",
                 masked(self.tracking_uri),
-                _WHAT.get(kind, kind),
+                RECORD_NAMES.get(kind, kind),
                 first_line(err),
             )
 

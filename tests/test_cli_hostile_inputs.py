@@ -146,6 +146,7 @@ CASES = [
     # ------------------------------------------------------------------ tracking
     Case("tracking-unknown-scheme", ["--tracking-uri", "foo://bar"], "foo", tracking=True),
     Case("tracking-not-a-uri", ["--tracking-uri", "not a uri"], "not a URI", tracking=True),
+    Case("parent-run-id-not-an-id", ["--parent-run-id", "my-run"], "parent_run_id", tracking=True),
     # ------------------------------------------------------------------ checkpoints
     Case(
         "checkpoint-dir-is-a-file",

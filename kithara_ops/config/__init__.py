@@ -13,6 +13,7 @@ import difflib
 import functools
 import inspect
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -266,6 +267,11 @@ class RunConfig:
         if self.weight_decay is not None:
             self.weight_decay = _number(self, "weight_decay", lower=0.0, inclusive=True)
         self.mesh_shape = _mesh_shape(self.mesh_shape)
+        if self.parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", self.parent_run_id):
+            raise ConfigError(
+                f"parent_run_id {self.parent_run_id!r} is not an MLflow run id (32 hex "
+                "digits): pass the id of a run of the experiment (the UI's Run ID)."
+            )
         check_options(self.coordinator, self.num_processes, self.process_id)
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import math
 import re
 import typing
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kithara_ops.config.checks import check_positive, mesh_shape, number
 from kithara_ops.config.credentials import take_credentials
 from kithara_ops.config.fields import (
     CKPT,
@@ -239,23 +239,23 @@ class RunConfig:
         # A password in the URI would be kept wherever the config goes: MLflow gets it from
         # its credential variables instead (see ``credentials``).
         self.tracking_uri = take_credentials(self.tracking_uri)
-        _check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
-        _check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
-        _check_positive(self, "save_every", optional=True)
-        _check_positive(self, "lora_rank", optional=True)
+        check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
+        check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
+        check_positive(self, "save_every", optional=True)
+        check_positive(self, "lora_rank", optional=True)
         if self.lora_targets is not None and self.lora_rank is None:
             raise ConfigError(
                 f"lora_targets {self.lora_targets!r} is set but lora_rank is not: pass "
                 "--lora-rank R too, or drop --lora-targets."
             )
         if self.save_every_minutes is not None:
-            self.save_every_minutes = _number(self, "save_every_minutes", 0.0, inclusive=False)
-        _check_positive(self, "keep")
-        _check_positive(self, "min_shard_size", minimum=0)
+            self.save_every_minutes = number(self, "save_every_minutes", 0.0, inclusive=False)
+        check_positive(self, "keep")
+        check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding")
         _check_choice(self, "precision")
         _check_choice(self, "on_nonfinite")
-        _check_positive(self, "nonfinite_patience")
+        check_positive(self, "nonfinite_patience")
         if self.optimizer == "":
             raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
         for name in ("model", "data", "optimizer", "tokenizer"):
@@ -263,10 +263,10 @@ class RunConfig:
                 raise ConfigError(
                     f"{name} must be a non-empty string, got {getattr(self, name)!r}."
                 )
-        self.learning_rate = _number(self, "learning_rate", lower=0.0, inclusive=False)
+        self.learning_rate = number(self, "learning_rate", lower=0.0, inclusive=False)
         if self.weight_decay is not None:
-            self.weight_decay = _number(self, "weight_decay", lower=0.0, inclusive=True)
-        self.mesh_shape = _mesh_shape(self.mesh_shape)
+            self.weight_decay = number(self, "weight_decay", lower=0.0, inclusive=True)
+        self.mesh_shape = mesh_shape(self.mesh_shape)
         if self.parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", self.parent_run_id):
             raise ConfigError(
                 f"parent_run_id {self.parent_run_id!r} is not an MLflow run id (32 hex "
@@ -357,42 +357,6 @@ def load_config(path: str | Path) -> RunConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"Config file {str(path)!r} must hold a mapping of option: value.")
     return RunConfig.from_dict(values)
-
-
-def _check_positive(cfg: RunConfig, *names: str, optional: bool = False, minimum: int = 1) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is None and optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise ConfigError(f"{name} must be {kind}, got {value!r}.")
-
-
-def _number(cfg: RunConfig, name: str, lower: float, inclusive: bool) -> float:
-    """A finite float above ``lower``; numeric strings count (YAML 1.1 reads ``3e-4`` as one)."""
-    value = getattr(cfg, name)
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}.") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
-    if value < lower or (value == lower and not inclusive):
-        bound = ">=" if inclusive else ">"
-        raise ConfigError(f"{name} must be {bound} {lower:g}, got {value!r}.")
-    return float(value)
-
-
-def _mesh_shape(value: Any) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    ok = isinstance(value, list | tuple) and len(value) == 2
-    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
-    if not ok:
-        raise ConfigError(f"mesh_shape must be two positive integers (data, fsdp), got {value!r}.")
-    return (value[0], value[1])
 
 
 def _check_choice(cfg: RunConfig, name: str) -> None:

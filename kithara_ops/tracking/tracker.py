@@ -36,8 +36,9 @@ FLUSH_TIMEOUT_ENV = "KITHARA_OPS_MLFLOW_FLUSH_TIMEOUT"
 
 DEFAULT_FLUSH_TIMEOUT = 60.0
 
-# After this many seconds of waiting at the end, the user is told what the wait is for.
-_SAY_WAITING_AFTER = 5.0
+# After this many seconds of waiting at the end, the user is told what the wait is for: a
+# healthy store takes the last records well within it, and longer silence reads as a hang.
+_SAY_WAITING_AFTER = 2.0
 
 
 def default_flush_timeout() -> float:

@@ -1,0 +1,48 @@
+"""Checks of single ``RunConfig`` values: each returns the value it accepts or raises a
+``ConfigError`` naming the field, the value and what it must be."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from kithara_ops.errors import ConfigError
+
+
+def check_positive(cfg: Any, *names: str, optional: bool = False, minimum: int = 1) -> None:
+    """Refuse any of ``names`` on ``cfg`` that is not an integer >= ``minimum`` (``None``
+    passes when ``optional``)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(f"{name} must be {kind}, got {value!r}.")
+
+
+def number(cfg: Any, name: str, lower: float, inclusive: bool) -> float:
+    """A finite float above ``lower``; numeric strings count (YAML 1.1 reads ``3e-4`` as one)."""
+    value = getattr(cfg, name)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+    if value < lower or (value == lower and not inclusive):
+        bound = ">=" if inclusive else ">"
+        raise ConfigError(f"{name} must be {bound} {lower:g}, got {value!r}.")
+    return float(value)
+
+
+def mesh_shape(value: Any) -> tuple[int, int] | None:
+    """``value`` as a ``(data, fsdp)`` pair of positive integers, or ``None``."""
+    if value is None:
+        return None
+    ok = isinstance(value, list | tuple) and len(value) == 2
+    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
+    if not ok:
+        raise ConfigError(f"mesh_shape must be two positive integers (data, fsdp), got {value!r}.")
+    return (value[0], value[1])

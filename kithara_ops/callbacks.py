@@ -82,8 +82,10 @@ class StepRecord:
         ``get_state()``), or ``None`` when it has none; the number of batches consumed is
         ``step`` itself.
       seconds: wall time since ``train()`` started.
-      stopping: ``True`` when this is the last step of a run stopped by a signal or by a
-        sink's ``failure()``.
+      stopping: ``True`` when this is the last step of a run stopped by a signal, by a
+        sink's ``failure()`` or early (``stop_reason``).
+      stop_reason: ``early_stop`` or ``target_eval_loss`` when the run ends early after this
+        step (``stopping.stop_reason``), else ``None``.
     """
 
     step: int
@@ -91,6 +93,7 @@ class StepRecord:
     data_position: Any = None
     seconds: float = 0.0
     stopping: bool = False
+    stop_reason: str | None = None
 
 
 @dataclasses.dataclass
@@ -107,6 +110,8 @@ class TrainResult:
       run_id: the MLflow run id, when the run was tracked (set by the tracker at the end).
       state_bytes: ``RunInfo.state_bytes``: the state's total size and the most one device
         holds.
+      stop_reason: ``early_stop`` or ``target_eval_loss`` for a run that ended before its
+        last step because of ``early_stop_patience`` or ``target_eval_loss``; else ``None``.
     """
 
     step: int
@@ -118,6 +123,7 @@ class TrainResult:
     run_id: str | None = None
     state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     given: frozenset[str] = frozenset()
+    stop_reason: str | None = None
 
 
 class Callback:

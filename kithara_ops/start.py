@@ -27,6 +27,7 @@ from kithara_ops.errors import ConfigError
 from kithara_ops.models.adapter import resolve_precision
 from kithara_ops.models.hub import base_model_of
 from kithara_ops.state import SEED_STATE, TrainState
+from kithara_ops.stopping import Bests, describe_stop, stop_reason
 
 
 def final_config(
@@ -93,13 +94,26 @@ class Start:
         """The step the run continues from."""
         return int(self.state.step)
 
-    def check_before(self, total: int) -> int:
-        """``total``, once it is sure the run has steps left to take."""
+    def check_before(self, total: int, config: RunConfig | None = None) -> int:
+        """``total``, once it is sure the run has steps left to take: it is short of
+        ``total``, and if it stopped early, ``config``'s stopping rule no longer holds."""
         if self.step >= total:
             raise ConfigError(
                 f"The run is already at step {self.step} and steps is {total}: steps counts "
                 f"the run's total, so ask for more than {self.step}."
             )
+        record = self.record
+        if config is not None and record is not None and record.stop_reason:
+            bests = Bests.from_json(record.bests, config.target_eval_loss)
+            patience, target = config.early_stop_patience, config.target_eval_loss
+            if stop_reason(bests, patience, target):
+                why = describe_stop(
+                    record.stop_reason, bests, patience, config.early_stop_min_delta
+                )
+                raise ConfigError(
+                    f"The run stopped early at step {self.step}: {why}. To train on, resume "
+                    "with a larger --early-stop-patience or a lower --target-eval-loss."
+                )
         return total
 
     @property

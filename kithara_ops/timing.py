@@ -13,6 +13,7 @@ from kithara_ops.callbacks import TrainResult
 from kithara_ops.cost import StepCost, device_memory
 from kithara_ops.guard import NonfiniteGuard
 from kithara_ops.state import state_bytes
+from kithara_ops.stopping import Bests, stop_reason
 
 
 def every(n: int | None, step: int, total: int, only_last: bool = False) -> bool:
@@ -87,6 +88,9 @@ class Progress:
       guard: the non-finite step counters.
       last_loss, eval_loss: the latest values (a restored run starts from its record's).
       placed: the placed state's ``total`` and ``per_device`` bytes (``state.state_bytes``).
+      bests: the best losses so far and the early-stopping count (a restored run continues
+        its record's).
+      stop_reason: why the run ends before its last step (``stopping.stop_reason``), if it does.
     """
 
     clock: Clock
@@ -94,6 +98,8 @@ class Progress:
     last_loss: float | None
     eval_loss: float | None
     placed: dict[str, int]
+    bests: Bests = dataclasses.field(default_factory=Bests)
+    stop_reason: str | None = None
     first_step: int | None = None
 
     def stepped(self, metrics: Any, step: int, train_step: Any, arguments: Any) -> None:
@@ -107,11 +113,21 @@ class Progress:
                 self.clock.cost.analyse(lambda: train_step.lower(*shapes))
         self.guard.stepped(metrics)
 
+    def evaluated(self, step: int, eval_loss: float, config: Any) -> None:
+        """Note an evaluation at ``step``: the latest ``eval_loss``, the bests, and whether
+        ``config``'s early stopping ends the run here (``stop_reason``)."""
+        self.eval_loss = eval_loss
+        self.bests.saw_eval(step, eval_loss, config.early_stop_min_delta, config.target_eval_loss)
+        self.stop_reason = stop_reason(
+            self.bests, config.early_stop_patience, config.target_eval_loss
+        )
+
     def result(self, step: int) -> TrainResult:
         """What ``train()`` returns at ``step``, the last."""
         return TrainResult(
             step, self.last_loss, self.eval_loss, self.clock.elapsed(),
             self.clock.compile_seconds, self.clock.last, state_bytes=self.placed,
+            stop_reason=self.stop_reason,
         )  # fmt: skip
 
     @classmethod
@@ -131,6 +147,7 @@ class Progress:
             record.loss if record else None,
             record.eval_loss if record else None,
             placed,
+            Bests.from_json(record.bests if record else None, config.target_eval_loss),
         )
 
 

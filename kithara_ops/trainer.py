@@ -27,6 +27,7 @@ from kithara_ops.sharding import LayoutRule, data_parallel_size
 from kithara_ops.sinks import Sinks, build_sinks
 from kithara_ops.start import Start, decide_start, final_config, run_info
 from kithara_ops.state import TrainState, parked_on_host
+from kithara_ops.stopping import check_stopping_has_eval
 from kithara_ops.timing import Progress, every
 
 
@@ -55,8 +56,7 @@ class Trainer:
         ``seed`` also draws the LoRA matrices of a ``models.from_preset`` model loaded
         without a seed of its own.
 
-    This constructor builds a ``Program`` from the objects; ``Trainer.from_program`` takes
-    one already built.
+    This builds a ``Program`` from the objects; ``Trainer.from_program`` takes one built.
 
     Example:
       >>> trainer = Trainer(model, optax.adamw(1e-3), data, steps=100)  # doctest: +SKIP
@@ -111,6 +111,7 @@ class Trainer:
         self.callbacks = CallbackList(sinks.callbacks)
         if eval_data is not None:
             feed.check_eval_source(eval_data, program.config.eval_steps)
+        check_stopping_has_eval(program.config, eval_data is not None)
         # The program's parts under the names callers and callbacks have used.
         self.model, self.config, self.adapter = program.model, program.config, program.adapter
         self.description, self.mesh, self.steps = program.description, program.mesh, program.steps
@@ -167,7 +168,7 @@ class Trainer:
         started: float,
     ) -> TrainResult:  # fmt: skip
         """Train from ``begin`` to ``total``: the loop itself (see ``train``)."""
-        begin.check_before(total)
+        begin.check_before(total, self.config)
         stream.set_state({"consumed": begin.step, "iterator": begin.data_position})
         batches = feed.prefetch_to_device(stream, self.batch_sharding, shape)
         run = Progress.at_start(begin, self.program, shape, started)
@@ -185,13 +186,15 @@ class Trainer:
                     failed = halts.sink_failure(
                         self.callbacks.failure(), step, total, self.config.log_every
                     )
-                    halt = bool(stopping or failed)
+                    ended, why = bool(stopping or failed or run.stop_reason), run.stop_reason
                     self.callbacks.on_step(
-                        StepRecord(step, state, position, run.clock.elapsed(), halt)
+                        StepRecord(step, state, position, run.clock.elapsed(), ended, why)
                     )
-                    if halt:
+                    if stopping or failed:
                         self.program.write_back(state)
                         raise halts.halted(self.sinks.checkpoints, step, failed, stopping)
+                    if run.stop_reason:
+                        break  # early: the run ends FINISHED at this step
                 self.program.write_back(state)
                 self.state, status, result = state, "FINISHED", run.result(step)
                 return result
@@ -241,6 +244,7 @@ class Trainer:
         eval_loss = self.program.eval_loss(state, batches)
         if watch.signum is not None:
             return watch.signum
-        run.eval_loss, perplexity = eval_loss, math.exp(min(eval_loss, 80.0))
+        run.evaluated(step, eval_loss, self.config)
+        perplexity = math.exp(min(eval_loss, 80.0))
         self.callbacks.on_eval(step, {"eval_loss": eval_loss, "perplexity": perplexity})
         return stopping

@@ -48,6 +48,7 @@ from kithara_ops.checkpoint.record import RunRecord, new_record
 from kithara_ops.checkpoint.saved_form import from_saved, to_saved
 from kithara_ops.errors import CheckpointWriteError, first_line
 from kithara_ops.state import all_finite, saved_part
+from kithara_ops.stopping import Bests
 
 log = logging.getLogger("kithara_ops.checkpoint")
 
@@ -121,12 +122,20 @@ class Checkpointer(Callback):
         resumed = run.resumed_from
         self._loss = resumed.loss if resumed else None
         self._eval_loss = resumed.eval_loss if resumed else None
+        self._bests = Bests.from_json(
+            resumed.bests if resumed else None, run.config.target_eval_loss
+        )
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         self._loss = metrics.get("loss", self._loss)
+        self._bests.saw_loss(step, self._loss)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._eval_loss = metrics.get("eval_loss", self._eval_loss)
+        config = self._run.config
+        self._bests.saw_eval(
+            step, self._eval_loss, config.early_stop_min_delta, config.target_eval_loss
+        )
 
     def on_step(self, record: StepRecord) -> None:
         self._last = record
@@ -191,6 +200,8 @@ class Checkpointer(Callback):
             base_model=run.base_model,
             data_digest=(run.data or {}).get("digest"),
             given=run.given,
+            bests=self._bests.to_json(),
+            stop_reason=step.stop_reason,
         )
 
     def save(self, step: int, state: Any, record: RunRecord) -> bool:

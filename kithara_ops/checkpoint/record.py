@@ -13,7 +13,9 @@ Versions:
   1: this dataclass, without ``checksums``.
   2: with ``checksums``; a version-1 record reads with ``checksums=None`` and its
      checkpoint restores unverified.
-  3: ``given`` is the record's own field; versions 1 and 2 kept it in the config.
+  3: ``given`` is the record's own field; versions 1 and 2 kept it in the config. Later
+     version-3 records add ``bests`` and ``stop_reason``, optional fields an older reader
+     passes over and a newer one reads as ``None`` when absent.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class RunRecord:
         the data has one; data named again on resume must give the same tokens.
       given: the config fields (of ``config.OBJECT_FIELDS``) that hold the label of a Python
         object the run was given, not a spec a resume or an export could rebuild from.
+      bests: ``stopping.Bests.to_json()`` at the save: the best losses and the evaluations
+        since the last improvement, so that early stopping counts on after a resume.
+      stop_reason: ``early_stop`` or ``target_eval_loss`` when the run stopped early at
+        this checkpoint's step; else ``None``.
     """
 
     step: int
@@ -81,6 +87,8 @@ class RunRecord:
     base_model: dict[str, Any] | None = None
     data_digest: str | None = None
     given: list[str] = dataclasses.field(default_factory=list)
+    bests: dict[str, Any] | None = None
+    stop_reason: str | None = None
 
     def run_config(self) -> RunConfig:
         """The saved config as a ``RunConfig``."""
@@ -128,6 +136,8 @@ def new_record(
     base_model: dict[str, Any] | None = None,
     data_digest: str | None = None,
     given: frozenset[str] | set[str] = frozenset(),
+    bests: dict[str, Any] | None = None,
+    stop_reason: str | None = None,
 ) -> RunRecord:
     """A record for a save now: the config without its launch fields, time and versions.
 
@@ -148,6 +158,8 @@ def new_record(
         base_model=base_model,
         data_digest=data_digest,
         given=sorted(given),
+        bests=bests,
+        stop_reason=stop_reason,
     )
 
 

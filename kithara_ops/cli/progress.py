@@ -26,6 +26,7 @@ def result_dict(result: TrainResult) -> dict:
         "metrics": result.metrics,
         "run_id": result.run_id,
         "state_bytes": result.state_bytes,
+        "stop_reason": result.stop_reason,
     }
 
 
@@ -72,6 +73,8 @@ def print_summary(result: TrainResult, as_json: bool, console: Console | None = 
     console = console or Console()
     table = Table(title="kithara-ops run", show_header=False)
     table.add_row("steps", str(result.step))
+    if result.stop_reason:
+        table.add_row("stopped early", result.stop_reason)
     table.add_row("final loss", f"{result.loss:.4f}" if result.loss is not None else "-")
     if result.eval_loss is not None:
         table.add_row("eval loss", f"{result.eval_loss:.4f}")

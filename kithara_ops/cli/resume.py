@@ -23,7 +23,8 @@ from kithara_ops.cli.options import (
         "  kithara-ops resume runs/tiny\n\n"
         "  kithara-ops resume runs/tiny --steps 2000\n\n"
         "  kithara-ops resume runs/chat --data moved/chat.jsonl --chat-template moved/t.jinja\n\n"
-        "  kithara-ops resume runs/tiny --optimizer 'optax.adamw(3e-4)' --reset-optimizer"
+        "  kithara-ops resume runs/tiny --optimizer 'optax.adamw(3e-4)' --reset-optimizer\n\n"
+        "  kithara-ops resume runs/stopped --early-stop-patience 10 --steps 4000"
     )
 )
 @user_errors
@@ -52,6 +53,16 @@ def resume(
     chat_template: Annotated[
         str | None, typer.Option(help="The run's chat template file, where it is now.")
     ] = None,
+    early_stop_patience: Annotated[
+        int | None,
+        typer.Option(
+            help="A new early-stopping patience: a run that stopped early trains on with a "
+            "larger one (its count continues from the checkpoint)."
+        ),
+    ] = None,
+    target_eval_loss: Annotated[
+        float | None, typer.Option(help="A new target eval_loss (e.g. lower than the one reached).")
+    ] = None,
     reset_optimizer: ResetOptimizer = False,
     quiet: Quiet = False,
     json_output: JsonOutput = False,
@@ -71,7 +82,8 @@ def resume(
     from kithara_ops.optim.spec import build_optimizer
 
     built = build_optimizer(optimizer) if optimizer else None
-    named = {"model": model, "data": data, "eval_data": eval_data, "chat_template": chat_template}
+    named = {"model": model, "data": data, "eval_data": eval_data, "chat_template": chat_template,
+             "early_stop_patience": early_stop_patience, "target_eval_loss": target_eval_loss}  # fmt: skip
     with stdout_for_json(json_output):
         result = resume_run(
             checkpoint_dir,

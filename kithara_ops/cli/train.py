@@ -24,6 +24,7 @@ from kithara_ops.config import RunConfig, load_config
 from kithara_ops.config.fields import CKPT
 from kithara_ops.errors import ConfigError
 from kithara_ops.preflight import check_surroundings
+from kithara_ops.stopping import check_stopping_has_eval
 
 CONFIG = "Config"
 
@@ -123,6 +124,7 @@ def train(
     # JAX, Keras and the model code load only now: a bad option, tracking URI or checkpoint
     # path is answered in a fraction of a second, not after seconds of imports.
     check_surroundings(config.tracking, config.tracking_uri, config.checkpoint_dir)
+    check_stopping_has_eval(config, config.eval_data is not None)
     from kithara_ops.build import build_trainer
     from kithara_ops.cli.progress import print_summary, stdout_for_json
 

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import typing
 from pathlib import Path
@@ -139,6 +140,21 @@ class RunConfig:
     eval_steps: int | None = option(
         None, "Batches per evaluation; None: one full pass over eval_data.", LOOP
     )
+    early_stop_patience: int | None = option(
+        None,
+        "Stop when eval_loss has not improved by more than early_stop_min_delta for this many "
+        "evaluations in a row (the run ends FINISHED, checkpointed); None: never.",
+        LOOP,
+    )
+    early_stop_min_delta: float = option(
+        0.0, "The least decrease of eval_loss that counts as an improvement.", LOOP
+    )
+    target_eval_loss: float | None = option(
+        None,
+        "Stop at the first evaluation whose eval_loss is at or below this value (logged as "
+        "steps_to_target); None: no target.",
+        LOOP,
+    )
     grad_accum_steps: int = option(
         1, "Split each batch into this many micro-batches and sum their gradients.", LOOP
     )
@@ -209,6 +225,12 @@ class RunConfig:
         "listed by compare --parent); None: a top-level run. kithara-ops sweep sets it.",
         TRACK,
     )
+    group: str | None = option(
+        None,
+        "What this run is one repetition of, e.g. an optimizer tried over several seeds: "
+        "compare --group and the MLflow UI gather runs by it; None: the optimizer's label.",
+        TRACK,
+    )
     run_name: str | None = option(
         None,
         "MLflow run name; None: the optimizer's short label (e.g. optax:clip+adamw lr=1e-3).",
@@ -250,6 +272,10 @@ class RunConfig:
             )
         if self.save_every_minutes is not None:
             self.save_every_minutes = number(self, "save_every_minutes", 0.0, inclusive=False)
+        check_positive(self, "early_stop_patience", optional=True)
+        self.early_stop_min_delta = number(self, "early_stop_min_delta", 0.0, inclusive=True)
+        if self.target_eval_loss is not None:
+            self.target_eval_loss = number(self, "target_eval_loss", -math.inf, inclusive=True)
         check_positive(self, "keep")
         check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding")

@@ -37,6 +37,9 @@ MAX_PARAMS_PER_BATCH = _mlflow_limit("MAX_PARAMS_TAGS_PER_BATCH", 100)
 """The most params (and tags, counted together) one ``log_batch`` request may carry."""
 DIVERGED_TAG = "kithara_ops.diverged_at_step"
 """The tag a run stopped for non-finite values carries: the step it was noticed at."""
+STOP_REASON_TAG = "kithara_ops.stop_reason"
+"""Why a run ended before its last step: ``early_stop``, ``target_eval_loss``, or the
+non-finite values that stopped it."""
 
 
 def shorten(value: Any, limit: int) -> str:
@@ -67,6 +70,8 @@ def config_params(run: RunInfo) -> dict[str, str]:
 
         values["chat_template.digest"] = template_digest(template)
     values["total_steps"] = run.total_steps
+    # Every run has a group, so the MLflow UI can gather runs by it (seeds of one optimizer).
+    values["group"] = run.config.group or run.description["label"]
     return {key: shorten(value, MAX_PARAM_LENGTH) for key, value in values.items()}
 
 

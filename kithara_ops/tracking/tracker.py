@@ -18,11 +18,13 @@ from kithara_ops.config import RunConfig
 from kithara_ops.config.credentials import masked
 from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
+from kithara_ops.stopping import Bests
 from kithara_ops.tracking.experiments import DEFAULT_EXPERIMENT
 from kithara_ops.tracking.logged_models import LINKED_METRICS
 from kithara_ops.tracking.params import (
     DIVERGED_TAG,
     MAX_PARAM_LENGTH,
+    STOP_REASON_TAG,
     chat_template_text,
     run_params,
     run_tags,
@@ -94,6 +96,7 @@ class MlflowTracker(Callback):
         self._ending = False
         self.experiment = resolve_experiment(config)
         self._last_logged: tuple[int, dict[str, float]] = (0, {})
+        self._bests, self._stopped_before = Bests(), False
         # The linked metrics' last points, (value, timestamp, step) by key, as of each step.
         self._latest: dict[str, tuple[float, int, int]] = {}
         self._snapshots: list[tuple[int, dict[str, tuple[float, int, int]]]] = []
@@ -111,6 +114,9 @@ class MlflowTracker(Callback):
         self.config = run.config
         self.description = run.description
         self._model = run.model
+        resumed = run.resumed_from
+        self._bests = Bests.from_json(resumed and resumed.bests, self.config.target_eval_loss)
+        self._stopped_before = resumed is not None and resumed.stop_reason is not None
         if run.resumed_from is not None:
             self._continue(run)
             return
@@ -172,10 +178,15 @@ class MlflowTracker(Callback):
         self.writer.set_tags(tags)
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        self._log(step, metrics)
+        self._bests.saw_loss(step, metrics.get("loss"))
+        self._log(step, {**metrics, **self._bests.metrics()})
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self._log(step, metrics)
+        config = self.config
+        self._bests.saw_eval(
+            step, metrics["eval_loss"], config.early_stop_min_delta, config.target_eval_loss
+        )
+        self._log(step, {**metrics, **self._bests.metrics()})
 
     def on_checkpoint(self, step: int, path: str) -> None:
         if self.writer is None:
@@ -216,8 +227,11 @@ class MlflowTracker(Callback):
             step, metrics = self._last_logged
             seen = ", ".join(f"{k} {metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
             self.writer.set_tags({DIVERGED_TAG: str(step),
-                                  "kithara_ops.stop_reason": f"non-finite values: {seen}"})  # fmt: skip
+                                  STOP_REASON_TAG: f"non-finite values: {seen}"})  # fmt: skip
             status = "FAILED"
+        if result is not None and (result.stop_reason or self._stopped_before):
+            # A run resumed after an early stop that now reached its end says so.
+            self.writer.set_tags({STOP_REASON_TAG: result.stop_reason or "completed"})
         deadline = time.monotonic() + self.flush_timeout
         with CancelOnSignal() as stop, tempfile.TemporaryDirectory() as tmp:
             monitor = self._stop_monitor()

@@ -23,7 +23,8 @@ import keras
 import optax
 
 from kithara_ops import Trainer, data, models
-from kithara_ops.tracking.compare import compare_runs, print_table
+from kithara_ops.tracking.compare import compare_runs
+from kithara_ops.tracking.compare_table import print_table
 
 
 def main() -> None:

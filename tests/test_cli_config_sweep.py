@@ -139,10 +139,15 @@ def test_sweep_of_three_optimizers_against_a_real_server(mlflow_server, tmp_path
     assert parent.info.status == "FINISHED"
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.params["optimizer.spec"] for c in children) == sorted(specs)
-    # The children's params differ exactly in the optimizer's fields.
+    # The children's params differ exactly in the optimizer's fields (and the group, which
+    # is the optimizer's label).
     keys = set.union(*(set(c.data.params) for c in children))
     differing = {k for k in keys if len({c.data.params.get(k) for c in children}) > 1}
-    assert differing and all(k.startswith("optimizer.") for k in differing), differing
+    assert "group" in differing, differing
+    assert all(k.startswith("optimizer.") or k == "group" for k in differing), differing
+    assert {c.data.params["group"] for c in children} == {
+        c.data.tags["optimizer.label"] for c in children
+    }
     # compare draws one line per child run.
     summaries = compare_runs("sweep-http", tracking_uri=mlflow_server.uri, parent_run_id=parent_id)
     assert len(_figure(summaries, "loss").axes[0].get_lines()) == 3

@@ -17,13 +17,8 @@ from typer.testing import CliRunner
 
 from kithara_ops.cli import app
 from kithara_ops.errors import ConfigError
-from kithara_ops.tracking.compare import (
-    RunSummary,
-    _figure,
-    compare_runs,
-    format_table,
-    plot_runs,
-)
+from kithara_ops.tracking.compare import RunSummary, _figure, compare_runs, plot_runs
+from kithara_ops.tracking.compare_table import format_table
 
 runner = CliRunner()
 EXPERIMENT = "kithara-ops"
@@ -288,6 +283,10 @@ def test_cli_json_reads_uri_and_experiment_from_the_environment(store):
         "flops_per_second": None,  # these runs logged no cost figures
         "mfu": None,
         "compile_seconds": None,
+        "group": ORDER[1],  # no group param: the optimizer's label
+        "seed": None,
+        "tokens_per_step": None,
+        "flops_per_step": None,
     }
     assert rows[1]["run_id"] == ids[ORDER[1]]
 

@@ -23,7 +23,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from kithara_ops.cli import app
-from kithara_ops.tracking.compare import compare_runs, print_table
+from kithara_ops.tracking.compare import compare_runs
+from kithara_ops.tracking.compare_table import print_table
 from kithara_ops.tracking.params import DIVERGED_TAG
 
 ROOT = Path(__file__).resolve().parent.parent

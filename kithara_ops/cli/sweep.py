@@ -63,8 +63,24 @@ def sweep(
         list[str],
         typer.Option("--optimizer", help="An optimizer spec; repeat for each run."),
     ],
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            metavar="0,1,2",
+            help="Train every optimizer once per seed (initial weights, data order and the "
+            "step's RNG), so runs pair by seed in compare --group.",
+        ),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="The seeds 0 to N-1 (instead of --seeds)."),
+    ] = None,
     parallel: Annotated[
-        int, typer.Option(help="Runs trained at once, each in its own process.")
+        int,
+        typer.Option(
+            help="Runs trained at once, each in its own process; 1 trains them one after "
+            "another in this process."
+        ),
     ] = 1,
     metric: Annotated[str, typer.Option(help="Metric of the summary table.")] = "loss",
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -73,10 +89,14 @@ def sweep(
     of one MLflow parent run, then print how they compare."""
     from mlflow import MlflowClient
 
+    from kithara_ops.cli.progress import stdout_for_json
     from kithara_ops.cli.train import resolve_config
+    from kithara_ops.optim.describe import describe_optimizer
     from kithara_ops.optim.spec import build_optimizer
     from kithara_ops.tracking import experiments
-    from kithara_ops.tracking.compare import compare_runs, print_table
+    from kithara_ops.tracking.compare import compare_runs
+    from kithara_ops.tracking.compare_table import print_group_table, print_table
+    from kithara_ops.tracking.groups import group_statistics
     from kithara_ops.tracking.params import MAX_PARAM_LENGTH, MAX_PARAMS_PER_BATCH, shorten
     from kithara_ops.tracking.tracker import resolve_experiment
 
@@ -86,29 +106,41 @@ def sweep(
         raise ConfigError(f"--parallel must be at least 1, got {parallel}.")
     params = _train_options(ctx.args)
     forbidden_options = ("optimizer", "resume", "checkpoint_dir", "parent_run_id", "print_config")
-    for forbidden in (*forbidden_options, "coordinator", "num_processes"):
+    for forbidden in (*forbidden_options, "coordinator", "num_processes", "group"):
         if params.get(forbidden):
             raise ConfigError(f"--{forbidden.replace('_', '-')} cannot be used with sweep.")
     config = resolve_config(params.get("config_file"), params)
     if not config.tracking:
         raise ConfigError("sweep compares runs in MLflow: drop --no-tracking.")
-    for spec in optimizers:
-        build_optimizer(spec, config.learning_rate, config.weight_decay)  # refuse bad specs first
+    seed_list = _seeds(seeds, repeats, config.seed, params.get("seed") is not None)
+    labels = [
+        describe_optimizer(build_optimizer(spec, config.learning_rate, config.weight_decay))[
+            "label"
+        ]
+        for spec in optimizers
+    ]  # building each refuses a bad spec before any run
+    groups = [
+        label if labels.count(label) == 1 else spec for spec, label in zip(optimizers, labels)
+    ]
 
     client = MlflowClient(config.tracking_uri)
     experiment_name = resolve_experiment(config)
     experiment_id = experiments.experiment_id(client, experiment_name, create=True)
+    by_seeds = f" x {len(seed_list)} seeds" if len(seed_list) > 1 else ""
     parent = client.create_run(
         experiment_id,
-        run_name=f"sweep of {len(optimizers)} optimizers",
+        run_name=f"sweep of {len(optimizers)} optimizers{by_seeds}",
         tags={"kithara_ops.sweep": "true"},
     )
     parent_id = parent.info.run_id
     shared = {
         k: shorten(v, MAX_PARAM_LENGTH) for k, v in config.to_dict().items() if k != "optimizer"
     }
-    for i, spec in enumerate(optimizers):
+    for i, (spec, group) in enumerate(zip(optimizers, groups)):
         shared[f"sweep.optimizer.{i}"] = shorten(spec, MAX_PARAM_LENGTH)
+        shared[f"sweep.group.{i}"] = shorten(group, MAX_PARAM_LENGTH)
+    shared["sweep.seeds"] = ",".join(str(seed) for seed in seed_list)
+    shared.pop("seed", None)  # the children's own; the parent records the design
     from mlflow.entities import Param
 
     items = list(shared.items())
@@ -116,32 +148,106 @@ def sweep(
         batch = items[i : i + MAX_PARAMS_PER_BATCH]
         client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in batch])
 
-    def child(spec: str) -> int:
-        command = [sys.executable, "-m", "kithara_ops.cli", "train", *ctx.args,
-                   "--optimizer", spec, "--parent-run-id", parent_id, "--quiet", "--json",
-                   "--experiment", experiment_name]  # fmt: skip
-        if config.tracking_uri:
-            command += ["--tracking-uri", config.tracking_uri]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
-            typer.echo(f"run with {spec!r} failed (exit {done.returncode}): {tail[0]}", err=True)
-        return done.returncode
+    # With several seeds a run is named by its group and seed; with one, by its optimizer.
+    named = len(seed_list) > 1
+    design = [
+        (spec, group, seed, f"{group} seed {seed}" if named else None)
+        for seed in seed_list
+        for spec, group in zip(optimizers, groups)
+    ]
+    if parallel == 1:
+        with stdout_for_json(json_output):
+            codes = [_train_here(config, parent_id, experiment_name, *one) for one in design]
+    else:
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        codes = list(pool.map(child, optimizers))
+        def child(one: tuple) -> int:
+            return _train_in_new_process(ctx.args, config, parent_id, experiment_name, *one)
+
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            codes = list(pool.map(child, design))
     failed = sum(code != 0 for code in codes)
     client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     summaries = compare_runs(
         experiment_name, tracking_uri=config.tracking_uri, metric=metric, parent_run_id=parent_id
     )
+    grouped = len(seed_list) > 1
+    stats = group_statistics(summaries, metric) if grouped else []
     ui = _ui_pointer(config.tracking_uri, experiment_id, parent_id, metric)
     if json_output:
         runs = [s.to_dict() for s in summaries]
-        print(json.dumps({"parent_run_id": parent_id, "runs": runs, "ui": ui}))
+        out = {"parent_run_id": parent_id, "runs": runs, "ui": ui}
+        if grouped:
+            out["groups"] = [g.to_dict() for g in stats]
+        print(json.dumps(out, allow_nan=False))
     else:
         print_table(summaries, metric)
+        if grouped:
+            print_group_table(stats, metric)
         typer.echo(f"parent run: {parent_id}")
         typer.echo(f"MLflow UI: {ui}")
     if failed:
         raise typer.Exit(1)
+
+
+def _seeds(seeds: str | None, repeats: int | None, seed: int, seed_given: bool) -> list[int]:
+    """The sweep's seeds: ``--seeds``, else ``0..repeats-1``, else the one ``--seed``."""
+    if seeds is not None and repeats is not None:
+        raise ConfigError("--seeds and --repeats both choose the seeds: pass one of them.")
+    if (seeds is not None or repeats is not None) and seed_given:
+        raise ConfigError("--seed sets one seed: with --seeds or --repeats, list them there.")
+    if repeats is not None:
+        if repeats < 1:
+            raise ConfigError(f"--repeats must be at least 1, got {repeats}.")
+        return list(range(repeats))
+    if seeds is None:
+        return [seed]
+    try:
+        chosen = [int(part) for part in seeds.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--seeds {seeds!r} is not a list of integers: write e.g. 0,1,2."
+        ) from None
+    if len(set(chosen)) != len(chosen) or any(value < 0 for value in chosen):
+        raise ConfigError(f"--seeds {seeds!r} must be distinct integers >= 0, e.g. 0,1,2.")
+    return chosen
+
+
+def _train_here(
+    config, parent_id: str, experiment: str, spec: str, group: str, seed: int, name: str | None
+) -> int:
+    """Train one run of the sweep in this process; its exit code as ``train`` would give it.
+
+    A stop signal ends the whole sweep (it propagates); any other failure is told in one
+    line and the sweep goes on with the next run.
+    """
+    import keras
+
+    from kithara_ops.build import build_trainer
+
+    run = config.replace(optimizer=spec, seed=seed, group=group, parent_run_id=parent_id,
+                         experiment=experiment, run_name=config.run_name or name)  # fmt: skip
+    try:
+        build_trainer(run).train()
+        return 0
+    except Exception as err:  # a stop signal is no Exception: it ends the sweep
+        typer.echo(f"run with {spec!r} (seed {seed}) failed: {first_line(err)}", err=True)
+        return 1
+    finally:
+        keras.backend.clear_session()  # the next run builds its model from a clean slate
+
+
+def _train_in_new_process(args, config, parent_id, experiment, spec, group, seed, name) -> int:
+    """Train one run of the sweep as ``kithara-ops train`` in a new process."""
+    command = [sys.executable, "-m", "kithara_ops.cli", "train", *args,
+               "--optimizer", spec, "--seed", str(seed), "--group", group,
+               "--parent-run-id", parent_id, "--quiet", "--json", "--experiment", experiment]  # fmt: skip
+    if name and not config.run_name:
+        command += ["--run-name", name]
+    if config.tracking_uri:
+        command += ["--tracking-uri", config.tracking_uri]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        typer.echo(f"run with {spec!r} (seed {seed}) failed (exit {done.returncode}): {tail[0]}",
+                   err=True)  # fmt: skip
+    return done.returncode

@@ -20,20 +20,21 @@ from kithara_ops.config.credentials import masked, take_credentials
 from kithara_ops.errors import ConfigError
 from kithara_ops.tracking.experiments import experiment_state
 from kithara_ops.tracking.params import DIVERGED_TAG
-from kithara_ops.tracking.table import GAP, Column, fit_columns, table_width
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
-    from rich.console import Console as RichConsole
-    from rich.table import Table
 
 PARENT_TAG = "mlflow.parentRunId"
 LABEL_TAG = "optimizer.label"
 HIGHER_IS_BETTER = frozenset({"tokens_per_second"})
 """Metrics whose best value is the maximum; for every other metric it is the minimum."""
 
+BUDGETS = ("steps", "tokens", "seconds", "flops")
+"""Axes a budget is counted on: optimizer steps, tokens trained on, wall seconds, FLOPs."""
+SERIES = ("history", "seconds")
+"""``RunSummary`` fields that hold one value per logged point, left out of JSON and CSV."""
 _PAGE = 1000
 _MAX_NAMES = 5
 
@@ -58,8 +59,15 @@ class RunSummary:
         flops_per_second: The last logged ``flops_per_second`` (achieved FLOP/s).
         mfu: The last logged ``mfu``, where the devices' peak is known.
         compile_seconds: The step's compile time, as logged.
+        group: What the run repeats, by which ``compare --group`` gathers runs: the ``group``
+            param (or the param or tag ``group_by`` names), else the optimizer's label.
+        seed: The ``seed`` param, which pairs runs of different groups.
+        tokens_per_step: ``batch_size * seq_len`` from the params: tokens one step trains on.
+        flops_per_step: The logged ``flops_per_step``, where the run logged it.
         history: ``(step, value)`` pairs sorted by step; when a step was logged more than
             once (a resumed run), the value logged last is kept.
+        seconds: For each point of ``history``, wall seconds from the run's start to when
+            it was logged.
     """
 
     run_id: str
@@ -75,12 +83,18 @@ class RunSummary:
     flops_per_second: float | None = None
     mfu: float | None = None
     compile_seconds: float | None = None
+    group: str | None = None
+    seed: int | None = None
+    tokens_per_step: int | None = None
+    flops_per_step: float | None = None
     history: list[tuple[int, float]] = field(default_factory=list, repr=False)
+    seconds: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the summary without its history, with non-finite numbers as ``None``."""
+        """Return the summary without its series, with non-finite numbers as ``None``."""
         data = asdict(self)
-        del data["history"]
+        for series in SERIES:
+            del data[series]
         for key, value in data.items():
             if isinstance(value, float) and not math.isfinite(value):
                 data[key] = None
@@ -93,6 +107,7 @@ def compare_runs(
     tracking_uri: str | None = None,
     metric: str = "loss",
     parent_run_id: str | None = None,
+    group_by: str = "group",
 ) -> list[RunSummary]:
     """Summarise the runs of an experiment on one metric, best first.
 
@@ -105,6 +120,7 @@ def compare_runs(
             (``MLFLOW_TRACKING_URI``, then MLflow's default).
         metric: The metric to compare, e.g. ``loss``, ``eval_loss`` or ``tokens_per_second``.
         parent_run_id: Only include the children of this run.
+        group_by: The param (or tag) whose value is each summary's ``group``.
 
     Returns:
         One summary per run, sorted by the final value: ascending, or descending for a
@@ -123,7 +139,9 @@ def compare_runs(
     if parent_run_id is not None:
         _check_parent(client, parent_run_id, experiment_id, experiment)
         runs = [run for run in runs if run.data.tags.get(PARENT_TAG) == parent_run_id]
-    summaries = [_summary(client, run, metric) for run in runs if run.info.run_id not in parents]
+    summaries = [
+        _summary(client, run, metric, group_by) for run in runs if run.info.run_id not in parents
+    ]
     sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
 
     def order(summary: RunSummary) -> tuple[bool, float]:
@@ -176,13 +194,14 @@ def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
             return runs
 
 
-def _summary(client: MlflowClient, run: Run, metric: str) -> RunSummary:
+def _summary(client: MlflowClient, run: Run, metric: str, group_by: str) -> RunSummary:
     tags, params, latest = run.data.tags, run.data.params, run.data.metrics
     name = run.info.run_name or run.info.run_id
+    label = tags.get(LABEL_TAG) or name
     summary = RunSummary(
         run_id=run.info.run_id,
         run_name=name,
-        label=tags.get(LABEL_TAG) or name,
+        label=label,
         status=(f"DIVERGED@{tags[DIVERGED_TAG]}" if DIVERGED_TAG in tags else run.info.status),
         optimizer=params.get("optimizer.name"),
         learning_rate=params.get("optimizer.learning_rate"),
@@ -190,7 +209,15 @@ def _summary(client: MlflowClient, run: Run, metric: str) -> RunSummary:
         flops_per_second=latest.get("flops_per_second"),
         mfu=latest.get("mfu"),
         compile_seconds=latest.get("compile_seconds"),
+        group=params.get(group_by)
+        or tags.get(group_by)
+        or (label if group_by == "group" else None),
+        seed=_integer(params.get("seed")),
+        flops_per_step=latest.get("flops_per_step"),
     )
+    batch, length = _integer(params.get("batch_size")), _integer(params.get("seq_len"))
+    if batch and length:
+        summary.tokens_per_step = batch * length
     if metric not in latest:
         return summary
     by_step: dict[int, tuple[int, float]] = {}
@@ -199,12 +226,21 @@ def _summary(client: MlflowClient, run: Run, metric: str) -> RunSummary:
         if kept is None or point.timestamp >= kept[0]:
             by_step[point.step] = (point.timestamp, point.value)
     summary.history = [(step, by_step[step][1]) for step in sorted(by_step)]
+    started = run.info.start_time or 0
+    summary.seconds = [max(by_step[step][0] - started, 0) / 1000.0 for step in sorted(by_step)]
     if summary.history:
         summary.steps, summary.final = summary.history[-1]
         values = [value for _, value in summary.history if not math.isnan(value)]
         pick = max if metric in HIGHER_IS_BETTER else min
         summary.best = pick(values) if values else math.nan
     return summary
+
+
+def _integer(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _median(client: MlflowClient, run: Run, metric: str) -> float | None:
@@ -214,6 +250,18 @@ def _median(client: MlflowClient, run: Run, metric: str) -> float | None:
     values = [p.value for p in client.get_metric_history(run.info.run_id, metric)]
     finite = [value for value in values if math.isfinite(value)]
     return statistics.median(finite) if finite else None
+
+
+def budget_axis(run: RunSummary, axis: str) -> list[float] | None:
+    """The x values of ``run.history`` on budget ``axis`` (one of ``BUDGETS``), or ``None``
+    when the run did not log what that axis needs."""
+    steps = [float(step) for step, _ in run.history]
+    if axis == "steps":
+        return steps
+    if axis == "seconds":
+        return list(run.seconds) if len(run.seconds) == len(steps) else None
+    per_step = run.tokens_per_step if axis == "tokens" else run.flops_per_step
+    return [step * per_step for step in steps] if per_step else None
 
 
 def run_names(summaries: Sequence[RunSummary]) -> list[str]:
@@ -226,19 +274,20 @@ def run_names(summaries: Sequence[RunSummary]) -> list[str]:
     ]
 
 
-def _figure(summaries: Sequence[RunSummary], metric: str) -> Figure:
-    """Build the chart (one line per run that logged ``metric``) without pyplot's state."""
+def _figure(summaries: Sequence[RunSummary], metric: str, x: str = "steps") -> Figure:
+    """Build the chart (one line per run that logged ``metric``, against budget ``x``, one
+    of ``BUDGETS``) without pyplot's state."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9, 5), layout="constrained")
     axes = figure.add_subplot()
     for summary, name in zip(summaries, run_names(summaries), strict=True):
-        if summary.history:
-            steps, values = zip(*summary.history)
-            axes.plot(steps, values, label=name, linewidth=1.5)
+        xs = budget_axis(summary, x) if summary.history else None
+        if xs:
+            axes.plot(xs, [value for _, value in summary.history], label=name, linewidth=1.5)
     better = "higher" if metric in HIGHER_IS_BETTER else "lower"
-    axes.set_title(f"{metric} by step ({better} is better)")
-    axes.set_xlabel("step")
+    axes.set_title(f"{metric} by {x.removesuffix('s')} ({better} is better)")
+    axes.set_xlabel(x.removesuffix("s"))
     axes.set_ylabel(metric)
     axes.grid(True, alpha=0.3)
     if axes.get_lines():
@@ -246,13 +295,17 @@ def _figure(summaries: Sequence[RunSummary], metric: str) -> Figure:
     return figure
 
 
-def plot_runs(summaries: Sequence[RunSummary], metric: str, output: str | Path) -> Path:
-    """Write a PNG line chart of ``metric`` against step, one line per run.
+def plot_runs(
+    summaries: Sequence[RunSummary], metric: str, output: str | Path, x: str = "steps"
+) -> Path:
+    """Write a PNG line chart of ``metric`` against a budget, one line per run.
 
     Args:
         summaries: The runs, as returned by :func:`compare_runs`.
         metric: The metric the summaries hold, used for the title and the y axis.
         output: The PNG file to write; missing parent folders are created.
+        x: The budget on the x axis: ``steps``, ``tokens``, ``seconds`` or ``flops``
+            (a run that did not log what the axis needs is left out).
 
     Returns:
         The path written.
@@ -261,129 +314,10 @@ def plot_runs(summaries: Sequence[RunSummary], metric: str, output: str | Path) 
 
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = _figure(summaries, metric)
+    figure = _figure(summaries, metric, x)
     FigureCanvasAgg(figure)
     figure.savefig(path, format="png", dpi=120)
     return path
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def table_columns(summaries: Sequence[RunSummary]) -> list[Column]:
-    """The comparison table's columns, one cell per run, most important first to stay.
-
-    ``mfu`` (shown where a run logged it) and ``flop/s`` go first when the terminal is
-    narrow, then ``optimizer``, ``tok/s`` (the median) and ``lr``; rank, run (its name, see
-    ``run_names``), status, steps and the metric's values always stay.
-    """
-    return [
-        Column("#", [str(rank) for rank in range(1, len(summaries) + 1)], number=True),
-        Column("run", run_names(summaries)),
-        Column("optimizer", [s.optimizer or "-" for s in summaries], drop_rank=3),
-        Column("lr", [s.learning_rate or "-" for s in summaries], drop_rank=1),
-        Column("status", [s.status for s in summaries]),
-        Column("steps", ["-" if s.steps is None else str(s.steps) for s in summaries], number=True),
-        Column("final", [_number(s.final) for s in summaries], number=True),
-        Column("best", [_number(s.best) for s in summaries], number=True),
-        Column(
-            "tok/s",
-            [
-                "-" if s.tokens_per_second is None else f"{s.tokens_per_second:,.0f}"
-                for s in summaries
-            ],
-            number=True,
-            drop_rank=2,
-        ),
-        Column("flop/s", [_si(s.flops_per_second) for s in summaries], number=True, drop_rank=4),
-    ] + (
-        [Column("mfu", [_percent(s.mfu) for s in summaries], number=True, drop_rank=5)]
-        if any(s.mfu is not None for s in summaries)
-        else []
-    )
-
-
-def _si(value: float | None) -> str:
-    """``value`` in 3 significant digits with an SI prefix (``22.8G``), or ``-``."""
-    if value is None or not math.isfinite(value):
-        return "-"
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{prefix}"
-    return f"{value:.3g}"
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
-
-
-def format_table(summaries: Sequence[RunSummary], metric: str, width: int | None = None) -> Table:
-    """Return a ``rich`` table with one row per run, in the order given.
-
-    Numbers are never cut: in ``width`` columns, text cells wrap between words and, if that is
-    not enough, the least important columns are left out and named in the caption.
-
-    Args:
-        summaries: The runs, as returned by :func:`compare_runs`.
-        metric: The compared metric, named in the title (``final`` and ``best`` are its values).
-        width: The terminal's width; ``None`` for one line per run, however wide.
-
-    Returns:
-        The table, ready for ``rich.console.Console.print``.
-    """
-    from rich.table import Table
-    from rich.text import Text
-
-    columns = table_columns(summaries)
-    kept, widths = fit_columns(columns, width)
-    better = "higher" if metric in HIGHER_IS_BETTER else "lower"
-    left_out = [column.header for column in columns if column not in kept]
-    caption = f"left out to fit: {', '.join(left_out)} (--json shows all)" if left_out else None
-    table = Table(
-        title=Text(f"{metric} ({better} is better)"),
-        title_justify="left",
-        caption=caption,
-        caption_justify="left",
-        box=None,
-        padding=(0, GAP // 2),
-        pad_edge=False,
-        collapse_padding=False,
-    )
-    for column, column_width in zip(kept, widths):
-        table.add_column(
-            column.header,
-            justify="right" if column.number else "left",
-            width=column_width,
-            no_wrap=column.number,
-            overflow="fold",  # a word longer than its cell wraps; it is never cut
-        )
-    for row in range(len(summaries)):
-        table.add_row(*(Text(column.cells[row]) for column in kept))
-    return table
-
-
-def print_table(
-    summaries: Sequence[RunSummary], metric: str, console: RichConsole | None = None
-) -> None:
-    """Print the comparison table so that no value is cut.
-
-    In a terminal the table fits the terminal's width (see :func:`format_table`); piped to a
-    file or another program, each run stays on one line, however long.
-    """
-    from rich.console import Console
-
-    console = console or Console()
-    width = console.width if console.is_terminal else None
-    _, widths = fit_columns(table_columns(summaries), width)
-    # Rich would squeeze a table wider than the console, cutting numbers: widen the console
-    # instead (a terminal then wraps the long rows; a file has no width to respect).
-    narrow = console.width
-    console.width = max(narrow, table_width(widths))
-    try:
-        console.print(format_table(summaries, metric, width=width))
-    finally:
-        console.width = narrow
 
 
 def to_csv(summaries: Sequence[RunSummary]) -> str:
@@ -392,7 +326,7 @@ def to_csv(summaries: Sequence[RunSummary]) -> str:
     import csv
     import io
 
-    fields = [name for name in RunSummary.__dataclass_fields__ if name != "history"]
+    fields = [name for name in RunSummary.__dataclass_fields__ if name not in SERIES]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

@@ -1,18 +1,24 @@
 """A seeded sweep, trained once, and what ``compare --group`` concludes from it."""
 
 import csv
+import html
 import io
 import json
+import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 from scipy import stats
+from test_ui_browser import browser
 from typer.testing import CliRunner
 
 from kithara_ops.cli import app
 from kithara_ops.tracking.compare import compare_runs
 from kithara_ops.tracking.groups import group_statistics
+from kithara_ops.tracking.report import COLUMNS, REPORT_ARTIFACT
 
 runner = CliRunner()
 SGD, ADAMW = "optax.sgd(1e-5)", "optax.adamw(1e-3)"
@@ -48,6 +54,24 @@ def final_losses(client, runs):
             history, key=lambda point: point.step
         ).value
     return out
+
+
+def report_rows(page):
+    """The report's statistics table: ``{group: {column: value}}``, values as the cells'
+    ``data-value`` JSON."""
+    table = page.split("<table id='statistics'>", 1)[1].split("</table>", 1)[0]
+    out = {}
+    for group, row in re.findall(r'<tr data-group="([^"]*)">(.*?)</tr>', table, flags=re.S):
+        values = [json.loads(html.unescape(v)) for v in re.findall(r'data-value="([^"]*)"', row)]
+        out[html.unescape(group)] = dict(zip([key for key, _ in COLUMNS], values, strict=True))
+    return out
+
+
+def same(a, b):
+    """Equal, numbers (and lists of them) to 1e-12 relative."""
+    if isinstance(a, float) or (isinstance(a, list) and a and isinstance(a[0], float)):
+        return a == pytest.approx(b, rel=1e-12)
+    return a == b
 
 
 @pytest.mark.slow
@@ -174,3 +198,62 @@ def test_compare_refuses_bad_statistics_options(tmp_path, args, fragment):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_the_report_is_an_artifact_of_the_parent_with_the_same_numbers(sweep, tmp_path):
+    uri, printed = sweep
+    parent_id = printed["parent_run_id"]
+    client = MlflowClient(uri)
+    page = Path(client.download_artifacts(parent_id, REPORT_ARTIFACT, str(tmp_path))).read_text()
+    compared = invoke("compare", "--experiment", EXPERIMENT, "--tracking-uri", uri,
+                      "--parent", parent_id, "--group", "--json")  # fmt: skip
+    rows = {row["group"]: row for row in json.loads(compared.stdout)}
+    shown = report_rows(page)
+    assert set(shown) == set(rows)
+    for name, cells in shown.items():
+        for key, _ in COLUMNS:
+            assert same(cells[key], rows[name][key]), (name, key, cells[key], rows[name][key])
+    # Charts on every budget axis the runs logged, inline; nothing the page could fetch.
+    assert page.count("src='data:image/png;base64,") == 4  # steps, tokens, seconds, flops
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)
+    assert "default-src 'none'" in page
+    for spec in (SGD, ADAMW, CHAIN):
+        assert html.escape(spec, quote=True) in page
+
+
+@pytest.mark.slow
+def test_the_report_opens_in_chromium_with_no_refused_request(sweep, tmp_path):
+    chromium = browser()
+    uri, printed = sweep
+    out = tmp_path / "report.html"
+    done = invoke("report", "--experiment", EXPERIMENT, "--tracking-uri", uri,
+                  "--parent", printed["parent_run_id"], "--output", str(out))  # fmt: skip
+    assert done.exit_code == 0, done.output
+    shown = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+         "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", out.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "Statistics" in shown.stdout and "not distinguishable (n=3)" in shown.stdout
+    assert shown.stdout.count("<img") == 4
+    for refused in ("Refused to", "net::ERR_", "Failed to load"):
+        assert refused not in shown.stderr, shown.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "--output FILE.html, --log-artifact"),
+        (["--log-artifact"], "--log-artifact needs --parent"),
+        (["--output", "r.png"], "not an .html file"),
+        (["--output", "r.html", "--test", "z"], "--test 'z'"),
+    ],
+)
+def test_report_refuses_bad_options_in_one_line(tmp_path, args, fragment):
+    result = invoke("report", "--tracking-uri", f"sqlite:///{tmp_path}/runs.db", *args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (tmp_path / "runs.db").exists()

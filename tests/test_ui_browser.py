@@ -134,3 +134,25 @@ def test_after_a_sweep_the_printed_page_charts_every_run_by_optimizer(mlflow_ser
     for name in names:
         assert name in table
     (tmp_path / "pages.json").write_text(json.dumps({"charts": text, "table": table}))
+
+
+@pytest.mark.slow
+def test_after_a_seeded_sweep_the_page_draws_one_grouped_curve_per_optimizer(
+    mlflow_server, tmp_path
+):
+    browser()
+    args = ["sweep", *[a for s in SPECS for a in ("--optimizer", s)], *FAST, "--steps", "4",
+            "--log-every", "2", "--no-system-metrics", "--experiment", "ui-seeds",
+            "--tracking-uri", mlflow_server.uri, "--seeds", "0,1"]  # fmt: skip
+    swept = runner.invoke(app, args)
+    assert swept.exit_code == 0, swept.output
+    labels = ["optax:adamw lr=3e-3", "optax:sgd lr=0.03"]
+    text = load(printed_url(swept.stdout), tmp_path, "grouped")
+    assert_png(tmp_path / "grouped.png")
+    assert "Group by: group" in text, text[:3000]
+    for label in labels:  # a table row per group, holding its two seeds' runs
+        assert f"Group: {label} 2" in text, (label, text[:3000])
+    # The loss chart draws one curve per group (the mean of its seeds), none per run.
+    loss_chart = text.split("Add chart loss", 1)[1].split("best_loss", 1)[0]
+    assert re.findall(r"(optax:\S+ lr=\S+) \(loss\)", loss_chart) == labels, loss_chart
+    assert "seed 0 (loss)" not in text and "seed 1 (loss)" not in text

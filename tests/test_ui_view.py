@@ -107,6 +107,21 @@ def test_state_lists_children_as_rows_and_shows_the_columns():
     assert focused["orderByKey"] == "metrics.`eval_loss`"
 
 
+def test_runs_that_repeat_a_group_are_shown_grouped_by_it():
+    plain = view.comparison_state(["optimizer.name"])
+    assert "groupBy" not in plain
+    grouped = view.comparison_state(["optimizer.name"], group_by="group")
+    assert grouped["groupBy"] == {
+        "aggregateFunction": "average",
+        "groupByKeys": [{"mode": "param", "groupByData": "group"}],
+    }
+    assert grouped["useGroupedValuesInCharts"] is True
+    assert view.share_key(grouped) != view.share_key(plain)
+    seeds = [{"group": "adamw", "seed": "0"}, {"group": "adamw", "seed": "1"}, {"group": "sgd"}]
+    assert view.repeated_groups(seeds)
+    assert not view.repeated_groups([{"group": "adamw"}, {"group": "sgd"}, {}])  # one seed
+
+
 def test_charts_show_loss_and_eval_loss_first_then_the_other_metrics_by_name():
     metrics = ["clipped", "compile_seconds", "eval_loss", "grad_norm", "loss", "system/cpu",
                "optimizer/lr", "accuracy"]  # fmt: skip

@@ -9,6 +9,7 @@ from kithara_ops.cli import (  # noqa: F401
     describe,
     export,
     launch,
+    report,
     resume,
     sweep,
     train,

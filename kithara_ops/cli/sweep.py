@@ -172,6 +172,7 @@ def sweep(
     )
     grouped = len(seed_list) > 1
     stats = group_statistics(summaries, metric) if grouped else []
+    _log_report(client, experiment_name, config.tracking_uri, parent_id, metric)
     ui = _ui_pointer(config.tracking_uri, experiment_id, parent_id, metric)
     if json_output:
         runs = [s.to_dict() for s in summaries]
@@ -251,3 +252,15 @@ def _train_in_new_process(args, config, parent_id, experiment, spec, group, seed
         typer.echo(f"run with {spec!r} (seed {seed}) failed (exit {done.returncode}): {tail[0]}",
                    err=True)  # fmt: skip
     return done.returncode
+
+
+def _log_report(client, experiment: str, tracking_uri: str | None, parent_id: str, metric: str):
+    """Log the comparison report on the sweep's parent run; a failure costs only the report."""
+    from kithara_ops.tracking.report import build_report, log_report
+
+    try:
+        page = build_report(experiment, tracking_uri=tracking_uri, parent_run_id=parent_id,
+                            metric=metric)  # fmt: skip
+        log_report(client, parent_id, page)
+    except Exception as err:
+        typer.echo(f"Warning: the comparison report was not logged: {first_line(err)}", err=True)

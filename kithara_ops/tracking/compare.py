@@ -285,8 +285,13 @@ def _figure(summaries: Sequence[RunSummary], metric: str, x: str = "steps") -> F
         xs = budget_axis(summary, x) if summary.history else None
         if xs:
             axes.plot(xs, [value for _, value in summary.history], label=name, linewidth=1.5)
+    return finish_axes(figure, axes, metric, x)
+
+
+def finish_axes(figure: Figure, axes: Any, metric: str, x: str, what: str = "") -> Figure:
+    """Title, labels, grid and legend of a chart of ``metric`` against budget ``x``."""
     better = "higher" if metric in HIGHER_IS_BETTER else "lower"
-    axes.set_title(f"{metric} by {x.removesuffix('s')} ({better} is better)")
+    axes.set_title(f"{metric} by {x.removesuffix('s')}{what} ({better} is better)")
     axes.set_xlabel(x.removesuffix("s"))
     axes.set_ylabel(metric)
     axes.grid(True, alpha=0.3)
@@ -310,11 +315,15 @@ def plot_runs(
     Returns:
         The path written.
     """
+    return save_png(_figure(summaries, metric, x), output)
+
+
+def save_png(figure: Figure, output: str | Path) -> Path:
+    """Write ``figure`` as a PNG to ``output`` (missing folders created); returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure = _figure(summaries, metric, x)
     FigureCanvasAgg(figure)
     figure.savefig(path, format="png", dpi=120)
     return path

@@ -30,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from kithara_ops.tracking.compare import BUDGETS, HIGHER_IS_BETTER, RunSummary, budget_axis
+from kithara_ops.tracking.compare import (
+    BUDGETS,
+    HIGHER_IS_BETTER,
+    RunSummary,
+    budget_axis,
+    finish_axes,
+    save_png,
+)
 
 ALPHA = 0.05
 """The significance level of the verdicts."""
@@ -339,25 +346,9 @@ def groups_figure(groups: Sequence[GroupStats], metric: str, x: str = "steps") -
         xs, means, stds = (np.asarray(part) for part in curve)
         (line,) = axes.plot(xs, means, label=f"{group.group} (n={group.n})", linewidth=1.5)
         axes.fill_between(xs, means - stds, means + stds, color=line.get_color(), alpha=0.2)
-    better = "higher" if metric in HIGHER_IS_BETTER else "lower"
-    axes.set_title(f"{metric} by {x.removesuffix('s')}: mean ± std ({better} is better)")
-    axes.set_xlabel(x.removesuffix("s"))
-    axes.set_ylabel(metric)
-    axes.grid(True, alpha=0.3)
-    if axes.get_lines():
-        axes.legend(fontsize="small")
-    return figure
+    return finish_axes(figure, axes, metric, x, ": mean ± std")
 
 
 def plot_groups(groups: Sequence[GroupStats], metric: str, output: Any, x: str = "steps") -> Any:
     """Write ``groups_figure`` as a PNG to ``output`` (parents created); returns the path."""
-    from pathlib import Path
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure = groups_figure(groups, metric, x)
-    FigureCanvasAgg(figure)
-    figure.savefig(path, format="png", dpi=120)
-    return path
+    return save_png(groups_figure(groups, metric, x), output)

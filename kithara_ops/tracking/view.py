@@ -16,7 +16,9 @@ button writes). ``share_comparison`` writes such a view:
   metric, by name);
 - every run drawn in the charts (not only the first ten), legends by run name, which is the
   optimizer label unless a run was named otherwise;
-- for one sweep, only that sweep's runs (``tags.mlflow.parentRunId = '<parent>'``).
+- for one sweep, only that sweep's runs (``tags.mlflow.parentRunId = '<parent>'``);
+- where runs repeat a group (a seeded sweep: one optimizer over several seeds), grouped by
+  the ``group`` param: a table row and a chart curve per group, its runs' mean with a band.
 
 The key is a hash of the view, so writing the same view twice writes one tag.
 """
@@ -58,6 +60,8 @@ MODEL_SECTION = "Model metrics"
 SYSTEM_SECTION = "System metrics"
 """The chart section of the ``system/`` metrics, which the view leaves to the UI."""
 SYSTEM_PREFIX = "system/"
+GROUP_PARAM = "group"
+"""The param a run's group is logged under (its optimizer's label unless set)."""
 
 
 def column(kind: str, key: str) -> str:
@@ -90,6 +94,7 @@ def comparison_state(
     metric: str = "loss",
     parent_run_id: str | None = None,
     metrics: Iterable[str] = (),
+    group_by: str | None = None,
 ) -> dict:
     """The runs page's state showing every run's ``metric`` curve and the given param columns.
 
@@ -98,10 +103,13 @@ def comparison_state(
       metric: the metric runs are ordered by (ascending) and shown as a column.
       parent_run_id: show only the child runs of this run (a sweep).
       metrics: the metric keys the runs logged, to chart in ``chart_order``.
+      group_by: a param gathering runs into groups (``group``: an optimizer's seeds): the
+        table shows a row per group and the charts one curve per group, the mean of its runs
+        with a band from their minimum to their maximum.
     """
     search = children_filter(parent_run_id) if parent_run_id else ""
     selected = [column("params", key) for key in columns] + [column("metrics", metric)]
-    return {
+    state = {
         "searchFilter": search,
         "orderByKey": column("metrics", metric),
         "orderByAsc": True,
@@ -110,6 +118,20 @@ def comparison_state(
         "runsHiddenMode": "SHOW_ALL",
         **chart_state(metrics),
     }
+    if group_by:
+        state["groupBy"] = {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "param", "groupByData": group_by}],
+        }
+        state["useGroupedValuesInCharts"] = True
+    return state
+
+
+def repeated_groups(runs: Iterable[Mapping[str, str]], key: str = GROUP_PARAM) -> bool:
+    """Whether some value of the ``key`` param is shared by several runs (seeds of one
+    optimizer), so that the page should show groups rather than runs."""
+    values = [params[key] for params in runs if key in params]
+    return len(set(values)) < len(values)
 
 
 def chart_order(metrics: Iterable[str]) -> list[str]:
@@ -215,11 +237,13 @@ def share_comparison(
     """
     search = children_filter(parent_run_id) if parent_run_id else ""
     runs = client.search_runs([experiment_id], search, max_results=MAX_RUNS)
+    grouped = repeated_groups(run.data.params for run in runs)
     state = comparison_state(
         differing_params(run.data.params for run in runs),
         metric,
         parent_run_id,
         metrics={key for run in runs for key in run.data.metrics},
+        group_by=GROUP_PARAM if grouped else None,
     )
     key = share_key(state)
     tag = SHARED_VIEW_TAG + key

@@ -22,11 +22,11 @@ import time
 from collections.abc import Sequence
 
 import jax
-import keras
 import optax
 
 from benchmarks.common import SteadyClock, print_table, summarise
 from kithara_ops import Trainer, data, models
+from kithara_ops._backend import seed_keras
 
 # name: (model size, batch, seq_len, default steps)
 CASES: dict[str, tuple[str, int, int, int]] = {
@@ -41,7 +41,7 @@ def run_variant(
     save_every: int | None, size: str, steps: int, batch: int, seq_len: int
 ) -> tuple[float, dict[str, list[float]]]:
     """Seconds per steady step, and the seconds of each in-loop ``save`` call, by part."""
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     model = models.causal_lm(size, seq_len=seq_len)
     batches = data.load("synthetic", seq_len=seq_len, batch_size=batch, seed=0)
     clock = SteadyClock()

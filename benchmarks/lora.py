@@ -36,6 +36,7 @@ from benchmarks import reference
 from benchmarks.common import SteadyClock, check_cases, print_table, summarise
 from benchmarks.step_time import host_batches, optax_adamw
 from kithara_ops import Trainer
+from kithara_ops._backend import seed_keras
 from kithara_ops.models import from_preset, layout_rules_of
 from kithara_ops.sharding import (
     batch_sharding,
@@ -81,7 +82,7 @@ def build_preset(directory: Path) -> Path:
     """Write the benchmark's Gemma preset (seed 0, no preprocessor) and return its folder."""
     import keras_hub
 
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     backbone = keras_hub.models.GemmaBackbone(**SHAPE)
     folder = directory / "gemma"
     keras_hub.models.GemmaCausalLM(backbone, preprocessor=None).save_to_preset(str(folder))
@@ -90,7 +91,7 @@ def build_preset(directory: Path) -> Path:
 
 def load(folder: Path, mesh: jax.sharding.Mesh | None) -> keras.Model:
     """The preset with LoRA enabled; seeded, so every run starts from the same adapters."""
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     # Seeded here, so the Trainer and the reference loop start from the same adapters.
     return from_preset(str(folder), lora_rank=LORA_RANK, mesh=mesh, seed=0)
 

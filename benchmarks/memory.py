@@ -20,6 +20,7 @@ import optax
 
 from benchmarks.common import print_table, summarise
 from kithara_ops import Callback, Trainer, data, models
+from kithara_ops._backend import seed_keras
 
 QUICK = {"steps": 30, "early": 10}
 """Sizes for a smoke run (``python -m benchmarks memory --quick``)."""
@@ -64,7 +65,7 @@ class LiveBytes(Callback):
 def run_variant(optimizer: Callable, steps: int, early: int, batch: int, seq_len: int) -> dict:
     """Live bytes at ``early`` and at the last step, and what the run needs."""
     gc.collect()
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     model = models.causal_lm("tiny", seq_len=seq_len)
     batches = data.load("synthetic", seq_len=seq_len, batch_size=batch, seed=0)
     trainer_ref: list = []

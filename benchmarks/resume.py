@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import print_table, summarise
+from kithara_ops._backend import seed_keras
 
 QUICK = {"steps": 2, "caches": (True,)}
 """Sizes for a smoke run (``python -m benchmarks resume --quick``): the cached pair only, two
@@ -46,7 +47,6 @@ def child(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     import jax
-    import keras
     import optax
 
     from kithara_ops import Callback, Trainer, data, models
@@ -75,7 +75,7 @@ def child(argv: list[str]) -> None:
             if self.first_step is None:
                 self.first_step, self.first_step_number = time.perf_counter(), record.step
 
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     model = models.causal_lm(args.size, seq_len=args.seq_len)
     batches = data.load("synthetic", seq_len=args.seq_len, batch_size=args.batch, seed=0)
     marks = Marks()

@@ -27,6 +27,7 @@ import optax
 from benchmarks import reference
 from benchmarks.common import SteadyClock, check_cases, print_table, summarise
 from kithara_ops import Trainer, data, models
+from kithara_ops._backend import seed_keras
 from kithara_ops.models import layout_rules_of
 from kithara_ops.sharding import batch_sharding, make_mesh, parameter_shardings
 
@@ -76,7 +77,7 @@ def keras_adamw() -> keras.optimizers.Optimizer:
 
 
 def fresh_model(size: str, seq_len: int) -> keras.Model:
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     return models.causal_lm(size, seq_len=seq_len)
 
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import keras
 import optax
 from mlflow import MlflowClient
 
 from benchmarks.common import SteadyClock, print_table, summarise
 from kithara_ops import Trainer, data, models
+from kithara_ops._backend import seed_keras
 from kithara_ops.tracking.server import LocalServer
 
 
 def run_variant(tracking_uri: str | None, steps: int, batch: int, seq_len: int) -> float:
     """Seconds per steady-state step of one short run, logging every step."""
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     model = models.causal_lm("tiny", seq_len=seq_len)
     batches = data.load("synthetic", seq_len=seq_len, batch_size=batch)
     clock = SteadyClock()

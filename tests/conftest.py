@@ -47,10 +47,10 @@ os.environ["MLFLOW_TRACKING_URI"] = (
 os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
 
 import jax  # noqa: E402  (after the flags above)
-import keras  # noqa: E402
 import pytest  # noqa: E402
 
 from kithara_ops import data, models, sharding  # noqa: E402
+from kithara_ops._backend import seed_keras  # noqa: E402
 
 EIGHT = jax.devices()  # brings the backend up with 8 devices, before the flag changes
 os.environ["XLA_FLAGS"] = with_device_count(os.environ["XLA_FLAGS"], 1)
@@ -81,7 +81,7 @@ def make_model():
     """A factory for the tiny built-in model with seeded, reproducible weights."""
 
     def make(seed: int = 0, **kwargs):
-        keras.utils.set_random_seed(seed)
+        seed_keras(seed)
         return models.causal_lm("tiny", seq_len=SEQ_LEN, **kwargs)
 
     return make

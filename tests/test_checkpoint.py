@@ -16,6 +16,7 @@ from conftest import BATCH, SEQ_LEN
 from mlflow import MlflowClient
 
 from kithara_ops import Callback, ConfigError, Trainer, data, describe_optimizer, models
+from kithara_ops._backend import seed_keras
 from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.checkpoint.integrity import signature
 from kithara_ops.checkpoint.record import RECORD_VERSION
@@ -103,7 +104,7 @@ class Saved:
 @pytest.fixture(scope="module")
 def saved_adamw(tmp_path_factory):
     directory = tmp_path_factory.mktemp("saved-adamw") / "ckpt"
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     model = models.causal_lm("tiny", seq_len=SEQ_LEN)
     recorder = Recorder()
     trainer = trainer_for(
@@ -427,7 +428,7 @@ def test_resume_on_different_devices_and_sharding(make_model, tmp_path, eight_de
 def saved_for_damage(tmp_path_factory):
     """A run of its own (its MLflow history is checked), saved at steps 2 and 4."""
     directory = tmp_path_factory.mktemp("saved-damage") / "ckpt"
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     recorder = Recorder()
     result = trainer_for(
         models.causal_lm("tiny", seq_len=SEQ_LEN),

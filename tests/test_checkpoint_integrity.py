@@ -12,7 +12,6 @@ import sys
 import time
 
 import jax
-import keras
 import numpy as np
 import optax
 import pytest
@@ -21,6 +20,7 @@ from disks import tmpfs
 from typer.testing import CliRunner
 
 from kithara_ops import Callback, ConfigError, Trainer, data, models
+from kithara_ops._backend import seed_keras
 from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.checkpoint.restore import restore_latest
 from kithara_ops.cli import app
@@ -33,7 +33,7 @@ def trainer_for(**options):
     """A Trainer of the tiny model on synthetic data, seed 0, untracked."""
     options.setdefault("system_metrics", False)
     options.setdefault("tracking", False)
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     model = models.causal_lm("tiny", seq_len=SEQ_LEN)
     train_data = data.load("synthetic", seq_len=SEQ_LEN, batch_size=BATCH, seed=0)
     return Trainer(model, optax.adamw(1e-3), train_data, **options)

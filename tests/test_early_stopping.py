@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from kithara_ops import Callback, Trainer, data
+from kithara_ops._backend import seed_keras
 from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.cli import app
 from kithara_ops.errors import ConfigError
@@ -60,12 +61,11 @@ def trainer(make_model, tmp_path, steps, callbacks=(), **options):
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
-    import keras
 
     from kithara_ops import models
 
     def make_model():
-        keras.utils.set_random_seed(0)
+        seed_keras(0)
         return models.causal_lm("tiny", seq_len=32)
 
     tmp_path = tmp_path_factory.mktemp("early")

@@ -10,6 +10,7 @@ import presets
 import pytest
 
 from kithara_ops import Callback, Trainer, models
+from kithara_ops._backend import seed_keras
 from kithara_ops.checkpoint.checkpointer import Checkpointer
 from kithara_ops.errors import ConfigError
 from kithara_ops.models.adapter import adapt_model, check_trainable
@@ -341,7 +342,6 @@ class _Losses(Callback):
 
 
 def test_lora_is_drawn_from_the_seed_not_from_keras_global_state(tiny_presets):
-    import keras
 
     folder = str(tiny_presets["gemma"])
 
@@ -349,7 +349,7 @@ def test_lora_is_drawn_from_the_seed_not_from_keras_global_state(tiny_presets):
         return [np.asarray(v) for v in model.trainable_variables if "lora_kernel_a" in v.path]
 
     def run(global_seed, **trainer):
-        keras.utils.set_random_seed(global_seed)  # what a user may or may not have done
+        seed_keras(global_seed)  # what a user may or may not have done
         model = from_preset(folder, lora_rank=2)
         losses = {}
         Trainer(model, optax.adam(1e-2), token_batches(), steps=1, tracking=False, **trainer)
@@ -369,7 +369,7 @@ def test_lora_is_drawn_from_the_seed_not_from_keras_global_state(tiny_presets):
     # A seed given to from_preset draws them there, and the Trainer's leaves them.
     seeded = []
     for global_seed in (1, 2):
-        keras.utils.set_random_seed(global_seed)
+        seed_keras(global_seed)
         model = from_preset(folder, lora_rank=2, seed=3)
         Trainer(model, optax.adam(1e-2), token_batches(), steps=1, seed=global_seed,
                 tracking=False)  # fmt: skip

@@ -36,6 +36,7 @@ import optax
 import pytest
 
 from kithara_ops import ConfigError, RunConfig, Trainer, describe_optimizer, feed
+from kithara_ops._backend import seed_keras
 from kithara_ops.checkpoint.integrity import signature
 from kithara_ops.checkpoint.saved_form import from_saved, to_saved
 from kithara_ops.optim.spec import build_optimizer
@@ -202,7 +203,7 @@ FULL_RESUME = [
 
 
 def tiny_model() -> keras.Model:
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     model = keras.Sequential(
         [keras.layers.Embedding(16, 8, name="emb"), keras.layers.Dense(16, name="out")],
         name="tiny",

@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kithara_ops._backend import seed_keras
 from kithara_ops.optim import as_adapter
 from kithara_ops.optim.placement import divides
 from kithara_ops.state import variable_keys
@@ -17,7 +18,7 @@ EMBEDDINGS, KERNEL, BIAS = "tiny/emb/embeddings", "tiny/out/kernel", "tiny/out/b
 
 
 def tiny_model() -> keras.Model:
-    keras.utils.set_random_seed(0)
+    seed_keras(0)
     model = keras.Sequential(
         [keras.layers.Embedding(16, 8, name="emb"), keras.layers.Dense(16, name="out")],
         name="tiny",

@@ -12,6 +12,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kithara_ops._backend import seed_keras
 from kithara_ops.optim import as_adapter
 from kithara_ops.state import TrainState, variable_keys
 from kithara_ops.step import StepBuilder, masked_cross_entropy, split_micro_batches
@@ -35,7 +36,7 @@ def np_masked_ce(logits, targets, mask) -> tuple[float, float]:
 
 
 def tiny_model(seed: int = 0, dropout: float | None = None) -> keras.Model:
-    keras.utils.set_random_seed(seed)
+    seed_keras(seed)
     layers = [keras.Input((SEQ,), dtype="int32"), keras.layers.Embedding(VOCAB, DIM)]
     if dropout is not None:
         layers.append(keras.layers.Dropout(dropout))

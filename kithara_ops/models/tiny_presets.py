@@ -18,6 +18,7 @@ from pathlib import Path
 
 import keras
 
+from kithara_ops._backend import seed_keras
 from kithara_ops.errors import ConfigError
 
 FAMILIES = ("gpt2", "llama", "gemma", "qwen", "mistral")
@@ -124,7 +125,7 @@ def build_causal_lm(family: str, seed: int = 0) -> keras.Model:
     from kithara_ops.models.hub import require_keras_hub
 
     hub = require_keras_hub().models
-    keras.utils.set_random_seed(seed)
+    seed_keras(seed)
     shape = dict(vocabulary_size=VOCAB_SIZE, num_layers=2, hidden_dim=32, intermediate_dim=64)
     if family == "gpt2":
         vocabulary, merges = bpe_vocabulary("<|endoftext|>")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ["tracking", "step_time", "checkpointing", "resume", "memory", "startup"]
+SUITES = ["tracking", "checkpointing", "resume", "memory", "startup"]
+"""Suites run quick on one device; step_time and lora run on eight in tests of their own."""
 TABLE_HEADER = "variant"
 
 
@@ -47,20 +48,29 @@ def test_every_suite_runs_quick_and_saves_ratios(suite, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    headers = [line for line in done.stdout.splitlines() if line.startswith(TABLE_HEADER)]
-    assert headers, done.stdout
+    assert_table_and_ratios(suite, done.stdout, output)
+
+
+def assert_table_and_ratios(suite, stdout, output):
+    """The suite printed its ratio tables and saved JSON whose ratios are finite and > 0."""
+    headers = [line for line in stdout.splitlines() if line.startswith(TABLE_HEADER)]
+    assert headers, stdout
     assert all(line.split()[-1] == "ratio" for line in headers)
     path = output / f"{suite}.json"
-    assert f"saved {path}" in done.stdout
+    assert f"saved {path}" in stdout
     payload = json.loads(path.read_text())
     found = list(ratios(payload["summary"]))
     assert found, f"{suite}: no ratios in {payload['summary']}"
     assert all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in found), found
-    if suite == "step_time":  # not a timing: every Trainer run compiled its step once
-        assert "skipped tiny fsdp x8: needs 8 devices" in done.stdout
-        for case in payload["summary"].values():
-            assert case["compilations"], case
-            assert all(n == 1 for counts in case["compilations"].values() for n in counts)
+    return payload
+
+
+def test_step_time_skips_a_case_that_needs_more_devices_than_there_are(monkeypatch, capsys):
+    from benchmarks import step_time
+
+    monkeypatch.setattr(step_time.jax, "device_count", lambda: 1)
+    assert step_time.main(repeats=1, cases=("tiny fsdp x8",), steps=3) == {}
+    assert "skipped tiny fsdp x8: needs 8 devices" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -76,7 +86,12 @@ def test_step_time_shards_over_eight_devices_with_one_compilation_each(tmp_path)
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    cases = json.loads((tmp_path / "step_time.json").read_text())["summary"]
+    # What every suite shows, and (not a timing) each Trainer run compiled its step once.
+    cases = assert_table_and_ratios("step_time", done.stdout, tmp_path)["summary"]
+    assert set(cases) == {"small-step", "tiny fsdp x8"}
+    for case in cases.values():
+        assert case["compilations"], case
+        assert all(n == 1 for counts in case["compilations"].values() for n in counts)
     sharded = cases["tiny fsdp x8"]
     assert sharded["devices"] == 8 and cases["small-step"]["devices"] == 1
     # The hand-written loop and both Trainers ran; fit is left out of sharded cases.

@@ -34,6 +34,13 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="small step counts: a smoke run, not a measurement"
     )
+    parser.add_argument(
+        "--case",
+        action="append",
+        dest="cases",
+        metavar="NAME",
+        help="run only this case of a suite with cases (step_time, checkpointing, lora); repeat",
+    )
     args = parser.parse_args()
     if args.devices is not None:
         # Read once, when JAX starts: so before any suite (and JAX) is imported.
@@ -43,7 +50,9 @@ def main() -> None:
 
     for name in args.suites or SUITES:
         suite = importlib.import_module(f"benchmarks.{name}")
-        sizes = suite.QUICK if args.quick else {}
+        sizes = dict(suite.QUICK) if args.quick else {}
+        if args.cases:
+            sizes["cases"] = tuple(args.cases)
         summary = suite.main(repeats=args.repeats, **sizes)
         print(f"saved {write_json(name, {'summary': summary}, args.output)}")
 

@@ -73,8 +73,10 @@ def test_step_time_skips_a_case_that_needs_more_devices_than_there_are(monkeypat
     assert "skipped tiny fsdp x8: needs 8 devices" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_step_time_shards_over_eight_devices_with_one_compilation_each(tmp_path):
+def step_time(tmp_path, case, devices):
+    """``python -m benchmarks step_time --quick --case CASE`` on ``devices`` CPU devices:
+    its summary, once it showed what every suite shows, and (not a timing) that each run
+    compiled its step once. One case per process, so that each stays short when cold."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -82,18 +84,27 @@ def test_step_time_shards_over_eight_devices_with_one_compilation_each(tmp_path)
     env.pop("XLA_FLAGS", None)  # --devices sets it
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "step_time", "--quick", "--repeats", "1",
-         "--devices", "8", "--output", str(tmp_path)],
+         "--devices", str(devices), "--case", case, "--output", str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    # What every suite shows, and (not a timing) each Trainer run compiled its step once.
     cases = assert_table_and_ratios("step_time", done.stdout, tmp_path)["summary"]
-    assert set(cases) == {"small-step", "tiny fsdp x8"}
-    for case in cases.values():
-        assert case["compilations"], case
-        assert all(n == 1 for counts in case["compilations"].values() for n in counts)
+    assert list(cases) == [case]
+    assert cases[case]["devices"] == devices
+    assert cases[case]["compilations"], cases
+    assert all(n == 1 for counts in cases[case]["compilations"].values() for n in counts)
+    return cases
+
+
+@pytest.mark.slow
+def test_step_time_on_one_device_compiles_each_step_once(tmp_path):
+    step_time(tmp_path, "small-step", 1)
+
+
+@pytest.mark.slow
+def test_step_time_shards_over_eight_devices_with_one_compilation_each(tmp_path):
+    cases = step_time(tmp_path, "tiny fsdp x8", 8)
     sharded = cases["tiny fsdp x8"]
-    assert sharded["devices"] == 8 and cases["small-step"]["devices"] == 1
     # The hand-written loop and both Trainers ran; fit is left out of sharded cases.
     assert set(sharded["compilations"]) == {
         "reference (optax)",

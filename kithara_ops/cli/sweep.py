@@ -85,8 +85,8 @@ def sweep(
     metric: Annotated[str, typer.Option(help="Metric of the summary table.")] = "loss",
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Train one run per optimizer on the same model, data order and seed, as child runs
-    of one MLflow parent run, then print how they compare."""
+    """Train one run per optimizer (and per seed) on the same model and data, as child runs
+    of one MLflow parent run, then print how they compare and log the comparison report."""
     from mlflow import MlflowClient
 
     from kithara_ops.cli.progress import stdout_for_json
@@ -149,9 +149,9 @@ def sweep(
         client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in batch])
 
     # With several seeds a run is named by its group and seed; with one, by its optimizer.
-    named = len(seed_list) > 1
+    seeded = len(seed_list) > 1
     design = [
-        (spec, group, seed, f"{group} seed {seed}" if named else None)
+        (spec, group, seed, f"{group} seed {seed}" if seeded else None)
         for seed in seed_list
         for spec, group in zip(optimizers, groups)
     ]
@@ -170,19 +170,18 @@ def sweep(
     summaries = compare_runs(
         experiment_name, tracking_uri=config.tracking_uri, metric=metric, parent_run_id=parent_id
     )
-    grouped = len(seed_list) > 1
-    stats = group_statistics(summaries, metric) if grouped else []
-    _log_report(client, experiment_name, config.tracking_uri, parent_id, metric)
+    stats = group_statistics(summaries, metric) if seeded else []
+    _log_report(client, experiment_name, config.tracking_uri, parent_id, metric, summaries)
     ui = _ui_pointer(config.tracking_uri, experiment_id, parent_id, metric)
     if json_output:
         runs = [s.to_dict() for s in summaries]
         out = {"parent_run_id": parent_id, "runs": runs, "ui": ui}
-        if grouped:
+        if seeded:
             out["groups"] = [g.to_dict() for g in stats]
         print(json.dumps(out, allow_nan=False))
     else:
         print_table(summaries, metric)
-        if grouped:
+        if seeded:
             print_group_table(stats, metric)
         typer.echo(f"parent run: {parent_id}")
         typer.echo(f"MLflow UI: {ui}")
@@ -254,13 +253,13 @@ def _train_in_new_process(args, config, parent_id, experiment, spec, group, seed
     return done.returncode
 
 
-def _log_report(client, experiment: str, tracking_uri: str | None, parent_id: str, metric: str):
+def _log_report(client, experiment, tracking_uri, parent_id, metric, summaries) -> None:
     """Log the comparison report on the sweep's parent run; a failure costs only the report."""
     from kithara_ops.tracking.report import build_report, log_report
 
     try:
         page = build_report(experiment, tracking_uri=tracking_uri, parent_run_id=parent_id,
-                            metric=metric)  # fmt: skip
+                            metric=metric, summaries=summaries)  # fmt: skip
         log_report(client, parent_id, page)
     except Exception as err:
         typer.echo(f"Warning: the comparison report was not logged: {first_line(err)}", err=True)

@@ -61,6 +61,7 @@ def build_report(
     metric: str = "loss",
     test: str = "t",
     target: float | None = None,
+    summaries: Sequence[RunSummary] | None = None,
 ) -> str:
     """The report's HTML for the runs of ``experiment`` (the children of ``parent_run_id``).
 
@@ -71,13 +72,16 @@ def build_report(
       metric: the compared metric.
       test: ``t`` or ``wilcoxon`` for runs paired by seed (see ``groups.group_statistics``).
       target: a value of the metric, for the budgets to reach it.
+      summaries: the runs as ``compare_runs`` read them for ``metric``, when the caller has
+        them already; else they are read.
     """
     from mlflow.tracking import MlflowClient
 
     tracking_uri = take_credentials(tracking_uri)
-    summaries = compare_runs(
-        experiment, tracking_uri=tracking_uri, metric=metric, parent_run_id=parent_run_id
-    )
+    if summaries is None:
+        summaries = compare_runs(
+            experiment, tracking_uri=tracking_uri, metric=metric, parent_run_id=parent_run_id
+        )
     groups = group_statistics(summaries, metric, test=test, target=target)
     client = MlflowClient(tracking_uri)
     runs = {s.run_id: client.get_run(s.run_id) for s in summaries}

@@ -147,7 +147,12 @@ def test_after_a_seeded_sweep_the_page_draws_one_grouped_curve_per_optimizer(
     swept = runner.invoke(app, args)
     assert swept.exit_code == 0, swept.output
     labels = ["optax:adamw lr=3e-3", "optax:sgd lr=0.03"]
-    text = load(printed_url(swept.stdout), tmp_path, "grouped")
+    parent_id = swept.stdout.split("parent run: ", 1)[1].split()[0]
+    # The page `ui --run` prints for the sweep is the one the sweep printed.
+    focused = runner.invoke(app, ["ui", "--tracking-uri", mlflow_server.uri, "--run", parent_id])
+    assert focused.exit_code == 0, focused.output
+    assert printed_url(focused.stdout) == printed_url(swept.stdout)
+    text = load(printed_url(focused.stdout), tmp_path, "grouped")
     assert_png(tmp_path / "grouped.png")
     assert "Group by: group" in text, text[:3000]
     for label in labels:  # a table row per group, holding its two seeds' runs

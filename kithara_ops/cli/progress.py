@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from kithara_ops.callbacks import TrainResult
+from kithara_ops.json_values import finite_or_none
 
 
 def result_dict(result: TrainResult) -> dict:
@@ -28,22 +27,6 @@ def result_dict(result: TrainResult) -> dict:
         "state_bytes": result.state_bytes,
         "stop_reason": result.stop_reason,
     }
-
-
-def finite_or_none(value: Any) -> Any:
-    """``value`` with every NaN or infinite float (in dicts and lists too) replaced by ``None``.
-
-    JSON has no NaN: ``json.dumps`` would write ``NaN``, which strict parsers refuse.
-    """
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_none(item) for item in value]
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy and JAX scalars
-        return finite_or_none(value.item())
-    return value
 
 
 @contextlib.contextmanager

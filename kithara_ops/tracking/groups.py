@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from kithara_ops.json_values import finite_or_none
 from kithara_ops.tracking.compare import (
     BUDGETS,
     HIGHER_IS_BETTER,
@@ -98,17 +99,7 @@ class GroupStats:
         """The statistics as JSON values (no member runs, non-finite numbers as ``None``)."""
         data = asdict(self)
         del data["members"]
-        return _finite(data)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+        return finite_or_none(data)
 
 
 def diverged(run: RunSummary) -> bool:

@@ -288,6 +288,25 @@ def test_a_hugging_face_folder_trains_on_chat_data_with_its_own_template(tmp_pat
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2
 
 
+def test_a_hugging_face_mistral_folder_gets_the_tokenizer_its_preprocessor_names(
+    tmp_path, monkeypatch
+):
+    """KerasHub lists a backbone's tokenizer classes in set order; the Tekken one first
+    would load an empty vocabulary from a SentencePiece folder, in some processes only."""
+    from keras_hub.src.utils import preset_utils
+
+    from kithara_ops.models.hub import preset_tokenizer
+
+    folder = tmp_path / "hf_mistral"
+    presets.build_causal_lm("mistral", seed=3).export_to_transformers(str(folder))
+    listed = preset_utils.list_subclasses
+    tekken_first = lambda cls: sorted(listed(cls), key=lambda c: "Tekken" not in c.__name__)  # noqa: E731
+    monkeypatch.setattr(preset_utils, "list_subclasses", tekken_first)
+    tokenizer = preset_tokenizer(str(folder))
+    assert type(tokenizer).__name__ == "MistralTokenizer"
+    assert tokenizer.vocabulary_size() == presets.VOCAB_SIZE
+
+
 GEMMA = (  # Gemma's template, as its tokenizer_config.json ships it (abridged error message)
     "{{ bos_token }}{% for message in messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"

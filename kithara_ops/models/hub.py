@@ -273,10 +273,20 @@ def _lora_layer_names(backbone: Any) -> set[str]:
 
 
 def preset_tokenizer(handle: str) -> Any:
-    """The preset's own KerasHub tokenizer (``keras_hub.tokenizers.Tokenizer.from_preset``)."""
+    """The preset's own KerasHub tokenizer: the one its causal LM preprocessor loads.
+
+    ``Tokenizer.from_preset`` picks among every tokenizer class of the backbone in set
+    order, so for a Hugging Face Mistral folder it returns ``MistralTokenizer`` in one
+    process and an empty ``MistralTekkenTokenizer`` in the next. The preprocessor names its
+    tokenizer class, so asking it is deterministic; presets without one fall back.
+    """
     hub = require_keras_hub()
     folder = Path(handle).expanduser()
-    return hub.tokenizers.Tokenizer.from_preset(str(folder) if folder.exists() else handle)
+    source = str(folder) if folder.exists() else handle
+    try:
+        return hub.models.CausalLMPreprocessor.from_preset(source).tokenizer
+    except ValueError:  # no causal LM preprocessor for this backbone
+        return hub.tokenizers.Tokenizer.from_preset(source)
 
 
 def fingerprint(handle: str) -> str | None:

@@ -84,8 +84,8 @@ class StepRecord:
       seconds: wall time since ``train()`` started.
       stopping: ``True`` when this is the last step of a run stopped by a signal, by a
         sink's ``failure()`` or early (``stop_reason``).
-      stop_reason: ``early_stop`` or ``target_eval_loss`` when the run ends early after this
-        step (``stopping.stop_reason``), else ``None``.
+      stop_reason: ``early_stop``, ``target_eval_loss`` or ``pruned`` when the run ends
+        after this step (``stopping.stop_reason``, ``Callback.stop_request``), else ``None``.
     """
 
     step: int
@@ -110,8 +110,9 @@ class TrainResult:
       run_id: the MLflow run id, when the run was tracked (set by the tracker at the end).
       state_bytes: ``RunInfo.state_bytes``: the state's total size and the most one device
         holds.
-      stop_reason: ``early_stop`` or ``target_eval_loss`` for a run that ended before its
-        last step because of ``early_stop_patience`` or ``target_eval_loss``; else ``None``.
+      stop_reason: ``early_stop``, ``target_eval_loss`` or ``pruned`` for a run that ended
+        before its last step (``early_stop_patience``, ``target_eval_loss``, a search's
+        pruner); else ``None``.
     """
 
     step: int
@@ -153,6 +154,15 @@ class Callback:
         """
         return None
 
+    def stop_request(self) -> str | None:
+        """Why the run should end early, as a ``stop_reason``, or ``None`` to go on.
+
+        Asked after each evaluation, once it was reported: a reason returned here (a search's
+        pruner judging the trial hopeless, say) ends the run at that step like early
+        stopping does (``TrainResult.stop_reason``).
+        """
+        return None
+
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
         """Once, with ``FINISHED``, ``FAILED`` (an exception) or ``KILLED`` (interrupted).
 
@@ -189,6 +199,9 @@ class CallbackList(Callback):
 
     def failure(self):
         return next((err for cb in self.callbacks if (err := cb.failure()) is not None), None)
+
+    def stop_request(self):
+        return next((why for cb in self.callbacks if (why := cb.stop_request())), None)
 
     def on_train_end(self, status, result):
         # Every sink ends, even after one failed (a signal that cut the MLflow flush short

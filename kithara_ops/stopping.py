@@ -22,6 +22,8 @@ EARLY_STOP = "early_stop"
 """``stop_reason`` of a run stopped because ``eval_loss`` stopped improving."""
 TARGET_REACHED = "target_eval_loss"
 """``stop_reason`` of a run stopped because ``eval_loss`` reached its target."""
+PRUNED = "pruned"
+"""``stop_reason`` of a search trial its pruner ended (MLflow status ``KILLED``)."""
 
 
 @dataclasses.dataclass

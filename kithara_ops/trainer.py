@@ -83,10 +83,8 @@ class Trainer:
         config, given, train_data = final_config(
             model, description["label"], train_data, config, options
         )
-        program = Program(
-            model, adapter, config, layout_rules=layout_rules, devices=devices,
-            description=description, given=given,
-        )  # fmt: skip
+        program = Program(model, adapter, config, layout_rules=layout_rules, devices=devices,
+                          description=description, given=given)  # fmt: skip
         sinks = sinks if sinks is not None else build_sinks(config, callbacks)
         self._bind(program, train_data, eval_data, sinks)
 
@@ -247,4 +245,5 @@ class Trainer:
         run.evaluated(step, eval_loss, self.config)
         perplexity = math.exp(min(eval_loss, 80.0))
         self.callbacks.on_eval(step, {"eval_loss": eval_loss, "perplexity": perplexity})
+        run.stop_reason = run.stop_reason or self.callbacks.stop_request()
         return stopping

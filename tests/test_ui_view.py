@@ -272,7 +272,7 @@ def test_ui_falls_back_to_the_plain_chart_page_when_the_view_cannot_be_saved(
 
 
 def test_sweep_points_a_local_store_at_the_ui_command_that_serves_its_page():
-    from kithara_ops.cli.sweep import _ui_pointer
+    from kithara_ops.cli.sweep_runs import ui_pointer as _ui_pointer
 
     # conftest points MLFLOW_TRACKING_URI at a local SQLite store: nothing serves it yet.
     assert _ui_pointer(None, "1", "abc123", "loss") == "kithara-ops ui --run abc123"

@@ -18,7 +18,7 @@ from kithara_ops.config import RunConfig
 from kithara_ops.config.credentials import masked
 from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
-from kithara_ops.stopping import Bests
+from kithara_ops.stopping import PRUNED, Bests
 from kithara_ops.tracking.experiments import DEFAULT_EXPERIMENT
 from kithara_ops.tracking.logged_models import LINKED_METRICS
 from kithara_ops.tracking.params import (
@@ -232,6 +232,10 @@ class MlflowTracker(Callback):
         if result is not None and (result.stop_reason or self._stopped_before):
             # A run resumed after an early stop that now reached its end says so.
             self.writer.set_tags({STOP_REASON_TAG: result.stop_reason or "completed"})
+        if result is not None and result.stop_reason == PRUNED:
+            # Optuna's pruned trials are not successes: the run says so, and where.
+            self.writer.log_params({"pruned_at_step": str(result.step)})
+            status = "KILLED"
         deadline = time.monotonic() + self.flush_timeout
         with CancelOnSignal() as stop, tempfile.TemporaryDirectory() as tmp:
             monitor = self._stop_monitor()

@@ -9,6 +9,7 @@ from kithara_ops.cli import (  # noqa: F401
     describe,
     export,
     launch,
+    lr_find,
     report,
     resume,
     sweep,

@@ -193,6 +193,14 @@ class PostgresServer:
             "-U", "postgres", DATABASE,
         )  # fmt: skip
 
+    def create_database(self, name: str) -> str:
+        """Create another database in the cluster; its URI (same user, host and port)."""
+        self._run(
+            str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+            "-U", "postgres", name,
+        )  # fmt: skip
+        return self.uri.rsplit("/", 1)[0] + f"/{name}"
+
     def _postmaster_pid(self) -> int | None:
         """The server's pid from ``postmaster.pid`` (the launcher's child when run as root)."""
         with contextlib.suppress(OSError, ValueError, IndexError):

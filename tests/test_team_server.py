@@ -93,3 +93,20 @@ def test_a_parallel_sweep_lands_every_point_in_postgres(postgres_server, team_se
         cursor.execute("SELECT count(*) FROM metrics WHERE key = 'loss'")
         assert cursor.fetchone()[0] == len(SPECS) * STEPS
     connection.close()
+
+
+def test_two_sweeps_fill_one_postgres_study_under_one_parent(
+    postgres_server, team_server, tmp_path
+):
+    """Two processes, as on two machines: the Optuna study in PostgreSQL, runs via the server."""
+    from test_search import check_shared_search, two_sweeps
+
+    storage = postgres_server.create_database("optuna")
+    printed = two_sweeps(storage, team_server.uri, tmp_path, trials=4)
+    check_shared_search(MlflowClient(team_server.uri), printed, trials=4)
+    with psycopg2.connect(storage) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT number, state FROM trials JOIN studies USING (study_id) "
+                       "WHERE study_name LIKE '%/optax:adamw' AND number < 4")  # fmt: skip
+        rows = cursor.fetchall()
+    assert sorted(n for n, _ in rows) == [0, 1, 2, 3]
+    assert {state for _, state in rows} <= {"COMPLETE", "PRUNED"}

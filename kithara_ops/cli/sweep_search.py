@@ -76,21 +76,22 @@ def run_search(
     def new_parent() -> str:
         return create_parent(client, experiment_id, config, what, params)
 
-    echo = _echo(json_output)
+    echo, shared = _echo(json_output), None
     with stdout_for_json(json_output):
         if sampled:
             shared, parent_id, trials = _sampled(config, design, groups, prune, study_storage,
                                                  study_name, params, new_parent, experiment, echo)  # fmt: skip
-            if shared is None:  # other processes are still training: the last one confirms
-                _print(parent_id, trials, {}, [], [], metric, None, json_output)
-                return
         else:
             parent_id = new_parent()
             trials = [_train(config, t, parent_id, experiment, echo, None)
                       for t in grid_trials(design, templates, groups)]  # fmt: skip
         best = best_trials(trials)
+        going_on = shared is not None or not sampled
         confirmed = confirm(config, best, seeds, parent_id=parent_id, experiment=experiment,
-                            echo=echo) if seeds else []  # fmt: skip
+                            echo=echo) if seeds and going_on else []  # fmt: skip
+    if not going_on:  # other processes still train, or confirm: the search is theirs to end
+        _print(parent_id, trials, best, [], [], metric, None, json_output)
+        return
     failed = not best or any(t.state == "failed" for t in confirmed)
     client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     summaries, stats = _compared(config, experiment, parent_id, metric, best, len(seeds))

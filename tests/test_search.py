@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,3 +372,28 @@ def test_two_processes_fill_one_sqlite_study_each_trial_once(tmp_path):
     lead, per_optimizer = sorted(summaries, key=lambda s: s.study_name)
     assert per_optimizer.study_name == lead.study_name + "/optax:adamw"
     assert lead.user_attrs["mlflow_parent_run_id"] == printed[0]["parent_run_id"]
+
+
+@pytest.mark.slow
+def test_the_sweeps_report_shows_each_optimizers_sensitivity_to_the_rate(grid, tmp_path):
+    import html
+    import re
+
+    from kithara_ops.tracking.report import REPORT_ARTIFACT
+
+    uri, printed = grid
+    path = MlflowClient(uri).download_artifacts(printed["parent_run_id"], REPORT_ARTIFACT, tmp_path)
+    page = Path(path).read_text(encoding="utf-8")
+    table = page.split("<table id='sensitivity'>", 1)[1].split("</table>", 1)[0]
+    rows = {}
+    for group, row in re.findall(r"<tr data-group='([^']*)'>(.*?)</tr>", table, flags=re.S):
+        values = [json.loads(html.unescape(v)) for v in re.findall(r'data-value="([^"]*)"', row)]
+        rows[html.unescape(group)] = values
+    assert sorted(rows) == sorted(GROUPS)
+    for group, (name, hyper, trials, pruned, best_value, best_loss, spread) in rows.items():
+        assert (name, hyper, trials, pruned) == (group, "lr", 3, 0)
+        assert best_value == printed["best"][group]["values"]["lr"]
+        assert best_loss == pytest.approx(printed["best"][group]["objective"], rel=1e-6)
+        losses = [t["objective"] for t in printed["trials"] if t["group"] == group]
+        assert spread == pytest.approx(max(losses) - min(losses), rel=1e-6)
+    assert "final eval_loss against each tuned hyperparameter" in page

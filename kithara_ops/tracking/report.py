@@ -90,6 +90,7 @@ def build_report(
     parts += ["<h2>Curves</h2>", *_charts(groups, metric)]
     parts += ["<h2>Statistics</h2>", _statistics(groups)]
     parts += ["<h2>Stability and cost</h2>", _costs(groups, runs)]
+    parts += _sensitivity(runs.values())
     parts += ["<h2>Optimizers</h2>", *_descriptions(client, groups)]
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
@@ -161,6 +162,32 @@ def _charts(groups: Sequence[GroupStats], metric: str) -> list[str]:
         alt = f"{metric} against {axis}: mean and ± one std per group"
         out.append(f"<img alt='{_text(alt)}' src='data:image/png;base64,{image}'>")
     return out or ["<p>No run logged the metric.</p>"]
+
+
+def _sensitivity(runs: Any) -> list[str]:
+    """The search's trials: each optimizer's final eval_loss against what was tuned."""
+    from kithara_ops.tracking.sensitivity import (
+        sensitivity,
+        sensitivity_figure,
+        sensitivity_rows,
+    )
+
+    found = sensitivity(runs)
+    if not found:
+        return []
+    rows = sensitivity_rows(found)
+    header = "".join(f"<th>{_text(k)}</th>" for k in rows[0])
+    body = "".join(
+        f"<tr data-group='{_text(r['group'])}'>" + "".join(_cell(v) for v in r.values()) + "</tr>"
+        for r in rows
+    )
+    image = _png(sensitivity_figure(found))
+    alt = "final eval_loss against each tuned hyperparameter, per optimizer"
+    return [
+        "<h2>Sensitivity</h2>",
+        f"<img alt='{_text(alt)}' src='data:image/png;base64,{image}'>",
+        f"<table id='sensitivity'><tr>{header}</tr>{body}</table>",
+    ]
 
 
 def _design(client: Any, parent_run_id: str | None) -> str:

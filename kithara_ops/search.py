@@ -170,3 +170,29 @@ def confirm(
 def placeholder_names(templates: Sequence[str]) -> list[str]:
     """Every placeholder of the templates, each once."""
     return list(dict.fromkeys(n for t in templates for n in placeholders(t)))
+
+
+def decide_lr_find(config: Any, design: SearchDesign, groups: Sequence[str],
+                   echo: Callable[[str], None] = print) -> SearchDesign:  # fmt: skip
+    """``design`` with each ``lr-find`` space decided per template: a range test of the
+    template (its other placeholders at a value inside their space) suggests ``s``, and the
+    space becomes ``loguniform(s / 10, s * 10)``."""
+    from kithara_ops.lr_find import lr_find
+    from kithara_ops.optim.search_space import LR_FIND, Distribution
+
+    decided = {}
+    for template, group in zip(design.templates, groups):
+        names = [n for n in placeholders(template) if design.space_for(template)[n].kind == LR_FIND]
+        if not names:
+            continue
+        if len(names) > 1:
+            raise ConfigError(f"{template!r}: one placeholder per spec can be lr-find.")
+        others = {n: v for n, v in design.representative(template).items() if n != names[0]}
+        spec = fill(template, others).replace(f"${names[0]}", "$lr")
+        test = lr_find(config.replace(optimizer=spec))
+        rate = test.suggested_learning_rate
+        decided[template] = {names[0]: Distribution("loguniform", rate / 10, rate * 10)}
+        echo(
+            f"{group}: lr-find suggests {rate:.3g}, so ${names[0]} ~ {decided[template][names[0]]}"
+        )
+    return dataclasses.replace(design, decided=decided)

@@ -397,3 +397,26 @@ def test_the_sweeps_report_shows_each_optimizers_sensitivity_to_the_rate(grid, t
         losses = [t["objective"] for t in printed["trials"] if t["group"] == group]
         assert spread == pytest.approx(max(losses) - min(losses), rel=1e-6)
     assert "final eval_loss against each tuned hyperparameter" in page
+
+
+@pytest.mark.slow
+def test_a_space_of_lr_find_searches_a_decade_around_each_optimizers_suggestion(tmp_path):
+    uri = f"sqlite:///{tmp_path}/runs.db"
+    done = invoke("sweep", "--optimizer", "optax.sgd($lr, momentum=$m)", "--space", "lr=lr-find",
+                  "--space", "m=choice(0.9)", "--trials", "2", *FAST, "--tracking-uri", uri,
+                  "--json")  # fmt: skip
+    assert done.exit_code == 2 and "two or more" in done.stderr  # choice(0.9) is no choice
+    done = invoke("sweep", "--optimizer", "optax.sgd($lr, momentum=$m)", "--space", "lr=lr-find",
+                  "--space", "m=choice(0.5,0.9)", "--trials", "2", *FAST, "--tracking-uri", uri,
+                  "--json")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    found = invoke("lr-find", "--optimizer", "optax.sgd($lr, momentum=0.5)", *FAST[:4],
+                   "--seq-len", "16", "--batch-size", "4", "--no-tracking", "--json")  # fmt: skip
+    suggested = json.loads(found.stdout.strip().splitlines()[-1])["suggested_learning_rate"]
+    params = MlflowClient(uri).get_run(printed["parent_run_id"]).data.params
+    assert params["sweep.space.lr"] == "lr-find"
+    low, high = map(float, params["sweep.space.lr.0"][len("loguniform(") : -1].split(","))
+    assert (low, high) == (pytest.approx(suggested / 10), pytest.approx(suggested * 10))
+    assert len(printed["trials"]) == 2
+    assert all(low <= t["values"]["lr"] <= high for t in printed["trials"])

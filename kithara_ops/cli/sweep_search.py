@@ -17,13 +17,14 @@ import typer
 
 from kithara_ops.cli.sweep_runs import create_parent, log_report, parse_seeds, ui_pointer
 from kithara_ops.errors import ConfigError
-from kithara_ops.optim.search_space import SearchDesign, fill, placeholders
+from kithara_ops.optim.search_space import LR_FIND, SearchDesign, fill, placeholders
 from kithara_ops.search import (
     Trial,
     TrialPruning,
     best_trials,
     check_design,
     confirm,
+    decide_lr_find,
     grid_trials,
     template_groups,
     train_trial,
@@ -62,6 +63,10 @@ def run_search(
         for t in templates
     ]  # fmt: skip
     groups = template_groups(templates, labels)
+    echo = _echo(json_output)
+    if any(d.kind == LR_FIND for d in design.spaces.values()):
+        with stdout_for_json(json_output):
+            design = decide_lr_find(config, design, groups, echo)
     client = MlflowClient(config.tracking_uri)
     experiment = resolve_experiment(config)
     experiment_id = experiments.experiment_id(client, experiment, create=True)
@@ -76,7 +81,7 @@ def run_search(
     def new_parent() -> str:
         return create_parent(client, experiment_id, config, what, params)
 
-    echo, shared = _echo(json_output), None
+    shared = None
     with stdout_for_json(json_output):
         if sampled:
             shared, parent_id, trials = _sampled(config, design, groups, prune, study_storage,
@@ -114,7 +119,8 @@ def _sampled(config, design, groups, prune, storage, name, params, new_parent, e
     parent_id, _ = shared.parent(new_parent)
     for template, group in zip(design.templates, groups):
         while (asked := shared.claim(group)) is not None:
-            values = {n: design.spaces[n].suggest(asked, n) for n in placeholders(template)}
+            space = design.space_for(template)
+            values = {n: space[n].suggest(asked, n) for n in placeholders(template)}
             asked.set_user_attr("spec", fill(template, values))
             trial = Trial(group, asked.number, values, fill(template, values))
             shared.record(asked, _train(config, trial, parent_id, experiment, echo,

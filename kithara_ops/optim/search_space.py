@@ -21,7 +21,10 @@ from typing import Any
 from kithara_ops.errors import ConfigError
 
 PLACEHOLDER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-_FORMS = "loguniform(LOW,HIGH), uniform(LOW,HIGH), int(LOW,HIGH) or choice(A,B,...)"
+_FORMS = "loguniform(LOW,HIGH), uniform(LOW,HIGH), int(LOW,HIGH), choice(A,B,...) or lr-find"
+LR_FIND = "lr-find"
+"""The space of a learning rate found by a range test: ``loguniform(s / 10, s * 10)``
+around each optimizer's own suggestion ``s``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +33,8 @@ class Distribution:
 
     Attributes:
       kind: ``loguniform`` (``log x`` uniform on ``[log low, log high]``), ``uniform``,
-        ``int`` (whole numbers in ``[low, high]``) or ``choice`` (one of ``values``).
+        ``int`` (whole numbers in ``[low, high]``), ``choice`` (one of ``values``) or
+        ``lr-find`` (a ``loguniform`` each optimizer's range test decides, before the search).
       low, high: the bounds of the numeric kinds, ``low < high``.
       values: the options of ``choice``.
     """
@@ -44,6 +48,8 @@ class Distribution:
         """A value inside the space, to check a template builds before any trial."""
         if self.kind == "choice":
             return self.values[0]
+        if self.kind == LR_FIND:
+            return 1e-3
         if self.kind == "loguniform":
             return math.sqrt(self.low * self.high)
         return int((self.low + self.high) // 2) if self.kind == "int" else self.low
@@ -57,6 +63,8 @@ class Distribution:
         return trial.suggest_float(name, self.low, self.high, log=self.kind == "loguniform")
 
     def __str__(self) -> str:
+        if self.kind == LR_FIND:
+            return LR_FIND
         args = self.values if self.kind == "choice" else (self.low, self.high)
         return f"{self.kind}({','.join(repr(a) for a in args)})"
 
@@ -94,6 +102,8 @@ def parse_space(text: str) -> tuple[str, Distribution]:
       ConfigError: not ``NAME=FORM(...)`` with literal arguments, or bounds out of order.
     """
     name, value = _split(text, "--space")
+    if value == LR_FIND:
+        return name, Distribution(LR_FIND)
     try:
         node = ast.parse(value, mode="eval").body
     except SyntaxError:
@@ -138,8 +148,9 @@ def placeholders(spec: str) -> list[str]:
 
 
 def fill(spec: str, values: Mapping[str, Any]) -> str:
-    """``spec`` with each ``$name`` replaced by the literal of ``values[name]``."""
-    return PLACEHOLDER.sub(lambda m: repr(values[m.group(1)]), spec)
+    """``spec`` with each ``$name`` of ``values`` replaced by the literal of its value (the
+    other placeholders are left as they are)."""
+    return PLACEHOLDER.sub(lambda m: repr(values[m[1]]) if m[1] in values else m[0], spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +168,11 @@ class SearchDesign:
     spaces: Mapping[str, Distribution]
     grid: Mapping[str, tuple]
     trials: int | None = None
+    decided: Mapping[str, Mapping[str, Distribution]] = dataclasses.field(default_factory=dict)
+
+    def space_for(self, template: str) -> dict[str, Distribution]:
+        """``template``'s spaces: the shared ones, with those decided for it (``lr-find``)."""
+        return {**self.spaces, **self.decided.get(template, {})}
 
     @property
     def searched(self) -> bool:
@@ -172,13 +188,17 @@ class SearchDesign:
     def representative(self, template: str) -> dict[str, Any]:
         """One value per placeholder of ``template``, inside its space or grid."""
         return {
-            n: self.grid[n][0] if n in self.grid else self.spaces[n].representative()
+            n: self.grid[n][0] if n in self.grid else self.space_for(template)[n].representative()
             for n in placeholders(template)
         }
 
     def params(self) -> dict[str, str]:
         """The design as MLflow params of the sweep's parent run."""
         out = {f"sweep.space.{n}": str(d) for n, d in self.spaces.items()}
+        for i, template in enumerate(self.templates):
+            out.update(
+                {f"sweep.space.{n}.{i}": str(d) for n, d in self.decided.get(template, {}).items()}
+            )
         out.update({f"sweep.grid.{n}": ",".join(map(repr, v)) for n, v in self.grid.items()})
         if self.trials is not None:
             out["sweep.trials"] = str(self.trials)

@@ -18,11 +18,13 @@ import html
 import io
 import json
 import math
+import os
 import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from kithara_ops.config.credentials import take_credentials
 from kithara_ops.tracking.compare import BUDGETS, RunSummary, compare_runs
@@ -241,8 +243,9 @@ def _descriptions(client: Any, groups: Sequence[GroupStats]) -> list[str]:
         if not group.members:
             continue
         run_id = group.members[0].run_id
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
+        try:  # without MLflow's progress bar, which would draw one per optimizer
+            quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+            with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, quiet):
                 path = client.download_artifacts(run_id, "optimizer/optimizer.json", tmp)
                 text = json.dumps(json.loads(Path(path).read_text()), indent=2)
         except Exception:  # a run logged before the description was an artifact

@@ -16,7 +16,7 @@ import json
 import time
 from typing import Any
 
-from kithara_ops.errors import ConfigError
+from kithara_ops.errors import ConfigError, first_line
 from kithara_ops.search import Trial
 
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -57,6 +57,28 @@ def make_pruner(kind: str | None, steps: int, eval_every: int | None) -> Any:
     )
 
 
+def _open_storage(optuna: Any, url: str) -> Any:
+    """An RDB storage, its tables created once even when processes open it at the same time.
+
+    Two processes that find no tables both create them, and the slower one's insert of the
+    schema version fails; by then the tables exist, and opening again succeeds. SQLite waits
+    up to 60 s for a lock instead of 5, for processes that write trials at the same moment.
+    """
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as err:  # sqlalchemy's errors, or Optuna's on a bad URL
+            racing = type(err).__name__ in ("IntegrityError", "OperationalError")
+            if attempt == 4 or not racing:
+                raise ConfigError(
+                    f"--study-storage {url!r} cannot be opened ({first_line(err)}): pass an "
+                    "Optuna storage URL such as sqlite:///study.db or postgresql://..."
+                ) from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class SharedStudy:
     """The studies of one search: a lead study and one per optimizer group.
 
@@ -72,7 +94,9 @@ class SharedStudy:
     def __init__(self, storage: str | None, name: str, trials: int, pruner: Any, seed: int):
         optuna = require_optuna()
         self.optuna, self.name, self.trials, self.pruner = optuna, name, trials, pruner
-        self.storage = storage if storage else optuna.storages.InMemoryStorage()
+        self.storage = (
+            _open_storage(optuna, storage) if storage else optuna.storages.InMemoryStorage()
+        )
         self.seed = None if storage else seed
         self._studies: dict[str, Any] = {}
 

@@ -106,7 +106,7 @@ DESIGN_ERRORS = [
     (["--optimizer", "optax.adamw($lr)", "--grid", "lr=1,2", "--parallel", "2"], "--study-storage"),
     (["--optimizer", "optax.adamw($lr)", "--grid", "lr=1,2", "--seeds", "0,1"], "--confirm-seeds"),
     (["--optimizer", "optax.adamw($lr, b1=$b1)", "--grid", "lr=1e-3", "--grid", "b1=2"], "b1"),
-    (["--optimizer", "optax.adamw($lr)", "--space", "lr=uniform(0,1)", "--trials", "2",
+    (["--optimizer", "optax.adamw($lr)", "--space", "lr=uniform(0.001,0.01)", "--trials", "2",
       "--study-storage", "nope://x"], "cannot be opened"),
 ]  # fmt: skip
 

@@ -67,9 +67,6 @@ def run_search(
     if any(d.kind == LR_FIND for d in design.spaces.values()):
         with stdout_for_json(json_output):
             design = decide_lr_find(config, design, groups, echo)
-    client = MlflowClient(config.tracking_uri)
-    experiment = resolve_experiment(config)
-    experiment_id = experiments.experiment_id(client, experiment, create=True)
     params = {f"sweep.optimizer.{i}": t for i, t in enumerate(templates)}
     params.update({f"sweep.group.{i}": g for i, g in enumerate(groups)})
     params.update(design.params())
@@ -77,6 +74,13 @@ def run_search(
     what = f"{'search' if sampled else 'grid'} of {len(templates)} optimizer" + "s" * (
         len(groups) > 1
     )
+    # The study first: a storage that cannot be opened is refused before MLflow is touched.
+    study = (
+        _open_study(config, design, prune, study_storage, study_name, params) if sampled else None
+    )
+    client = MlflowClient(config.tracking_uri)
+    experiment = resolve_experiment(config)
+    experiment_id = experiments.experiment_id(client, experiment, create=True)
 
     def new_parent() -> str:
         return create_parent(client, experiment_id, config, what, params)
@@ -84,8 +88,8 @@ def run_search(
     shared = None
     with stdout_for_json(json_output):
         if sampled:
-            shared, parent_id, trials = _sampled(config, design, groups, prune, study_storage,
-                                                 study_name, params, new_parent, experiment, echo)  # fmt: skip
+            shared, parent_id, trials = _sampled(config, design, groups, study, new_parent,
+                                                 experiment, echo, prune)  # fmt: skip
         else:
             parent_id = new_parent()
             trials = [_train(config, t, parent_id, experiment, echo, None)
@@ -107,15 +111,20 @@ def run_search(
         raise typer.Exit(1)
 
 
-def _sampled(config, design, groups, prune, storage, name, params, new_parent, experiment, echo):
-    """The Optuna stage: ``(study, parent_id, trials)``; ``study`` is ``None`` when this
-    process is not the one to go on and confirm."""
+def _open_study(config, design, prune, storage, name, params):
+    """The search's Optuna studies (see ``kithara_ops.study``)."""
     from kithara_ops.study import SharedStudy, default_study_name, make_pruner
 
     steps = config.total_steps(None)
     name = name or default_study_name({**params, "config": config.to_dict(), "prune": prune})
-    shared = SharedStudy(storage, name, design.trials, make_pruner(prune, steps, config.eval_every),
-                         config.seed)  # fmt: skip
+    pruner = make_pruner(prune, steps, config.eval_every)
+    return SharedStudy(storage, name, design.trials, pruner, config.seed)
+
+
+def _sampled(config, design, groups, shared, new_parent, experiment, echo, prune):
+    """The Optuna stage: ``(study, parent_id, trials)``; ``study`` is ``None`` when this
+    process is not the one to go on and confirm."""
+    name = shared.name
     parent_id, _ = shared.parent(new_parent)
     for template, group in zip(design.templates, groups):
         while (asked := shared.claim(group)) is not None:

@@ -52,7 +52,8 @@ class Distribution:
             return 1e-3
         if self.kind == "loguniform":
             return math.sqrt(self.low * self.high)
-        return int((self.low + self.high) // 2) if self.kind == "int" else self.low
+        middle = (self.low + self.high) / 2
+        return int(middle) if self.kind == "int" else middle
 
     def suggest(self, trial: Any, name: str) -> Any:
         """The value an Optuna ``trial`` samples for ``name``."""

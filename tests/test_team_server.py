@@ -102,11 +102,11 @@ def test_two_sweeps_fill_one_postgres_study_under_one_parent(
     from test_search import check_shared_search, two_sweeps
 
     storage = postgres_server.create_database("optuna")
-    printed = two_sweeps(storage, team_server.uri, tmp_path, trials=4)
-    check_shared_search(MlflowClient(team_server.uri), printed, trials=4)
+    printed = two_sweeps(storage, team_server.uri, tmp_path, trials=3)
+    check_shared_search(MlflowClient(team_server.uri), printed, trials=3)
     with psycopg2.connect(storage) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT number, state FROM trials JOIN studies USING (study_id) "
-                       "WHERE study_name LIKE '%/optax:adamw' AND number < 4")  # fmt: skip
+                       "WHERE study_name LIKE '%/optax:adamw' AND number < 3")  # fmt: skip
         rows = cursor.fetchall()
-    assert sorted(n for n, _ in rows) == [0, 1, 2, 3]
+    assert sorted(n for n, _ in rows) == [0, 1, 2]
     assert {state for _, state in rows} <= {"COMPLETE", "PRUNED"}

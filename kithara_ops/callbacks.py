@@ -7,6 +7,7 @@ they care about. The Trainer calls them in order; each reads only the event it i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -163,6 +164,11 @@ class Callback:
         """
         return None
 
+    def on_hang(self, step: int, seconds: float) -> None:
+        """The run made no progress for ``seconds`` after ``step`` and is about to end the
+        process (``watchdog.Watchdog``, from its own thread, while the loop is stuck): record
+        what can be recorded quickly; the state is not saved (it may be mid-update)."""
+
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
         """Once, with ``FINISHED``, ``FAILED`` (an exception) or ``KILLED`` (interrupted).
 
@@ -202,6 +208,11 @@ class CallbackList(Callback):
 
     def stop_request(self):
         return next((why for cb in self.callbacks if (why := cb.stop_request())), None)
+
+    def on_hang(self, step, seconds):
+        for cb in self.callbacks:  # the process ends anyway: each sink gets its chance
+            with contextlib.suppress(Exception):
+                cb.on_hang(step, seconds)
 
     def on_train_end(self, status, result):
         # Every sink ends, even after one failed (a signal that cut the MLflow flush short

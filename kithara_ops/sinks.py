@@ -76,4 +76,9 @@ def build_sinks(
         checkpoints.on_saved = CallbackList(
             [s for s in ordered if s is not checkpoints]
         ).on_checkpoint
+    if config.step_timeout is not None:
+        from kithara_ops.watchdog import Watchdog
+
+        # The other event a sink starts: the watchdog tells the others that the run hangs.
+        ordered.append(Watchdog(config.step_timeout, notify=CallbackList(ordered).on_hang))
     return Sinks(ordered, checkpoints, tracker)

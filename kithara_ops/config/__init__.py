@@ -168,6 +168,12 @@ class RunConfig:
     nonfinite_patience: int = option(
         10, "With on_nonfinite=skip: how many non-finite steps in a row stop the run.", LOOP
     )
+    step_timeout: float | None = option(
+        None,
+        "Seconds without a finished step (after the first) before the run is ended as hung, "
+        "with exit code 75; None: wait forever.",
+        LOOP,
+    )
     lora_rank: int | None = option(
         None,
         "LoRA rank for a KerasHub model: only the low-rank adapters train, the base stays "
@@ -272,6 +278,8 @@ class RunConfig:
             )
         if self.save_every_minutes is not None:
             self.save_every_minutes = number(self, "save_every_minutes", 0.0, inclusive=False)
+        if self.step_timeout is not None:
+            self.step_timeout = number(self, "step_timeout", 0.0, inclusive=False)
         check_positive(self, "early_stop_patience", optional=True)
         self.early_stop_min_delta = number(self, "early_stop_min_delta", 0.0, inclusive=True)
         if self.target_eval_loss is not None:

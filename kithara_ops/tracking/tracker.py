@@ -219,6 +219,14 @@ class MlflowTracker(Callback):
         where = masked(writer.tracking_uri)
         return RuntimeError(f"the MLflow store at {where} cannot be written ({writer.refused})")
 
+    def on_hang(self, step: int, seconds: float) -> None:
+        """Mark the run FAILED, ``stop_reason=hang`` and the last step, within 10 s."""
+        if self.writer is None or self._ending:
+            return
+        self._ending = True
+        self.writer.set_tags({STOP_REASON_TAG: "hang", "kithara_ops.hang_step": str(step)})
+        self.delivery = self.writer.finish("FAILED", timeout=10.0)
+
     def on_train_end(self, status: str, result: TrainResult | None) -> None:
         if self.writer is None:
             return

@@ -50,6 +50,8 @@ class RunInfo:
         ``per_device`` (the most any one device holds, replicated arrays counted on each).
       given: the config fields that hold the label of a Python object the run was given
         (``config.OBJECT_FIELDS``), not a spec.
+      lower_train_step: after the first step, returns the train step lowered on that step's
+        argument shapes (``jax.stages.Lowered``).
     """
 
     config: RunConfig
@@ -69,6 +71,7 @@ class RunInfo:
     base_model: dict[str, Any] | None = None
     state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     given: frozenset[str] = frozenset()
+    lower_train_step: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +167,10 @@ class Callback:
         """
         return None
 
+    def on_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        """Files another sink wrote for the run's record (a profiler trace), in ``local_dir``,
+        to be kept under ``artifact_path``; the folder stays until the run has ended."""
+
     def on_hang(self, step: int, seconds: float) -> None:
         """The run made no progress for ``seconds`` after ``step`` and is about to end the
         process (``watchdog.Watchdog``, from its own thread, while the loop is stuck): record
@@ -208,6 +215,10 @@ class CallbackList(Callback):
 
     def stop_request(self):
         return next((why for cb in self.callbacks if (why := cb.stop_request())), None)
+
+    def on_artifacts(self, local_dir, artifact_path):
+        for cb in self.callbacks:
+            cb.on_artifacts(local_dir, artifact_path)
 
     def on_hang(self, step, seconds):
         for cb in self.callbacks:  # the process ends anyway: each sink gets its chance

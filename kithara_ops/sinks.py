@@ -76,6 +76,13 @@ def build_sinks(
         checkpoints.on_saved = CallbackList(
             [s for s in ordered if s is not checkpoints]
         ).on_checkpoint
+    if config.profile_steps is not None:
+        from kithara_ops.profiling import Profiler
+
+        # Files a sink writes for the run's record go to the others (the tracker logs them).
+        profiler = Profiler(config.profile_steps)
+        profiler.publish = CallbackList(list(ordered)).on_artifacts
+        ordered.append(profiler)
     if config.step_timeout is not None:
         from kithara_ops.watchdog import Watchdog
 

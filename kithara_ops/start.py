@@ -147,10 +147,9 @@ def decide_start(
     return Start(restored.state, restored.record.run_uid, restored.record.data_position, restored)
 
 
-def run_info(
-    program: Any, begin: Start, total: int, placed: dict[str, int], train_data: Any
-) -> RunInfo:
-    """What the sinks hear at the start of a run of ``program`` from ``begin`` to ``total``."""
+def run_info(program: Any, begin: Start, total: int, progress: Any, train_data: Any) -> RunInfo:
+    """What the sinks hear at the start of a run of ``program`` from ``begin`` to ``total``
+    (``progress``: the loop's ``timing.Progress``)."""
     model, restored = program.model, begin.restored
     return RunInfo(
         config=program.config,
@@ -168,8 +167,9 @@ def run_info(
         optimizer_change=restored.optimizer_change if restored else None,
         data=train_data.summary() if hasattr(train_data, "summary") else None,
         base_model=program.base_model,
-        state_bytes=placed,
+        state_bytes=progress.placed,
         given=program.given,
+        lower_train_step=lambda: progress.lower_step(),
     )
 
 

@@ -91,6 +91,7 @@ class Progress:
       bests: the best losses so far and the early-stopping count (a restored run continues
         its record's).
       stop_reason: why the run ends before its last step (``stopping.stop_reason``), if it does.
+      lower_step: after the first step, lowers the train step on that step's argument shapes.
     """
 
     clock: Clock
@@ -101,6 +102,7 @@ class Progress:
     bests: Bests = dataclasses.field(default_factory=Bests)
     stop_reason: str | None = None
     first_step: int | None = None
+    lower_step: Any = None
 
     def stepped(self, metrics: Any, step: int, train_step: Any, arguments: Any) -> None:
         """Note a dispatched step: its timing, its non-finite flag and, after the run's
@@ -108,9 +110,10 @@ class Progress:
         self.clock.stepped(metrics, step)
         if self.first_step is None:
             self.first_step = step
+            shapes = jax.tree.map(_abstract, arguments)
+            self.lower_step = lambda: train_step.lower(*shapes)
             if self.clock.cost is not None:
-                shapes = jax.tree.map(_abstract, arguments)
-                self.clock.cost.analyse(lambda: train_step.lower(*shapes))
+                self.clock.cost.analyse(self.lower_step)
         self.guard.stepped(metrics)
 
     def evaluated(self, step: int, eval_loss: float, config: Any) -> None:

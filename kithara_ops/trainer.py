@@ -170,9 +170,7 @@ class Trainer:
         stream.set_state({"consumed": begin.step, "iterator": begin.data_position})
         batches = feed.prefetch_to_device(stream, self.batch_sharding, shape)
         run = Progress.at_start(begin, self.program, shape, started)
-        self.callbacks.on_train_start(
-            run_info(self.program, begin, total, run.placed, self.train_data)
-        )
+        self.callbacks.on_train_start(run_info(self.program, begin, total, run, self.train_data))
         result, status = None, "FAILED"
         with StopRequests() as stop, parked_on_host(self.program.held_variables()):
             try:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import keras
 import mlflow
@@ -328,7 +329,8 @@ def test_log_model_gives_the_model_back_and_system_metrics_are_logged(make_model
 def test_long_values_are_shortened_never_refused(make_model):
     assert shorten("x" * 7000, 6000) == "x" * 5997 + "..."
     trainer = Trainer(make_model(), optax.adam(1e-3), [], steps=1, tracking=False, data="d" * 7000)
-    info = run_info(trainer.program, Start(trainer.initial_state(), "uid"), 1, {}, [])
+    progress = types.SimpleNamespace(placed={})
+    info = run_info(trainer.program, Start(trainer.initial_state(), "uid"), 1, progress, [])
     params = run_params(info, {"optimizer.chain": "c" * 9000})
     assert all(len(v) <= 6000 for v in params.values())
     assert params["data"].endswith("...")

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kithara_ops.config.checks import check_positive, mesh_shape, number
+from kithara_ops.config.checks import check_positive, mesh_shape, number, step_window
 from kithara_ops.config.credentials import take_credentials
 from kithara_ops.config.fields import (
     CKPT,
@@ -168,6 +168,9 @@ class RunConfig:
     nonfinite_patience: int = option(
         10, "With on_nonfinite=skip: how many non-finite steps in a row stop the run.", LOOP
     )
+    profile_steps: str | None = option(
+        None, "START:END: trace steps START to END (from 1) with the JAX profiler.", LOOP
+    )
     step_timeout: float | None = option(
         None,
         "Seconds without a finished step (after the first) before the run is ended as hung, "
@@ -278,6 +281,7 @@ class RunConfig:
             )
         if self.save_every_minutes is not None:
             self.save_every_minutes = number(self, "save_every_minutes", 0.0, inclusive=False)
+        self.profile_steps = step_window(self, "profile_steps")
         if self.step_timeout is not None:
             self.step_timeout = number(self, "step_timeout", 0.0, inclusive=False)
         check_positive(self, "early_stop_patience", optional=True)

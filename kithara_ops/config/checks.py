@@ -46,3 +46,26 @@ def mesh_shape(value: Any) -> tuple[int, int] | None:
     if not ok:
         raise ConfigError(f"mesh_shape must be two positive integers (data, fsdp), got {value!r}.")
     return (value[0], value[1])
+
+
+def step_window(cfg: Any, name: str) -> str | None:
+    """``START:END`` with whole numbers ``1 <= START <= END``, written back normalised."""
+    value = getattr(cfg, name)
+    if value is None:
+        return None
+    start, _, end = str(value).partition(":")
+    try:
+        first, last = int(start), int(end)
+    except ValueError:
+        first = last = 0
+    if not 1 <= first <= last:
+        raise ConfigError(
+            f"{name} must be START:END with 1 <= START <= END, e.g. 5:8; got {value!r}."
+        )
+    return f"{first}:{last}"
+
+
+def window(text: str) -> tuple[int, int]:
+    """The ``(start, end)`` of a ``step_window`` value."""
+    start, end = text.split(":")
+    return int(start), int(end)

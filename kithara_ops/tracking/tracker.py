@@ -219,6 +219,10 @@ class MlflowTracker(Callback):
         where = masked(writer.tracking_uri)
         return RuntimeError(f"the MLflow store at {where} cannot be written ({writer.refused})")
 
+    def on_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        if self.writer is not None and not self._ending:
+            self.writer.log_artifacts(local_dir, artifact_path)
+
     def on_hang(self, step: int, seconds: float) -> None:
         """Mark the run FAILED, ``stop_reason=hang`` and the last step, within 10 s."""
         if self.writer is None or self._ending:

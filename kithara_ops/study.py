@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from typing import Any
 
@@ -37,8 +38,11 @@ def require_optuna() -> Any:
 
 
 def default_study_name(design: dict[str, Any]) -> str:
-    """``sweep-<hash>`` of the whole design: the same command names the same study."""
-    text = json.dumps(design, sort_keys=True, default=str)
+    """``sweep-<hash>`` of the design as asked: the same command names the same study. The
+    spaces each process's lr-find decided (``sweep.space.NAME.i``) are left out, since
+    processes on different hardware may decide them a little differently."""
+    asked = {k: v for k, v in design.items() if not re.fullmatch(r"sweep\.space\.\w+\.\d+", k)}
+    text = json.dumps(asked, sort_keys=True, default=str)
     return "sweep-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

@@ -73,6 +73,16 @@ def test_spaces_and_grids_parse_to_literal_values():
             parse(bad)
 
 
+def test_processes_name_the_same_study_whatever_their_lr_find_decided():
+    from kithara_ops.study import default_study_name
+
+    asked = {"sweep.optimizer.0": "optax.adamw($lr)", "sweep.space.lr": "lr-find"}
+    here = default_study_name({**asked, "sweep.space.lr.0": "loguniform(0.0001,0.01)"})
+    there = default_study_name({**asked, "sweep.space.lr.0": "loguniform(0.00011,0.011)"})
+    assert here == there == default_study_name(asked)
+    assert here != default_study_name({**asked, "sweep.trials": "6"})
+
+
 HOSTILE = [
     ["--space", "lr=__import__('os').system('touch pwned')", "--trials", "2"],
     ["--space", "lr=loguniform(1e-5, __import__('os').getpid())", "--trials", "2"],

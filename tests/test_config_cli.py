@@ -150,6 +150,7 @@ def _other_value(name: str) -> tuple[list[str], typing.Any]:
         "coordinator": ("127.0.0.1:1234", "127.0.0.1:1234"),
         "process_id": ("1", 1),
         "parent_run_id": ("0123456789abcdef" * 2, "0123456789abcdef" * 2),
+        "profile_steps": ("3:5", "3:5"),
     }
     hint = field_types()[name]
     if name in special:

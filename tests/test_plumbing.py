@@ -66,6 +66,25 @@ def test_experiment_id_finds_and_creates_only_when_asked(client):
     assert experiment_state(client, "new") == (created, "active")
 
 
+def test_an_experiment_another_process_creates_first_is_used(client, monkeypatch):
+    """Between this process's look-up and its create, another process created it."""
+    from mlflow.exceptions import MlflowException
+
+    create = client.create_experiment
+
+    def raced(name, tags=None):
+        other = create(name)  # the other process wins
+        raise MlflowException(f"RESOURCE_ALREADY_EXISTS: Experiment(name={name}) ({other})")
+
+    monkeypatch.setattr(client, "create_experiment", raced)
+    won = client.get_experiment_by_name
+    assert experiment_id(client, "shared", create=True) == won("shared").experiment_id
+    monkeypatch.setattr(client, "create_experiment", lambda *a, **k: (_ for _ in ()).throw(
+        MlflowException("the store is read-only")))  # fmt: skip
+    with pytest.raises(MlflowException, match="read-only"):
+        experiment_id(client, "other", create=True)
+
+
 def test_a_deleted_experiment_is_found_never_recreated(client):
     deleted = client.create_experiment("gone")
     client.delete_experiment(deleted)

@@ -49,6 +49,16 @@ def experiment_id(client: MlflowClient, name: str, create: bool = False) -> str 
       in it with an error that says why.
     """
     found, state = experiment_state(client, name)
-    if state != "missing":
+    if state != "missing" or not create:
         return found
-    return client.create_experiment(name, tags=EXPERIMENT_TAGS) if create else None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, tags=EXPERIMENT_TAGS)
+    except MlflowException:
+        # Processes started together (a sweep's, a launch's) race to create it: one wins,
+        # and the others use the one it created.
+        found, state = experiment_state(client, name)
+        if state == "missing":
+            raise
+        return found

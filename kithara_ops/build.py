@@ -109,6 +109,7 @@ def build_model(config: RunConfig, vocab_size: int) -> keras.Model:
         dtype=config.precision if config.precision != "float32" else None,
         lora_rank=config.lora_rank,
         lora_targets=config.lora_targets,
+        lora_alpha=config.lora_alpha,
         # A preset is loaded into the shardings the Trainer gives it, on the same mesh.
         mesh=make_mesh(config.sharding, config.mesh_shape),
         min_shard_size=config.min_shard_size,

@@ -8,14 +8,16 @@ weights into it and writes it with the library's own saver:
   ``keras_hub.models.CausalLM.from_preset(out)`` loads;
 - ``hf``: KerasHub's ``export_to_transformers`` (safetensors, config, tokenizer) for the
   families it converts;
-- ``keras``: a ``model.keras`` file, for the built-in and your own models.
+- ``keras``: a ``model.keras`` file, for the built-in and your own models;
+- ``peft``: a LoRA run's adapters alone, as a PEFT adapter folder with Hugging Face module
+  names (``export_peft``), for the families KerasHub exports to Hugging Face.
 
 Every format's folder also gets the chat template the run trained with
 (``chat_template.jinja``, and ``tokenizer_config.json``'s key for ``hf``) and a
 ``generation_config.json`` with the family's stop tokens (``export_files``); its files get
 the permissions the umask gives.
 
-LoRA adapters are merged: Keras saves a LoRA layer's kernel as ``kernel + A·B·scale``, so the
+In the other formats LoRA adapters are merged: Keras saves a LoRA layer's kernel as ``kernel + A·B·scale``, so the
 exported model is a plain one of the base's architecture.
 """
 
@@ -36,8 +38,9 @@ from kithara_ops.export_files import (
 
 log = logging.getLogger("kithara_ops.export")
 
-FORMATS = ("keras-hub", "hf", "keras")
-"""What ``export`` writes: a KerasHub preset, Hugging Face safetensors, or a ``.keras`` file."""
+FORMATS = ("keras-hub", "hf", "keras", "peft")
+"""What ``export`` writes: a KerasHub preset, Hugging Face safetensors, a ``.keras`` file, or
+a LoRA adapter folder."""
 
 EXPORT_TAG = "kithara_ops.export"
 """Prefix of the MLflow tags naming where a run's model was exported (one per format)."""
@@ -57,8 +60,8 @@ def export(
 
     Args:
       checkpoint_dir: the run's checkpoint directory.
-      out: a new (or empty) folder for ``keras-hub`` and ``hf``; for ``keras`` the folder
-        gets ``model.keras``.
+      out: a new (or empty) folder for ``keras-hub``, ``hf`` and ``peft``; for ``keras``
+        the folder gets ``model.keras``.
       format: one of ``FORMATS``.
       step: the checkpoint to export; the newest readable one by default.
       model: the model spec, for a run whose model came from a ``module:function`` factory
@@ -96,10 +99,15 @@ def export(
             config = config.replace(chat_template=str(chat_template))
         rebuilt = "optimizer" not in record.given
         keras_model, tokenizer = _restored_model(store, config, rebuilt, step, chosen=chosen)
-    written = _write(keras_model, tokenizer, out, format)
-    if format == "hf" and verify:
-        _verify_hf(keras_model, config, written)
-    write_chat_files(out, tokenizer, trained_template(tokenizer))
+    if format == "peft":
+        from kithara_ops.export_peft import write_adapter
+
+        written = write_adapter(keras_model, config.model.removeprefix("hf://"), out)
+    else:
+        written = _write(keras_model, tokenizer, out, format)
+        if format == "hf" and verify:
+            _verify_hf(keras_model, config, written)
+        write_chat_files(out, tokenizer, trained_template(tokenizer))
     ordinary_permissions(out)
     _record(config, record.run_uid, format, written)
     return written
@@ -194,8 +202,11 @@ def _write(keras_model: Any, tokenizer: Any, out: Path, format: str) -> Path:
         if getattr(keras_model, "preprocessor", None) is None and hasattr(tokenizer, "tokenizer"):
             tokenizer.tokenizer.save_to_preset(str(out))
         return out
+    from kithara_ops.export_peft import lora_layers, merged_lora
+
     try:
-        keras_model.export_to_transformers(str(out))
+        with merged_lora(lora_layers(keras_model)):
+            keras_model.export_to_transformers(str(out))
     except (ValueError, NotImplementedError, KeyError) as err:
         raise ConfigError(
             f"KerasHub cannot export {type(keras_model).__name__} to Hugging Face "
@@ -228,7 +239,9 @@ def _verify_hf(trained: Any, config: Any, folder: Path) -> None:
     ids = (np.arange(8, dtype="int32")[None] * 7 + 3) % int(trained.backbone.vocabulary_size)
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     try:
-        plain = config.replace(model=str(folder), lora_rank=None, lora_targets=None)
+        plain = config.replace(
+            model=str(folder), lora_rank=None, lora_targets=None, lora_alpha=None
+        )
         loaded = build_model(plain, int(trained.backbone.vocabulary_size))
         expected, got = (
             np.asarray(trained(inputs), "float32"),

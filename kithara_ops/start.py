@@ -54,8 +54,8 @@ def final_config(
             "optimizer": optimizer_label,
         }
         if base.get("lora_rank"):
-            options = {"lora_rank": base["lora_rank"], "lora_targets": base["lora_targets"],
-                       **options}  # fmt: skip
+            lora = {key: base[key] for key in ("lora_rank", "lora_targets", "lora_alpha")}
+            options = {**lora, **options}
         resolved, given = RunConfig.from_dict({**labels, **options}), frozenset(labels)
     else:
         resolved = config.replace(**options) if options else config

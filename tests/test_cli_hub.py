@@ -25,7 +25,8 @@ keras_hub = pytest.importorskip("keras_hub")
 pytestmark = pytest.mark.slow
 
 MIN_SHARD = 256
-LORA = ["--lora-rank", "4", "--sharding", "fsdp", "--min-shard-size", str(MIN_SHARD)]
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--sharding", "fsdp", "--min-shard-size",
+        str(MIN_SHARD)]  # fmt: skip
 SHAPE = ["--seq-len", "32", "--batch-size", "8", "--learning-rate", "1e-2", "--log-every", "1"]
 
 
@@ -144,7 +145,7 @@ def test_checkpoints_record_the_base_model_and_its_fingerprint(runs):
         store.close()
     assert base["handle"] == str(runs["gemma"])
     assert base["fingerprint"] == fingerprint(str(runs["gemma"]))
-    assert base["lora_rank"] == 4
+    assert base["lora_rank"] == 4 and base["lora_alpha"] == 8.0
 
 
 def test_mlflow_records_all_weights_the_trainable_ones_and_lora(runs):
@@ -154,6 +155,7 @@ def test_mlflow_records_all_weights_the_trainable_ones_and_lora(runs):
     adapters = sum(v.size for v in saved_state(runs["root"] / "straight", 6)["params"].values())
     assert params["lora.rank"] == "4"
     assert params["lora.targets"] == "query,value"  # the layers adapted, not KerasHub's list
+    assert params["lora.alpha"] == "8.0"
     assert params["model"] == str(runs["gemma"])
     assert int(params["num_trainable_params"]) == adapters
     assert int(params["num_params"]) == total + adapters
@@ -186,9 +188,12 @@ def test_a_backbone_from_a_factory_in_the_current_directory_exits_2_in_one_line(
 
 
 def lora_model_of(runs, step):
-    """The base preset with LoRA rank 4 and the adapters a checkpoint saved."""
+    """The base preset with LoRA rank 4, alpha 8 and the adapters a checkpoint saved."""
     model = keras_hub.models.CausalLM.from_preset(str(runs["gemma"]))
     model.backbone.enable_lora(4)
+    for layer in model.backbone._flatten_layers():
+        if getattr(layer, "lora_enabled", False):
+            layer.lora_alpha = 8.0  # the product counts twice: alpha / rank = 2
     adapters = saved_state(runs["root"] / "straight", step)["params"]
     for variable in model.trainable_variables:
         variable.assign(np.asarray(adapters[variable.path]))
@@ -222,3 +227,18 @@ def test_an_hf_export_that_does_not_load_back_exits_2_in_one_line(runs, tmp_path
     assert len(errors) == 1 and "--format keras-hub" in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_adapters_of_an_fsdp_run_export_as_a_peft_folder(runs, tmp_path):
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "adapter"
+    done = kithara_ops(
+        "export", runs["root"] / "straight", "--format", "peft", "--out", out, cwd=runs["root"]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 2 * 2  # q and v, A and B, two layers

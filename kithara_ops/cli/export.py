@@ -12,7 +12,8 @@ _EXAMPLE = (
     "Examples:\n\n"
     "  kithara-ops export runs/gemma-lora --out exported/gemma    # a KerasHub preset\n\n"
     "  kithara-ops export runs/gemma-lora --format hf --out exported/gemma-hf --step 400\n\n"
-    "  kithara-ops export runs/tiny --format keras --out exported/tiny"
+    "  kithara-ops export runs/tiny --format keras --out exported/tiny\n\n"
+    "  kithara-ops export runs/gemma-lora --format peft --out exported/gemma-adapter"
 )
 
 
@@ -25,8 +26,8 @@ def export(
         str,
         typer.Option(
             "--format",
-            help="keras-hub (a preset folder), hf (Hugging Face safetensors) or keras "
-            "(a model.keras file).",
+            help="keras-hub (a preset folder), hf (Hugging Face safetensors), keras "
+            "(a model.keras file) or peft (a LoRA run's adapters as a PEFT folder).",
         ),
     ] = "keras-hub",
     step: Annotated[
@@ -45,7 +46,8 @@ def export(
         typer.Option("--chat-template", help="The run's chat template file, where it is now."),
     ] = None,
 ) -> None:
-    """Write a checkpoint's trained model (LoRA merged) where other tools load it."""
+    """Write a checkpoint's trained model (LoRA merged, or its adapters alone) where other
+    tools load it."""
     from kithara_ops.export import export as export_model
 
     written = export_model(

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kithara_ops.config.checks import check_positive, mesh_shape, number, step_window
+from kithara_ops.config.checks import check_lora, check_positive, mesh_shape, number, step_window
 from kithara_ops.config.credentials import take_credentials
 from kithara_ops.config.fields import (
     CKPT,
@@ -185,8 +185,13 @@ class RunConfig:
     )
     lora_targets: str | None = option(
         None,
-        "Comma-separated names of the layers LoRA adapts; None: KerasHub's defaults (the "
-        "attention query and value projections).",
+        "Comma-separated names of the layers LoRA adapts, or all-linear (every dense "
+        "projection); None: KerasHub's defaults (the attention query and value projections).",
+        MODEL,
+    )
+    lora_alpha: float | None = option(
+        None,
+        "LoRA's alpha: the adapters' product is scaled by alpha / rank; None: the rank.",
         MODEL,
     )
     precision: Literal["float32", "mixed_bfloat16"] = option(
@@ -273,12 +278,7 @@ class RunConfig:
         check_positive(self, "batch_size", "seq_len", "log_every", "grad_accum_steps")
         check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
         check_positive(self, "save_every", optional=True)
-        check_positive(self, "lora_rank", optional=True)
-        if self.lora_targets is not None and self.lora_rank is None:
-            raise ConfigError(
-                f"lora_targets {self.lora_targets!r} is set but lora_rank is not: pass "
-                "--lora-rank R too, or drop --lora-targets."
-            )
+        check_lora(self)
         if self.save_every_minutes is not None:
             self.save_every_minutes = number(self, "save_every_minutes", 0.0, inclusive=False)
         self.profile_steps = step_window(self, "profile_steps")

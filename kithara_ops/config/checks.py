@@ -37,6 +37,19 @@ def number(cfg: Any, name: str, lower: float, inclusive: bool) -> float:
     return float(value)
 
 
+def check_lora(cfg: Any) -> None:
+    """LoRA's options: a positive rank, and targets or alpha only with a rank."""
+    check_positive(cfg, "lora_rank", optional=True)
+    for name in ("lora_targets", "lora_alpha"):
+        if getattr(cfg, name) is not None and cfg.lora_rank is None:
+            raise ConfigError(
+                f"{name} {getattr(cfg, name)!r} is set but lora_rank is not: pass "
+                f"--lora-rank R too, or drop --{name.replace('_', '-')}."
+            )
+    if cfg.lora_alpha is not None:
+        cfg.lora_alpha = number(cfg, "lora_alpha", 0.0, inclusive=False)
+
+
 def mesh_shape(value: Any) -> tuple[int, int] | None:
     """``value`` as a ``(data, fsdp)`` pair of positive integers, or ``None``."""
     if value is None:

@@ -39,9 +39,9 @@ def base_model_of(model: keras.Model) -> dict[str, Any] | None:
     """Where ``model`` came from, if ``from_preset`` loaded it, else ``None``.
 
     Returns:
-      ``{"handle", "fingerprint", "lora_rank", "lora_targets"}``: the preset handle, the
-      ``fingerprint`` of its files (``None`` for a remote handle), and the LoRA rank and
-      adapted layer names (``None`` without LoRA).
+      ``{"handle", "fingerprint", "lora_rank", "lora_targets", "lora_alpha"}``: the
+      preset handle, the ``fingerprint`` of its files (``None`` for a remote handle), and
+      the LoRA rank, adapted layer names and alpha (``None`` without LoRA).
     """
     base = _BASES.get(model)
     return dict(base) if base is not None else None
@@ -95,6 +95,7 @@ def from_preset(
     *,
     lora_rank: int | None = None,
     lora_targets: Sequence[str] | str | None = None,
+    lora_alpha: float | None = None,
     seed: int | None = None,
     dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -118,7 +119,8 @@ def from_preset(
       lora_rank: enable LoRA of this rank on the backbone (``backbone.enable_lora``): the
         base weights are frozen, only the adapters train. ``None``: every weight trains.
       lora_targets: layer names LoRA adapts (a list, or a comma-separated string);
-        ``None``: KerasHub's defaults for the family.
+        ``None``: KerasHub's defaults for the family; ``"all-linear"``: every projection.
+      lora_alpha: the adapters' scale is ``lora_alpha / lora_rank``; ``None``: the rank.
       seed: draws LoRA's ``A`` matrices (``draw_lora``; ``B`` starts at zero), so that they
         do not depend on Keras' global random state. ``None``: the ``Trainer`` draws them
         from its own ``seed`` when it is made.
@@ -164,9 +166,10 @@ def from_preset(
         "fingerprint": fingerprint(handle),
         "lora_rank": None,
         "lora_targets": None,
+        "lora_alpha": None,
     }
     if lora_rank is not None:
-        enable_lora(model, lora_rank, lora_targets)
+        enable_lora(model, lora_rank, lora_targets, lora_alpha)
         if seed is not None:
             draw_lora(model, seed)
             _LORA_SEEDED.add(model)
@@ -231,11 +234,23 @@ def _sharded_load(
     return RunLayout(layout_map=layout_map, batch_dim_name=mesh.axis_names[0])
 
 
+ALL_LINEAR = "all-linear"
+"""``lora_targets`` naming every dense projection of the backbone (as PEFT's option)."""
+
+
 def enable_lora(
-    model: keras.Model, rank: int, targets: Sequence[str] | str | None = None
+    model: keras.Model,
+    rank: int,
+    targets: Sequence[str] | str | None = None,
+    alpha: float | None = None,
 ) -> list[str]:
     """Enable LoRA on ``model.backbone``; return the names of ``targets`` (by default
     KerasHub's list for the backbone) that name layers it adapted.
+
+    Each adapted kernel becomes ``W + (alpha / rank) A B``; ``alpha`` defaults to the rank
+    (a scale of 1, Keras' default). ``targets`` ``"all-linear"`` names every ``Dense`` and
+    ``EinsumDense`` layer of the backbone (attention and feed-forward projections; the
+    embeddings, and so a tied output head, stay frozen).
 
     Raises:
       ConfigError: ``rank`` is not positive, the model has no KerasHub backbone, or no layer
@@ -251,8 +266,17 @@ def enable_lora(
             f"LoRA needs a KerasHub model with a backbone, and {model.name!r} has none: drop "
             "--lora-rank or pass a KerasHub preset."
         )
-    names = list(targets) if targets else list(backbone.default_lora_layer_names())
+    if list(targets or ()) == [ALL_LINEAR]:
+        names = sorted({layer.name for layer in _dense_layers(backbone)})
+    else:
+        names = list(targets) if targets else list(backbone.default_lora_layer_names())
     backbone.enable_lora(rank, target_layer_names=names)
+    if alpha is not None:
+        # KerasHub's enable_lora takes no alpha; each Keras layer keeps its own, read by its
+        # kernel property, so setting it is what Layer.enable_lora(rank, lora_alpha) does.
+        for layer in backbone._flatten_layers():
+            if _lora_a(layer) is not None:
+                layer.lora_alpha = float(alpha)
     if not backbone.trainable_variables:
         known = sorted({layer.name for layer in backbone._flatten_layers() if layer.weights})
         raise ConfigError(
@@ -263,8 +287,16 @@ def enable_lora(
     # names recorded are those of the layers really adapted.
     adapted = [name for name in names if name in _lora_layer_names(backbone)]
     if model in _BASES:
-        _BASES[model].update(lora_rank=rank, lora_targets=",".join(adapted))
+        _BASES[model].update(
+            lora_rank=rank, lora_targets=",".join(adapted), lora_alpha=alpha or float(rank)
+        )
     return adapted
+
+
+def _dense_layers(backbone: Any) -> list[Any]:
+    """The backbone's ``Dense`` and ``EinsumDense`` layers: its linear projections."""
+    kinds = (keras.layers.Dense, keras.layers.EinsumDense)
+    return [layer for layer in backbone._flatten_layers() if isinstance(layer, kinds)]
 
 
 def _lora_layer_names(backbone: Any) -> set[str]:

@@ -119,6 +119,7 @@ def resolve_model(
     dtype: str | None = None,
     lora_rank: int | None = None,
     lora_targets: str | None = None,
+    lora_alpha: float | None = None,
     mesh: Any = None,
     min_shard_size: int = 4096,
 ) -> keras.Model:
@@ -137,6 +138,7 @@ def resolve_model(
         dtype: Keras dtype policy name, or ``None`` for the default.
         lora_rank: Enable LoRA of this rank on the model's KerasHub backbone.
         lora_targets: Comma-separated layer names for LoRA; ``None``: KerasHub's defaults.
+        lora_alpha: LoRA's scale is ``lora_alpha / lora_rank``; ``None``: the rank.
         mesh: The run's mesh: a preset's weights are loaded straight into their shardings
             on it (``from_preset``); other models are built as they are.
         min_shard_size: The run's ``min_shard_size``, for that placement.
@@ -157,7 +159,7 @@ def resolve_model(
     else:
         model = _build(spec, vocab_size=vocab_size, seq_len=seq_len, dtype=dtype)
     if lora_rank is not None:
-        enable_lora(model, lora_rank, lora_targets)
+        enable_lora(model, lora_rank, lora_targets, lora_alpha)
     return model
 
 

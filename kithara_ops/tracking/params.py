@@ -53,12 +53,13 @@ def config_params(run: RunInfo) -> dict[str, str]:
 
     Tracking settings are left out: where a run is logged is not part of what it is. So are
     the coordinator address and the process rank, which differ between launches and
-    processes (``num_processes`` stays). ``lora_rank`` and ``lora_targets`` are logged as
-    ``lora.rank`` and ``lora.targets`` (see ``lora_params``); a chat template file's
+    processes (``num_processes`` stays). The LoRA options are logged as ``lora.rank``,
+    ``lora.targets`` and ``lora.alpha`` (see ``lora_params``); a chat template file's
     SHA-256 (16 hex digits) as ``chat_template.digest``.
     """
     skip = {"tracking", "tracking_uri", "experiment", "run_name", "system_metrics", "log_model",
-            "parent_run_id", "coordinator", "process_id", "lora_rank", "lora_targets"}  # fmt: skip
+            "parent_run_id", "coordinator", "process_id", "lora_rank", "lora_targets",
+            "lora_alpha"}  # fmt: skip
     values = {k: v for k, v in run.config.to_dict().items() if k not in skip}
     values["mesh_shape"] = ",".join(f"{axis}={size}" for axis, size in run.mesh_shape.items())
     values["num_params"] = run.num_params
@@ -89,7 +90,8 @@ def chat_template_text(config: Any) -> str | None:
 
 
 def lora_params(run: RunInfo) -> dict[str, Any]:
-    """``lora.rank`` and ``lora.targets`` (``None`` without LoRA), and ``model`` as the handle.
+    """``lora.rank``, ``lora.targets`` and ``lora.alpha`` (``None`` without LoRA; alpha is
+    the rank when not given), and ``model`` as the handle.
 
     A model loaded from a preset reports what was really applied to it (the layer names
     KerasHub's defaults gave, too); another model reports the config's values.
@@ -98,7 +100,10 @@ def lora_params(run: RunInfo) -> dict[str, Any]:
     values = {
         "lora.rank": base.get("lora_rank", run.config.lora_rank),
         "lora.targets": base.get("lora_targets", run.config.lora_targets),
+        "lora.alpha": base.get("lora_alpha", run.config.lora_alpha),
     }
+    if values["lora.rank"] is not None and values["lora.alpha"] is None:
+        values["lora.alpha"] = float(values["lora.rank"])
     if base.get("handle"):
         values["model"] = base["handle"]
     return values

@@ -143,6 +143,10 @@ class Callback:
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         """After each evaluation, with ``eval_loss`` and ``perplexity``."""
 
+    def on_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """After the eval prompts were completed at ``step``: one row per prompt
+        (``samples.Samples``: prompt, completion, reference, scores)."""
+
     def on_step(self, record: StepRecord) -> None:
         """After every step, once its metrics and evaluation (if due) were reported."""
 
@@ -201,6 +205,10 @@ class CallbackList(Callback):
     def on_eval(self, step, metrics):
         for cb in self.callbacks:
             cb.on_eval(step, metrics)
+
+    def on_samples(self, step, rows):
+        for cb in self.callbacks:
+            cb.on_samples(step, rows)
 
     def on_step(self, record):
         for cb in self.callbacks:

@@ -2,7 +2,7 @@
 
 A ``Program`` (the compiled steps on their mesh) and a ``Start`` (the state to begin from)
 are decided before the loop exists. ``Trainer.run`` reads top to bottom: step, log,
-evaluate, report, repeat. Tracking, checkpoints and progress are sinks that read only the
+evaluate, sample, report, repeat. Tracking, checkpoints and progress are sinks that read only the
 events the loop hands them.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from kithara_ops import feed, halts
+from kithara_ops import feed, halts, samples
 from kithara_ops.callbacks import Callback, CallbackList, StepRecord, TrainResult
 from kithara_ops.config import RunConfig
 from kithara_ops.errors import Diverged
@@ -107,6 +107,7 @@ class Trainer:
             program, train_data, eval_data, sinks
         )  # fmt: skip
         self.callbacks = CallbackList(sinks.callbacks)
+        self.samples = samples.for_program(program)
         if eval_data is not None:
             feed.check_eval_source(eval_data, program.config.eval_steps)
         check_stopping_has_eval(program.config, eval_data is not None)
@@ -179,6 +180,8 @@ class Trainer:
                     self._log(step, total, metrics, stopping, run)
                     # Evaluated before the step is reported, so its checkpoint records it.
                     stopping = self._evaluate_if_due(step, total, state, stop, stopping, run)
+                    if self.samples and every(self.config.generate_every, step, total, True):
+                        self.callbacks.on_samples(step, self.samples(state, step))
                     failed = halts.sink_failure(
                         self.callbacks.failure(), step, total, self.config.log_every
                     )

@@ -23,6 +23,16 @@ def _artifact_name(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", metric) + ".png"
 
 
+def _samples(tracking_uri: str | None, summaries: list) -> dict[str, list]:
+    """Each run's rows of its last generation step, for the runs that logged samples."""
+    from mlflow.tracking import MlflowClient
+
+    from kithara_ops.config.credentials import take_credentials
+    from kithara_ops.tracking.samples_table import samples_by_run
+
+    return samples_by_run(MlflowClient(take_credentials(tracking_uri)), summaries)
+
+
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -179,14 +189,19 @@ def compare(
         _print_groups(summaries, metric, test, target, x, output, json_output, csv_output)
         return
     if json_output:
-        rows = [summary.to_dict() for summary in summaries]
+        found = _samples(tracking_uri, summaries)
+        rows = [{**s.to_dict(), **({"samples": found[s.run_id]} if s.run_id in found else {})}
+                for s in summaries]  # fmt: skip
         typer.echo(json.dumps(rows, allow_nan=False))
     elif csv_output:
         typer.echo(to_csv(summaries), nl=False)
     elif not summaries:
         typer.echo(f"No runs to compare in experiment {experiment!r}.")
     else:
+        from kithara_ops.tracking.samples_table import print_samples
+
         print_table(summaries, metric)
+        print_samples(summaries, _samples(tracking_uri, summaries))
 
     chart = plot_runs(summaries, metric, output, x) if output is not None else None
     if chart is not None:

@@ -12,15 +12,13 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import math
-import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from kithara_ops.config.checks import check_lora, check_positive, mesh_shape, number, step_window
+from kithara_ops.config.checks import check_loop, check_lora, check_positive, check_run
 from kithara_ops.config.credentials import take_credentials
 from kithara_ops.config.fields import (
     CKPT,
@@ -35,7 +33,6 @@ from kithara_ops.config.fields import (
     parse_mesh_shape,
 )
 from kithara_ops.config.files import read_values
-from kithara_ops.distributed import check_options
 from kithara_ops.errors import ConfigError
 
 LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
@@ -177,6 +174,16 @@ class RunConfig:
         "with exit code 75; None: wait forever.",
         LOOP,
     )
+    eval_prompts: str | None = option(
+        None,
+        "JSONL of prompts (prompt or messages, optional reference) completed greedily during "
+        "training and logged to MLflow as a table; None: no samples.",
+        LOOP,
+    )
+    generate_every: int | None = option(
+        None, "Complete the eval prompts every N steps (and at the last); None: at the last.", LOOP
+    )
+    max_new_tokens: int = option(32, "The most tokens a sample's completion has.", LOOP)
     lora_rank: int | None = option(
         None,
         "LoRA rank for a KerasHub model: only the low-rank adapters train, the base stays "
@@ -279,43 +286,14 @@ class RunConfig:
         check_positive(self, "steps", "epochs", "eval_every", "eval_steps", optional=True)
         check_positive(self, "save_every", optional=True)
         check_lora(self)
-        if self.save_every_minutes is not None:
-            self.save_every_minutes = number(self, "save_every_minutes", 0.0, inclusive=False)
-        self.profile_steps = step_window(self, "profile_steps")
-        if self.step_timeout is not None:
-            self.step_timeout = number(self, "step_timeout", 0.0, inclusive=False)
-        check_positive(self, "early_stop_patience", optional=True)
-        self.early_stop_min_delta = number(self, "early_stop_min_delta", 0.0, inclusive=True)
-        if self.target_eval_loss is not None:
-            self.target_eval_loss = number(self, "target_eval_loss", -math.inf, inclusive=True)
+        check_loop(self)
         check_positive(self, "keep")
         check_positive(self, "min_shard_size", minimum=0)
         _check_choice(self, "sharding")
         _check_choice(self, "precision")
         _check_choice(self, "on_nonfinite")
         check_positive(self, "nonfinite_patience")
-        if self.optimizer == "":
-            raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
-        for name in ("model", "data", "optimizer", "tokenizer"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(
-                    f"{name} must be a non-empty string, got {getattr(self, name)!r}."
-                )
-        self.learning_rate = number(self, "learning_rate", lower=0.0, inclusive=False)
-        if self.weight_decay is not None:
-            self.weight_decay = number(self, "weight_decay", lower=0.0, inclusive=True)
-        self.mesh_shape = mesh_shape(self.mesh_shape)
-        if self.parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", self.parent_run_id):
-            raise ConfigError(
-                f"parent_run_id {self.parent_run_id!r} is not an MLflow run id (32 hex "
-                "digits): pass the id of a run of the experiment (the UI's Run ID)."
-            )
-        check_options(self.coordinator, self.num_processes, self.process_id)
-        if self.batch_size % self.grad_accum_steps:
-            raise ConfigError(
-                f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
-                f"{self.grad_accum_steps}: choose a batch size that is a multiple of it."
-            )
+        check_run(self)
 
     def total_steps(self, batches_per_epoch: int | None) -> int:
         """The step a run stops at: ``steps``, else ``epochs`` passes, else ``DEFAULT_STEPS``.

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
+from kithara_ops.distributed import check_options
 from kithara_ops.errors import ConfigError
 
 
@@ -35,6 +37,49 @@ def number(cfg: Any, name: str, lower: float, inclusive: bool) -> float:
         bound = ">=" if inclusive else ">"
         raise ConfigError(f"{name} must be {bound} {lower:g}, got {value!r}.")
     return float(value)
+
+
+def check_run(cfg: Any) -> None:
+    """What the run is: its named parts, learning rate, mesh, parent run and processes."""
+    if cfg.optimizer == "":
+        raise ConfigError("Optimizer spec is empty: pass e.g. 'optax.adamw(1e-3)'.")
+    for name in ("model", "data", "optimizer", "tokenizer"):
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name):
+            raise ConfigError(f"{name} must be a non-empty string, got {getattr(cfg, name)!r}.")
+    cfg.learning_rate = number(cfg, "learning_rate", lower=0.0, inclusive=False)
+    if cfg.weight_decay is not None:
+        cfg.weight_decay = number(cfg, "weight_decay", lower=0.0, inclusive=True)
+    cfg.mesh_shape = mesh_shape(cfg.mesh_shape)
+    if cfg.parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", cfg.parent_run_id):
+        raise ConfigError(
+            f"parent_run_id {cfg.parent_run_id!r} is not an MLflow run id (32 hex "
+            "digits): pass the id of a run of the experiment (the UI's Run ID)."
+        )
+    check_options(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    if cfg.batch_size % cfg.grad_accum_steps:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps "
+            f"{cfg.grad_accum_steps}: choose a batch size that is a multiple of it."
+        )
+
+
+def check_loop(cfg: Any) -> None:
+    """The loop's numbers: timeouts, windows, stopping and samples."""
+    if cfg.save_every_minutes is not None:
+        cfg.save_every_minutes = number(cfg, "save_every_minutes", 0.0, inclusive=False)
+    cfg.profile_steps = step_window(cfg, "profile_steps")
+    if cfg.step_timeout is not None:
+        cfg.step_timeout = number(cfg, "step_timeout", 0.0, inclusive=False)
+    check_positive(cfg, "early_stop_patience", "generate_every", optional=True)
+    cfg.early_stop_min_delta = number(cfg, "early_stop_min_delta", 0.0, inclusive=True)
+    if cfg.target_eval_loss is not None:
+        cfg.target_eval_loss = number(cfg, "target_eval_loss", -math.inf, inclusive=True)
+    check_positive(cfg, "max_new_tokens")
+    if cfg.generate_every is not None and cfg.eval_prompts is None:
+        raise ConfigError(
+            f"generate_every {cfg.generate_every!r} is set but eval_prompts is not: pass "
+            "--eval-prompts FILE too, or drop --generate-every."
+        )
 
 
 def check_lora(cfg: Any) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from kithara_ops.samples import LENGTH_METRIC
 from kithara_ops.tracking.logged_models import log_checkpoint, log_dataset
 
 RECORD_NAMES = {
@@ -15,6 +16,7 @@ RECORD_NAMES = {
     "tags": "tags",
     "text": "text artifact",
     "artifacts": "artifacts",
+    "table": "table rows",
     "metrics": "metric points",
     "checkpoint": "checkpoint records",
     "dataset": "dataset record",
@@ -50,6 +52,11 @@ def write_record(
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in payload.items()], synchronous=True)
     elif kind == "text":
         client.log_text(run_id, payload["text"], payload["artifact_file"])
+    elif kind == "table":
+        # Rows of a step the run already logged (trained again after a resume) stay as first
+        # logged, as metric points do: the step's summary metric says how far it got.
+        if payload["step"] > logged_through.get(LENGTH_METRIC, -1):
+            client.log_table(run_id, payload["columns"], payload["artifact_file"])
     elif kind == "artifacts":
         client.log_artifacts(run_id, payload["local_dir"], payload["artifact_path"])
     elif kind == "checkpoint":

@@ -10,6 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -18,6 +19,7 @@ from kithara_ops.config import RunConfig
 from kithara_ops.config.credentials import masked
 from kithara_ops.interrupt import CancelOnSignal, TrainingStopped
 from kithara_ops.optim.describe import optimizer_params
+from kithara_ops.samples import SAMPLES_FILE, summary
 from kithara_ops.stopping import PRUNED, Bests
 from kithara_ops.tracking.experiments import DEFAULT_EXPERIMENT
 from kithara_ops.tracking.logged_models import LINKED_METRICS
@@ -187,6 +189,14 @@ class MlflowTracker(Callback):
             step, metrics["eval_loss"], config.early_stop_min_delta, config.target_eval_loss
         )
         self._log(step, {**metrics, **self._bests.metrics()})
+
+    def on_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """The rows go to the run's ``samples.json`` table, their summary to its metrics."""
+        if self.writer is None:
+            return
+        columns = {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+        self.writer.log_table(columns, SAMPLES_FILE, step)
+        self.writer.log_metrics(step, summary(rows), int(time.time() * 1000))
 
     def on_checkpoint(self, step: int, path: str) -> None:
         if self.writer is None:

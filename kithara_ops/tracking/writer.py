@@ -143,6 +143,10 @@ class RunWriter:
         """Queue a text artifact."""
         self._put("text", {"text": text, "artifact_file": artifact_file})
 
+    def log_table(self, columns: dict[str, list], artifact_file: str, step: int) -> None:
+        """Queue rows of ``step`` appended to a table artifact (``MlflowClient.log_table``)."""
+        self._put("table", {"columns": columns, "artifact_file": artifact_file, "step": step})
+
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         """Queue a directory of artifacts (read when sent: keep it until ``finish``)."""
         self._put("artifacts", {"local_dir": str(local_dir), "artifact_path": artifact_path})

@@ -144,25 +144,3 @@ def tiny_presets(tmp_path_factory):
     root = shared / "tiny-presets"
     root.mkdir(exist_ok=True)
     return _TinyPresets(root)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Keep the tests that share a module's own module-scoped fixture on one worker.
-
-    Under xdist every worker that runs a test of a module builds that module's fixtures
-    again; the fixtures a test module defines for itself are its "train once, assert many"
-    runs, the suite's most expensive (a two-process training, a sweep of ten runs). Grouped
-    (``--dist loadgroup``), each is built once; every other test is scheduled on its own.
-    """
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            continue
-        for name in info.names_closure:
-            defs = info.name2fixturedefs.get(name) or ()
-            own = [
-                d for d in defs if d.scope == "module" and d.func.__module__ == item.module.__name__
-            ]
-            if own:
-                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-                break

@@ -17,7 +17,9 @@ from kithara_ops.config import LAUNCH_FIELDS, RunConfig
 from kithara_ops.errors import ConfigError
 from kithara_ops.models.hub import HANDLE_SCHEMES
 from kithara_ops.models.registry import output_vocab_size
+from kithara_ops.models.remat import remat_scope, rematerialize
 from kithara_ops.optim.spec import build_optimizer
+from kithara_ops.plan import check_fits
 from kithara_ops.program import Program
 from kithara_ops.sharding import make_mesh
 from kithara_ops.sinks import build_sinks
@@ -93,6 +95,7 @@ def build_trainer(
     sinks = build_sinks(config, callbacks, progress=progress, checkpoints=checkpoints)
     config, _, train_data = final_config(model, "", train_data, config, {})
     program = Program(model, optimizer, config, given=given)
+    check_fits(program)  # a run that cannot fit ends here, not at its first step
     return Trainer.from_program(program, train_data, eval_data=eval_data, sinks=sinks)
 
 
@@ -102,18 +105,20 @@ def build_model(config: RunConfig, vocab_size: int) -> keras.Model:
     ``vocab_size`` (the tokenizer's) sizes the built-in models and is offered to factories.
     """
     seed_keras(config.seed)
-    return models.resolve_model(
-        config.model,
-        vocab_size=vocab_size,
-        seq_len=config.seq_len,
-        dtype=config.precision if config.precision != "float32" else None,
-        lora_rank=config.lora_rank,
-        lora_targets=config.lora_targets,
-        lora_alpha=config.lora_alpha,
-        # A preset is loaded into the shardings the Trainer gives it, on the same mesh.
-        mesh=make_mesh(config.sharding, config.mesh_shape),
-        min_shard_size=config.min_shard_size,
-    )
+    with remat_scope(config.remat):
+        model = models.resolve_model(
+            config.model,
+            vocab_size=vocab_size,
+            seq_len=config.seq_len,
+            dtype=config.precision if config.precision != "float32" else None,
+            lora_rank=config.lora_rank,
+            lora_targets=config.lora_targets,
+            lora_alpha=config.lora_alpha,
+            # A preset is loaded into the shardings the Trainer gives it, on the same mesh.
+            mesh=make_mesh(config.sharding, config.mesh_shape),
+            min_shard_size=config.min_shard_size,
+        )
+    return rematerialize(model)
 
 
 def resume(

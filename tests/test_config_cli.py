@@ -58,6 +58,7 @@ def test_every_field_is_a_train_option_shown_in_its_help():
     own = {
         "config_file",
         "print_config",
+        "dry_run",
         "resume",
         "reset_optimizer",
         "overwrite",
@@ -151,6 +152,8 @@ def _other_value(name: str) -> tuple[list[str], typing.Any]:
         "process_id": ("1", 1),
         "parent_run_id": ("0123456789abcdef" * 2, "0123456789abcdef" * 2),
         "profile_steps": ("3:5", "3:5"),
+        "remat": ("full", "full"),
+        "device_memory": ("16GiB", "16GiB"),
     }
     hint = field_types()[name]
     if name in special:

@@ -6,6 +6,7 @@ options declared here are the ones that are not part of a run's config.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -67,6 +68,7 @@ def resolve_config(config_file: Path | None, options: dict[str, Any]) -> RunConf
         "  kithara-ops train --config run.yaml --steps 500\n\n"
         "  kithara-ops train --optimizer keras.AdamW --learning-rate 3e-4 --steps 500\n\n"
         "  kithara-ops train --model small --sharding fsdp --batch-size 16\n\n"
+        "  kithara-ops train --model presets/gemma --lora-rank 8 --dry-run --device-memory 16GiB\n\n"
         "  kithara-ops launch --num-processes 2 -- train --sharding fsdp"
     ),
 )
@@ -87,6 +89,15 @@ def train(
         typer.Option(
             "--print-config",
             help="Print the resolved config as YAML and exit.",
+            rich_help_panel=CONFIG,
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the memory plan (bytes per device from the compiled step, without "
+            "loading weights or data) and exit; with --json, as one document.",
             rich_help_panel=CONFIG,
         ),
     ] = False,
@@ -116,6 +127,12 @@ def train(
     config = resolve_config(config_file, options)
     if print_config:
         typer.echo(config.dump_yaml(), nl=False)
+        return
+    if dry_run:
+        from kithara_ops.plan import plan_run
+
+        plan = plan_run(config)
+        typer.echo(json.dumps(plan.to_dict()) if json_output else "\n".join(plan.lines()))
         return
     if (resume or reset_optimizer) and config.checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir DIR: the directory to resume from.")

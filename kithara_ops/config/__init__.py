@@ -122,6 +122,12 @@ class RunConfig:
         parser=parse_mesh_shape,
         metavar="DATA,FSDP",
     )
+    device_memory: str | None = option(
+        None,
+        "One device's memory for the memory plan, e.g. 80GiB; None: what the devices report "
+        "(GPU, TPU; the CPU reports none, so runs there are not planned).",
+        SHARD,
+    )
     min_shard_size: int = option(
         4096,
         "Parameters with fewer elements stay replicated under fsdp (not worth a collective).",
@@ -199,6 +205,12 @@ class RunConfig:
     lora_alpha: float | None = option(
         None,
         "LoRA's alpha: the adapters' product is scaled by alpha / rank; None: the rank.",
+        MODEL,
+    )
+    remat: str = option(
+        "none",
+        "Rematerialisation (Keras RematScope): none, full (recompute every layer in the "
+        "backward pass), activations, or larger_than:N (layers whose output exceeds N values).",
         MODEL,
     )
     precision: Literal["float32", "mixed_bfloat16"] = option(

@@ -39,6 +39,30 @@ def number(cfg: Any, name: str, lower: float, inclusive: bool) -> float:
     return float(value)
 
 
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+"""Suffixes ``parse_bytes`` reads, case-insensitively."""
+
+
+def parse_bytes(text: str) -> int:
+    """``"80GiB"``, ``"16 GB"`` or ``"1e9"`` as a number of bytes.
+
+    Raises:
+      ConfigError: not a positive size.
+    """
+    cleaned = str(text).strip().lower().replace(" ", "")
+    digits = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        value = float(digits) * BYTE_UNITS[cleaned[len(digits) :]]
+    except (KeyError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise ConfigError(
+            f"device_memory {text!r} is not a size: pass e.g. 80GiB, 16GB or 17179869184."
+        )
+    return int(value)
+
+
 def check_run(cfg: Any) -> None:
     """What the run is: its named parts, learning rate, mesh, parent run and processes."""
     if cfg.optimizer == "":
@@ -56,6 +80,8 @@ def check_run(cfg: Any) -> None:
             "digits): pass the id of a run of the experiment (the UI's Run ID)."
         )
     check_options(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    if cfg.device_memory is not None:
+        parse_bytes(cfg.device_memory)
     if cfg.batch_size % cfg.grad_accum_steps:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is not divisible by grad_accum_steps "
@@ -75,11 +101,29 @@ def check_loop(cfg: Any) -> None:
     if cfg.target_eval_loss is not None:
         cfg.target_eval_loss = number(cfg, "target_eval_loss", -math.inf, inclusive=True)
     check_positive(cfg, "max_new_tokens")
+    remat_mode(cfg.remat)
     if cfg.generate_every is not None and cfg.eval_prompts is None:
         raise ConfigError(
             f"generate_every {cfg.generate_every!r} is set but eval_prompts is not: pass "
             "--eval-prompts FILE too, or drop --generate-every."
         )
+
+
+def remat_mode(spec: str) -> tuple[str, int]:
+    """``--remat``'s mode and output threshold (``larger_than:N``; Keras' 1024 otherwise).
+
+    Raises:
+      ConfigError: not one of the modes.
+    """
+    mode, _, threshold = str(spec).partition(":")
+    if mode in ("none", "full", "activations") and not threshold:
+        return mode, 1024
+    if mode == "larger_than" and threshold.isdigit() and int(threshold) > 0:
+        return mode, int(threshold)
+    raise ConfigError(
+        f"remat {spec!r} is not a mode: use none, full, activations or larger_than:N "
+        "(N a positive number of values)."
+    )
 
 
 def check_lora(cfg: Any) -> None:

@@ -50,6 +50,8 @@ class RunInfo:
         ``per_device`` (the most any one device holds, replicated arrays counted on each).
       given: the config fields that hold the label of a Python object the run was given
         (``config.OBJECT_FIELDS``), not a spec.
+      state_dtypes: the floating dtypes of the state's ``params`` and ``optimizer_state``,
+        e.g. ``{"params": "bfloat16", "optimizer_state": "bfloat16"}``.
       lower_train_step: after the first step, returns the train step lowered on that step's
         argument shapes (``jax.stages.Lowered``).
     """
@@ -71,6 +73,7 @@ class RunInfo:
     base_model: dict[str, Any] | None = None
     state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     given: frozenset[str] = frozenset()
+    state_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
     lower_train_step: Any = None
 
 

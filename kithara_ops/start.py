@@ -169,6 +169,10 @@ def run_info(program: Any, begin: Start, total: int, progress: Any, train_data: 
         base_model=program.base_model,
         state_bytes=progress.placed,
         given=program.given,
+        state_dtypes={
+            "params": floating_dtypes(begin.state.params),
+            "optimizer_state": floating_dtypes(begin.state.opt_state),
+        },
         lower_train_step=lambda: progress.lower_step(),
     )
 
@@ -176,3 +180,14 @@ def run_info(program: Any, begin: Start, total: int, progress: Any, train_data: 
 def _count(variables) -> int:
     """Number of elements in ``variables``."""
     return int(sum(np.prod(v.shape, dtype=np.int64) for v in variables))
+
+
+def floating_dtypes(tree: Any) -> str:
+    """The floating dtypes of ``tree``'s arrays, comma-separated (``-`` for none)."""
+    import jax
+    import jax.numpy as jnp
+
+    # jnp's test: NumPy does not count bfloat16 (an ml_dtypes type) as floating.
+    found = {str(leaf.dtype) for leaf in jax.tree.leaves(tree)
+             if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)}  # fmt: skip
+    return ",".join(sorted(found)) or "-"

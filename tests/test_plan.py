@@ -175,3 +175,24 @@ def test_full_remat_lowers_the_temporaries_and_keeps_the_loss(make_model, stdlib
     with pytest.raises(ConfigError, match="remat 'partial' is not a mode"):
         RunConfig(remat="partial")
     assert RunConfig(remat="larger_than:4096").remat == "larger_than:4096"
+
+
+def test_pure_bfloat16_halves_the_state_and_logs_the_optimizer_state_dtype(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from kithara_ops.build import build_trainer
+
+    plans = {p: plan_run(RunConfig(model="tiny", precision=p)) for p in ("float32", "bfloat16")}
+    assert plans["bfloat16"].trainable * 2 == plans["float32"].trainable
+    assert plans["bfloat16"].optimizer_state * 2 <= plans["float32"].optimizer_state + 64
+    uri = f"sqlite:///{tmp_path}/m.db"
+    trainer = build_trainer(RunConfig(precision="bfloat16", steps=20, seq_len=64, log_every=1,
+                                      tracking_uri=uri, system_metrics=False))  # fmt: skip
+    result = trainer.train()
+    dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(trainer.state.opt_state)}
+    assert {str(v.dtype) for v in trainer.state.params.values()} == {"bfloat16"}
+    assert dtypes - {"int32"} == {"bfloat16"}  # Adam's moments follow the parameters
+    params = MlflowClient(uri).get_run(result.run_id).data.params
+    assert params["precision"] == "bfloat16" and params["optimizer.state_dtype"] == "bfloat16"
+    history = MlflowClient(uri).get_metric_history(result.run_id, "loss")
+    assert history[-1].value < history[0].value - 1.0  # it trains

@@ -213,10 +213,10 @@ class RunConfig:
         "backward pass), activations, or larger_than:N (layers whose output exceeds N values).",
         MODEL,
     )
-    precision: Literal["float32", "mixed_bfloat16"] = option(
+    precision: Literal["float32", "mixed_bfloat16", "bfloat16"] = option(
         "float32",
-        "float32, or mixed_bfloat16: the built-in model computes in bfloat16 with float32 "
-        "master weights.",
+        "float32; mixed_bfloat16: compute in bfloat16, float32 weights; bfloat16: weights, "
+        "compute and the optimizer state in bfloat16 (half the memory, less exact updates).",
         LOOP,
     )
     checkpoint_dir: str | None = option(

@@ -75,6 +75,7 @@ def build_trainer(
         batch_size=config.batch_size,
         seed=config.seed,
         tokenizer=tokenizer,
+        packing=config.packing,
     )
     eval_data = None
     if config.eval_data is not None:
@@ -85,8 +86,10 @@ def build_trainer(
             shuffle=False,
             repeat=False,
             tokenizer=tokenizer,
+            packing=config.packing,
         )
     model = build_model(config, tokenizer.vocab_size)
+    check_packing(config.packing, model)
     first, train_data = feed.peek(train_data)  # a Dataset is re-iterable: nothing is consumed
     if first is not None:
         preflight.check_token_ids(first, output_vocab_size(model, config.seq_len))
@@ -97,6 +100,22 @@ def build_trainer(
     program = Program(model, optimizer, config, given=given)
     check_fits(program)  # a run that cannot fit ends here, not at its first step
     return Trainer.from_program(program, train_data, eval_data=eval_data, sinks=sinks)
+
+
+def check_packing(packing: str, model: keras.Model) -> None:
+    """Refuse ``packing="documents"`` for a model that cannot keep documents apart.
+
+    KerasHub causal LMs take token ids and a padding mask, no segment ids: packed documents
+    would attend to each other, which ``none`` (one document per row) avoids.
+    """
+    from kithara_ops.models.adapter import adapt_model
+
+    if packing == "documents" and not adapt_model(model).takes_segments:
+        raise ConfigError(
+            f"packing 'documents' needs a model that takes segment_ids, and {model.name!r} "
+            "does not (a KerasHub model takes a padding mask only, so packed documents would "
+            "attend to each other): use --packing none, one document per row."
+        )
 
 
 def build_model(config: RunConfig, vocab_size: int) -> keras.Model:

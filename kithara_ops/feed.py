@@ -16,7 +16,8 @@ import numpy as np
 
 from kithara_ops.errors import ConfigError
 
-_DTYPES = {"x": np.int32, "y": np.int32, "mask": np.float32}
+_DTYPES = {"x": np.int32, "y": np.int32, "mask": np.float32, "segment_ids": np.int32,
+           "positions": np.int32}  # fmt: skip
 
 
 def peek(data: Iterable[Mapping]) -> tuple[Mapping | None, Iterable[Mapping]]:
@@ -42,7 +43,7 @@ def check_first_batch(batch: Mapping, data_parallel: int, grad_accum_steps: int)
     shape = np.shape(batch["x"])
     if len(shape) != 2:
         raise ConfigError(f"Batch 'x' must have shape (batch, seq_len); got {shape}.")
-    for key in ("y", "mask"):
+    for key in ("y", "mask", "segment_ids", "positions"):
         if key in batch and np.shape(batch[key]) != shape:
             raise ConfigError(
                 f"Batch '{key}' has shape {np.shape(batch[key])} but 'x' has {shape}."

@@ -169,6 +169,7 @@ def memory_plan(program: Any, device_memory: int | None = None) -> MemoryPlan:
         name: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), dtype,
                                    sharding=program.batch_sharding)
         for name, dtype in (("x", np.int32), ("y", np.int32), ("mask", np.float32))
+        + ((("segment_ids", np.int32), ("positions", np.int32)) if config.packing != "concat" else ())
     }  # fmt: skip
     compiled = program.steps.train_step.lower(state, batch).compile()
     stats = compiled.memory_analysis()

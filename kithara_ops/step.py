@@ -108,6 +108,7 @@ class StepBuilder:
             [params[k] for k in self.param_keys],
             [non_trainable[k] for k in self.non_trainable_keys],
             self.model_adapter.inputs(batch),
+            **self.model_adapter.keywords(batch),
             **kwargs,
         )
         logits = self.model_adapter.logits(outputs)
@@ -211,6 +212,8 @@ class StepBuilder:
             "tokens": count,
             "finite": finite,
         }
+        if "segment_ids" in batch:  # the share of the rows that is text, not padding
+            metrics["packing.real_token_fraction"] = jnp.mean(batch["segment_ids"] > 0)
         acted = clipped(raw, grad_norm, self.clipping)
         if acted is not None:
             metrics["clipped"] = acted

@@ -108,6 +108,12 @@ class RunConfig:
         8, "Global batch size in sequences, across all devices and processes.", LOOP
     )
     seq_len: int = option(128, "Tokens per sequence.", MODEL)
+    packing: Literal["concat", "documents", "none"] = option(
+        "concat",
+        "How documents share rows: concat (they attend to earlier ones in the row), documents "
+        "(packed, each attending to itself only: the built-in model), none (one per row).",
+        MODEL,
+    )
     sharding: Literal["dp", "fsdp"] = option(
         "dp",
         "dp: replicated parameters, sharded batch; fsdp: parameters and optimizer state "

@@ -16,6 +16,7 @@ import grain
 import numpy as np
 
 from kithara_ops.data.chat import chat_tokens
+from kithara_ops.data.packing import document_rows, segment_rows
 from kithara_ops.data.preset_tokenizer import PresetTokenizer, as_tokenizer, with_chat_template
 from kithara_ops.data.sources import Document, read_documents
 from kithara_ops.data.tokenizer import ByteTokenizer
@@ -30,15 +31,22 @@ class Packed(NamedTuple):
         y: ``int32 (n, seq_len)`` target ids: ``x`` shifted left by one token.
         mask: ``float32 (n, seq_len)`` loss weight of each target: 0 for prompt tokens
             and padding, 1 otherwise.
+        segment_ids, positions: ``int32 (n, seq_len)``, where documents are kept apart
+            (``packing``, see ``data.packing``); ``None`` otherwise.
     """
 
     x: np.ndarray
     y: np.ndarray
     mask: np.ndarray
+    segment_ids: np.ndarray | None = None
+    positions: np.ndarray | None = None
 
 
 def pack(
-    documents: Sequence[Document], tokenizer: ByteTokenizer | PresetTokenizer, seq_len: int
+    documents: Sequence[Document],
+    tokenizer: ByteTokenizer | PresetTokenizer,
+    seq_len: int,
+    packing: str = "concat",
 ) -> Packed:
     """Concatenates tokenized documents into one stream and cuts it into sequences.
 
@@ -53,9 +61,11 @@ def pack(
         documents: The documents, in order.
         tokenizer: Provides ``encode`` and the ``pad_id``/``bos_id``/``eos_id`` ids.
         seq_len: Tokens per sequence.
+        packing: ``concat`` (as above), ``documents`` (the same rows, with segment ids and
+            positions) or ``none`` (one document per row): see ``data.packing``.
 
     Returns:
-        The packed ``x``, ``y`` and ``mask`` arrays.
+        The packed ``x``, ``y`` and ``mask`` arrays (and segment ids and positions).
 
     Raises:
         ConfigError: ``seq_len`` is below 1 or the documents give no sequence.
@@ -65,8 +75,9 @@ def pack(
     # Some families (Qwen) have no start token: their documents begin with their text.
     bos = np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
     eos = np.array([tokenizer.eos_id], np.int32)
-    pieces, trained = [], []
+    pieces, trained, sizes = [], [], []
     for doc in documents:
+        sizes.append(len(pieces))
         if doc.messages:
             # Replies are trained, the rest of the conversation is prompt; the end id is
             # trained when the conversation ends with a reply.
@@ -89,6 +100,19 @@ def pack(
         ]
     stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     weight = np.concatenate(trained) if trained else np.zeros(0, bool)
+    lengths = [len(piece) for piece in pieces]
+    per_doc = np.add.reduceat(lengths, sizes) if sizes else np.zeros(0, int)
+    doc_of = np.repeat(np.arange(len(per_doc)), per_doc)
+    if packing == "none":
+        x, y, mask, segments, positions = document_rows(
+            stream, weight, doc_of, seq_len, tokenizer.pad_id
+        )
+        if len(x) == 0:
+            raise ConfigError(
+                f"The data gives no training sequence at seq_len {seq_len}: add documents "
+                "with text."
+            )
+        return Packed(x, y, mask.astype(np.float32), segments, positions)
 
     n_full = max(len(stream) - 1, 0) // seq_len
     end = n_full * seq_len
@@ -108,10 +132,20 @@ def pack(
         raise ConfigError(
             f"The data gives no training sequence at seq_len {seq_len}: add documents with text."
         )
+    segments = positions = None
+    if packing == "documents":
+        segments, positions = segment_rows(doc_of, len(x), seq_len)
+        # The target after a document's last token is the next document's first: not its own.
+        after = np.append(doc_of[1:], -1)
+        crosses = np.zeros(len(x) * seq_len, bool)
+        crosses[: min(len(doc_of), crosses.size)] = (after != doc_of)[: crosses.size]
+        mask = mask & ~crosses.reshape(mask.shape)
     return Packed(
         np.ascontiguousarray(x, np.int32),
         np.ascontiguousarray(y, np.int32),
         mask.astype(np.float32),
+        segments,
+        positions,
     )
 
 
@@ -216,16 +250,17 @@ class Dataset:
                 return perm[(position // epoch_len) * n + i]
 
             order = order.map_with_index(pick)
-        x, y, mask = self.packed
+        arrays = {key: value for key, value in self.packed._asdict().items() if value is not None}
         return order.batch(self.batch_size, drop_remainder=True).map(
-            lambda idx: {"x": x[idx], "y": y[idx], "mask": mask[idx]}
+            lambda idx: {key: value[idx] for key, value in arrays.items()}
         )
 
 
 class DataIterator:
     """Iterates a ``Dataset``'s batches; its position can be saved and restored.
 
-    Each batch is ``{"x": int32 (B, L), "y": int32 (B, L), "mask": float32 (B, L)}``.
+    Each batch is ``{"x": int32 (B, L), "y": int32 (B, L), "mask": float32 (B, L)}``, with
+    ``segment_ids`` and ``positions`` (int32) where the data keeps documents apart.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -298,6 +333,7 @@ def load(
     repeat: bool = True,
     tokenizer: Any = None,
     chat_template: str | Path | None = None,
+    packing: str = "concat",
 ) -> Dataset:
     """Reads, tokenizes and packs a data source into a batched ``Dataset``.
 
@@ -314,6 +350,8 @@ def load(
             tokenizer (``keras_hub.tokenizers.Tokenizer.from_preset(...)``).
         chat_template: a Jinja chat template file (or ``tokenizer_config.json``) for the
             ``messages`` rows of chat data, instead of the tokenizer's own.
+        packing: how documents share rows (``data.packing.MODES``): ``concat``, ``documents``
+            (with ``segment_ids`` and ``positions`` in each batch) or ``none``.
 
     Returns:
         The dataset; iterate it for batches.
@@ -325,7 +363,7 @@ def load(
     tokenizer = as_tokenizer(tokenizer)
     if chat_template is not None:
         tokenizer = with_chat_template(tokenizer, chat_template)
-    packed = pack(documents, tokenizer, seq_len)
+    packed = pack(documents, tokenizer, seq_len, packing)
     return Dataset(
         packed,
         batch_size=batch_size,

@@ -35,9 +35,18 @@ class ModelAdapter:
     Attributes:
       input_names: the model's named inputs (each a key of ``TOKEN_INPUTS``), or ``None``
         when the model takes the token ids as one array.
+      takes_segments: the model's call takes ``segment_ids`` and ``positions`` keywords
+        (packed documents kept apart, ``data.packing``).
     """
 
     input_names: tuple[str, ...] | None = None
+    takes_segments: bool = False
+
+    def keywords(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The batch's ``segment_ids`` and ``positions``, for a model that takes them."""
+        if not self.takes_segments:
+            return {}
+        return {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
 
     def inputs(self, batch: Mapping[str, jax.Array]) -> Any:
         """The model's inputs for ``batch``: ``batch["x"]``, or a dict of named inputs.
@@ -82,7 +91,7 @@ def adapt_model(model: keras.Model) -> ModelAdapter:
     _refuse_backbone(model)
     declared = _declared_inputs(model)
     if not isinstance(declared, Mapping):
-        return ModelAdapter()
+        return ModelAdapter(takes_segments=takes_keywords(model, "segment_ids", "positions"))
     unknown = sorted(set(declared) - set(TOKEN_INPUTS))
     if unknown or "token_ids" not in declared:
         raise ConfigError(
@@ -165,6 +174,15 @@ def takes_training(model: keras.Model) -> bool:
     return "training" in parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
     )
+
+
+def takes_keywords(model: keras.Model, *names: str) -> bool:
+    """Whether the model's ``call`` names every one of ``names`` as a parameter."""
+    try:
+        parameters = inspect.signature(model.call).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in parameters for name in names)
 
 
 def _declared_inputs(model: keras.Model) -> Any:

@@ -7,7 +7,7 @@ from typing import Any
 from keras import ops
 
 
-def apply_rotary_embedding(x: Any, max_wavelength: int = 10000) -> Any:
+def apply_rotary_embedding(x: Any, max_wavelength: int = 10000, positions: Any = None) -> Any:
     """Rotate query or key vectors by their position (rotary position embedding, RoPE).
 
     For position ``t`` and frequency index ``i < H/2``, with
@@ -20,8 +20,10 @@ def apply_rotary_embedding(x: Any, max_wavelength: int = 10000) -> Any:
     at position ``s`` with a rotated key at ``t`` then depends on ``s - t`` only.
 
     Args:
-        x: Array of shape ``(B, T, N, H)`` with an even ``H``; positions are ``0..T-1``.
+        x: Array of shape ``(B, T, N, H)`` with an even ``H``.
         max_wavelength: Longest wavelength of the rotation frequencies.
+        positions: ``(B, T)`` position of each token (packed documents restart theirs);
+            ``None``: ``0..T-1`` in every row.
 
     Returns:
         An array of the same shape and dtype as ``x``.
@@ -30,9 +32,10 @@ def apply_rotary_embedding(x: Any, max_wavelength: int = 10000) -> Any:
     # Angles in float32: bfloat16 cannot represent positions beyond 256 exactly.
     exponent = ops.arange(0, head_dim // 2, dtype="float32") * (2.0 / head_dim)
     inv_freq = ops.power(float(max_wavelength), -exponent)
-    positions = ops.arange(seq_len, dtype="float32")
-    angles = ops.einsum("t,f->tf", positions, inv_freq)
-    angles = ops.concatenate([angles, angles], axis=-1)[None, :, None, :]
+    if positions is None:
+        positions = ops.arange(seq_len, dtype="float32")[None, :]
+    angles = ops.einsum("bt,f->btf", ops.cast(positions, "float32"), inv_freq)
+    angles = ops.concatenate([angles, angles], axis=-1)[:, :, None, :]
     xf = ops.cast(x, "float32")
     x1, x2 = ops.split(xf, 2, axis=-1)
     rotated = ops.concatenate([-x2, x1], axis=-1)

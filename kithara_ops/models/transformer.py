@@ -27,8 +27,9 @@ class CausalSelfAttention(keras.layers.Layer):
 
     ``q, k, v = x W_q, x W_k, x W_v`` (each ``(B, T, D)`` split into ``N`` heads of width
     ``H``), rotary embedding on ``q`` and ``k``, then per head
-    ``softmax(q kᵀ / sqrt(H) + M) v`` with ``M`` masking keys after the query position,
-    heads concatenated and projected by ``W_o``.
+    ``softmax(q kᵀ / sqrt(H) + M) v`` with ``M`` masking keys after the query position (and,
+    with ``segment_ids``, keys of another packed document), heads concatenated and projected
+    by ``W_o``.
 
     Args:
         d_model: Width ``D`` of the input and output.
@@ -62,11 +63,19 @@ class CausalSelfAttention(keras.layers.Layer):
         # dot_product_attention wants (B, T, N, H).
         return ops.reshape(x, (*ops.shape(x)[:-1], self.num_heads, self.head_dim))
 
-    def call(self, x):
-        q = apply_rotary_embedding(self._split_heads(self.query(x)), self.max_wavelength)
-        k = apply_rotary_embedding(self._split_heads(self.key(x)), self.max_wavelength)
+    def call(self, x, segment_ids=None, positions=None):
+        rotate = lambda t: apply_rotary_embedding(t, self.max_wavelength, positions)  # noqa: E731
+        q = rotate(self._split_heads(self.query(x)))
+        k = rotate(self._split_heads(self.key(x)))
         v = self._split_heads(self.value(x))
-        attended = ops.dot_product_attention(q, k, v, is_causal=True)
+        if segment_ids is None:
+            attended = ops.dot_product_attention(q, k, v, is_causal=True)
+        else:  # packed documents: a token sees the earlier tokens of its own document only
+            length = ops.shape(x)[1]
+            causal = ops.tril(ops.ones((length, length), "bool"))
+            same = ops.equal(segment_ids[:, :, None], segment_ids[:, None, :])
+            mask = ops.logical_and(causal[None], same)[:, None]
+            attended = ops.dot_product_attention(q, k, v, mask=mask)
         return self.output_dense(ops.reshape(attended, ops.shape(x)))
 
     def get_config(self) -> dict[str, Any]:
@@ -174,8 +183,9 @@ class DecoderBlock(keras.layers.Layer):
             return x
         return keras.random.dropout(x, self.dropout, seed=self.dropout_seed)
 
-    def call(self, x, training=None):
-        x = x + self._drop(self.attention(self.norm_1(x)), training)
+    def call(self, x, segment_ids=None, positions=None, training=None):
+        attended = self.attention(self.norm_1(x), segment_ids=segment_ids, positions=positions)
+        x = x + self._drop(attended, training)
         return x + self._drop(self.mlp(self.norm_2(x)), training)
 
     def get_config(self) -> dict[str, Any]:
@@ -267,10 +277,10 @@ class CausalLM(keras.Model):
         self.final_norm.build(hidden_shape)
         self.lm_head.build(hidden_shape)
 
-    def call(self, token_ids, training=None):
+    def call(self, token_ids, segment_ids=None, positions=None, training=None):
         x = self.token_embedding(token_ids)
         for block in self.blocks:
-            x = block(x, training=training)
+            x = block(x, segment_ids=segment_ids, positions=positions, training=training)
         return ops.cast(self.lm_head(self.final_norm(x)), "float32")
 
     def get_layout_rules(self) -> list[tuple[str, tuple[str | None, ...]]]:

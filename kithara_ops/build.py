@@ -133,6 +133,7 @@ def build_model(config: RunConfig, vocab_size: int) -> keras.Model:
             lora_rank=config.lora_rank,
             lora_targets=config.lora_targets,
             lora_alpha=config.lora_alpha,
+            quantize=config.quantize,
             # A preset is loaded into the shardings the Trainer gives it, on the same mesh.
             mesh=make_mesh(config.sharding, config.mesh_shape),
             min_shard_size=config.min_shard_size,

@@ -97,6 +97,12 @@ def export(
             config = config.replace(model=model)
         if chat_template is not None:
             config = config.replace(chat_template=str(chat_template))
+        if config.quantize != "none" and format in ("hf", "peft"):
+            raise ConfigError(
+                f"The run's base is quantized ({config.quantize}), which has no {format} form "
+                "here: export it with --format keras-hub (Keras merges the adapters into the "
+                "quantized kernels and quantizes them again)."
+            )
         rebuilt = "optimizer" not in record.given
         keras_model, tokenizer = _restored_model(store, config, rebuilt, step, chosen=chosen)
     if format == "peft":

@@ -129,6 +129,12 @@ def plan_run(config: Any) -> MemoryPlan:
     from kithara_ops.optim.spec import build_optimizer
     from kithara_ops.program import Program
 
+    if config.quantize != "none":
+        raise ConfigError(
+            f"A quantized base ({config.quantize}) is quantized from its weights, which the "
+            "plan does not load: plan the float run (drop --quantize; int8 holds about a "
+            "quarter of its frozen bytes, int4 about an eighth plus scales)."
+        )
     vocab = 0  # a preset's vocabulary is its config's
     if config.model in SIZES or not is_preset(config.model):
         from kithara_ops.data.preset_tokenizer import run_tokenizer

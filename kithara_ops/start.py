@@ -55,6 +55,7 @@ def final_config(
         }
         if base.get("lora_rank"):
             lora = {key: base[key] for key in ("lora_rank", "lora_targets", "lora_alpha")}
+            lora["quantize"] = base.get("quantize") or "none"
             options = {**lora, **options}
         resolved, given = RunConfig.from_dict({**labels, **options}), frozenset(labels)
     else:

@@ -187,10 +187,7 @@ class RunConfig:
         LOOP,
     )
     eval_prompts: str | None = option(
-        None,
-        "JSONL of prompts (prompt or messages, optional reference) completed greedily during "
-        "training and logged to MLflow as a table; None: no samples.",
-        LOOP,
+        None, "JSONL of prompts completed greedily during training, logged as a table.", LOOP
     )
     generate_every: int | None = option(
         None, "Complete the eval prompts every N steps (and at the last); None: at the last.", LOOP
@@ -207,6 +204,9 @@ class RunConfig:
         "Comma-separated names of the layers LoRA adapts, or all-linear (every dense "
         "projection); None: KerasHub's defaults (the attention query and value projections).",
         MODEL,
+    )
+    quantize: Literal["none", "int8", "int4"] = option(
+        "none", "QLoRA: quantize the frozen base (int8, int4) before LoRA; needs lora_rank.", MODEL
     )
     lora_alpha: float | None = option(
         None,

@@ -135,6 +135,11 @@ def check_lora(cfg: Any) -> None:
                 f"{name} {getattr(cfg, name)!r} is set but lora_rank is not: pass "
                 f"--lora-rank R too, or drop --{name.replace('_', '-')}."
             )
+    if cfg.quantize != "none" and cfg.lora_rank is None:
+        raise ConfigError(
+            f"quantize {cfg.quantize!r} freezes a quantized base, which trains only through "
+            "adapters: pass --lora-rank R too (QLoRA), or drop --quantize."
+        )
     if cfg.lora_alpha is not None:
         cfg.lora_alpha = number(cfg, "lora_alpha", 0.0, inclusive=False)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +97,7 @@ def from_preset(
     lora_rank: int | None = None,
     lora_targets: Sequence[str] | str | None = None,
     lora_alpha: float | None = None,
+    quantize: str | None = None,
     seed: int | None = None,
     dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
@@ -121,6 +123,9 @@ def from_preset(
       lora_targets: layer names LoRA adapts (a list, or a comma-separated string);
         ``None``: KerasHub's defaults for the family; ``"all-linear"``: every projection.
       lora_alpha: the adapters' scale is ``lora_alpha / lora_rank``; ``None``: the rank.
+      quantize: ``"int8"`` or ``"int4"``: quantize the backbone's weights (Keras'
+        ``quantize``, abs-max per output channel) before LoRA is enabled, in the same
+        sharded placement (QLoRA); ``None``: float weights.
       seed: draws LoRA's ``A`` matrices (``draw_lora``; ``B`` starts at zero), so that they
         do not depend on Keras' global random state. ``None``: the ``Trainer`` draws them
         from its own ``seed`` when it is made.
@@ -145,6 +150,10 @@ def from_preset(
     try:
         with placement.scope() if placement else contextlib.nullcontext():
             model = hub.models.CausalLM.from_preset(handle, **kwargs)
+            if quantize not in (None, "none"):
+                with warnings.catch_warnings():  # "Dropout has no quantize method": none needed
+                    warnings.simplefilter("ignore", UserWarning)
+                    model.backbone.quantize(quantize)
     except (ValueError, FileNotFoundError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -167,6 +176,7 @@ def from_preset(
         "lora_rank": None,
         "lora_targets": None,
         "lora_alpha": None,
+        "quantize": quantize if quantize not in (None, "none") else None,
     }
     if lora_rank is not None:
         enable_lora(model, lora_rank, lora_targets, lora_alpha)

@@ -120,6 +120,7 @@ def resolve_model(
     lora_rank: int | None = None,
     lora_targets: str | None = None,
     lora_alpha: float | None = None,
+    quantize: str | None = None,
     mesh: Any = None,
     min_shard_size: int = 4096,
 ) -> keras.Model:
@@ -139,6 +140,7 @@ def resolve_model(
         lora_rank: Enable LoRA of this rank on the model's KerasHub backbone.
         lora_targets: Comma-separated layer names for LoRA; ``None``: KerasHub's defaults.
         lora_alpha: LoRA's scale is ``lora_alpha / lora_rank``; ``None``: the rank.
+        quantize: ``int8`` or ``int4``: a preset's base quantized before LoRA (QLoRA).
         mesh: The run's mesh: a preset's weights are loaded straight into their shardings
             on it (``from_preset``); other models are built as they are.
         min_shard_size: The run's ``min_shard_size``, for that placement.
@@ -155,8 +157,15 @@ def resolve_model(
     if spec not in SIZES and not _did_you_mean(spec) and is_preset(spec):
         # The run's precision decides, not the dtype a preset was saved in (often bfloat16).
         dtype = dtype or "float32"
-        model = from_preset(spec, dtype=dtype, mesh=mesh, min_shard_size=min_shard_size)
+        model = from_preset(
+            spec, dtype=dtype, mesh=mesh, min_shard_size=min_shard_size, quantize=quantize
+        )
     else:
+        if quantize not in (None, "none"):
+            raise ConfigError(
+                f"quantize {quantize!r} applies to a KerasHub preset's base, and {spec!r} is "
+                "not one: drop --quantize."
+            )
         model = _build(spec, vocab_size=vocab_size, seq_len=seq_len, dtype=dtype)
     if lora_rank is not None:
         enable_lora(model, lora_rank, lora_targets, lora_alpha)

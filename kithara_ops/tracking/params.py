@@ -59,7 +59,7 @@ def config_params(run: RunInfo) -> dict[str, str]:
     """
     skip = {"tracking", "tracking_uri", "experiment", "run_name", "system_metrics", "log_model",
             "parent_run_id", "coordinator", "process_id", "lora_rank", "lora_targets",
-            "lora_alpha"}  # fmt: skip
+            "lora_alpha", "quantize"}  # fmt: skip
     values = {k: v for k, v in run.config.to_dict().items() if k not in skip}
     values["mesh_shape"] = ",".join(f"{axis}={size}" for axis, size in run.mesh_shape.items())
     values["num_params"] = run.num_params
@@ -103,6 +103,7 @@ def lora_params(run: RunInfo) -> dict[str, Any]:
         "lora.rank": base.get("lora_rank", run.config.lora_rank),
         "lora.targets": base.get("lora_targets", run.config.lora_targets),
         "lora.alpha": base.get("lora_alpha", run.config.lora_alpha),
+        "lora.quantize": base.get("quantize") or run.config.quantize,
     }
     if values["lora.rank"] is not None and values["lora.alpha"] is None:
         values["lora.alpha"] = float(values["lora.rank"])

@@ -193,6 +193,6 @@ def test_pure_bfloat16_halves_the_state_and_logs_the_optimizer_state_dtype(tmp_p
     assert {str(v.dtype) for v in trainer.state.params.values()} == {"bfloat16"}
     assert dtypes - {"int32"} == {"bfloat16"}  # Adam's moments follow the parameters
     params = MlflowClient(uri).get_run(result.run_id).data.params
-    assert params["precision"] == "bfloat16" and params["optimizer.state_dtype"] == "bfloat16"
+    assert params["precision"] == "bfloat16" and params["optimizer_state_dtype"] == "bfloat16"
     history = MlflowClient(uri).get_metric_history(result.run_id, "loss")
     assert history[-1].value < history[0].value - 1.0  # it trains

@@ -65,8 +65,10 @@ def config_params(run: RunInfo) -> dict[str, str]:
     values["num_params"] = run.num_params
     values["num_trainable_params"] = run.num_trainable_params
     values.update(lora_params(run))
-    if run.state_dtypes:  # what precision left the optimizer's state in
-        values["optimizer.state_dtype"] = run.state_dtypes["optimizer_state"]
+    # What precision left the optimizer's state in: a property of the run, not of the
+    # optimizer's description (describe prints every optimizer.* param a run logs).
+    if run.state_dtypes:
+        values["optimizer_state_dtype"] = run.state_dtypes["optimizer_state"]
     template = chat_template_text(run.config)
     if template is not None:
         from kithara_ops.export_files import template_digest

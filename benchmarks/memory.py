@@ -6,6 +6,9 @@ plus one batch. The live arrays are also split by owner: the train state, the Ke
 and the Keras optimizer's own variables (none while the Trainer trains: it parks their values
 in host memory), and the rest: batches in flight, metrics, and anything else alive, such as
 device copies JAX keeps of arrays a compiled function closed over.
+
+``benchmarks.fitting`` adds the memory plan against these runs, rematerialisation's memory and
+time, bfloat16 and a quantized LoRA base.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import keras
 import numpy as np
 import optax
 
+from benchmarks import fitting
 from benchmarks.common import print_table, summarise
 from kithara_ops import Callback, Trainer, data, models
 from kithara_ops._backend import seed_keras
@@ -117,4 +121,6 @@ def main(
             + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in split.items() if k != "total")
         )
         result[name] = {"steady_bytes": steady, "growth_bytes": growth, "live_by_owner": split}
+    needed = [float(s["needed"]) for s in runs["optax.adamw"]]
+    result["fitting"] = fitting.main(needed, min(steps, 50), batch, seq_len)
     return result

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import optax
+import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -66,6 +67,13 @@ def test_documents_packing_marks_segments_restarts_positions_and_trains_no_cross
     assert all(kept.mask.reshape(-1)[i] == 0 and plain.mask.reshape(-1)[i] == 1 for i in crossing)
     others = np.setdiff1d(np.arange(len(stream) - 1), crossing)
     np.testing.assert_array_equal(kept.mask.reshape(-1)[others], plain.mask.reshape(-1)[others])
+
+
+def test_an_unknown_packing_is_a_one_line_error():
+    from kithara_ops.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="packing must be one of concat, documents, none"):
+        pack([Document("abc")], TOKENIZER, 8, "documnets")
 
 
 def test_none_packing_starts_every_document_on_its_own_rows():

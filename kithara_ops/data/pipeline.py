@@ -16,7 +16,7 @@ import grain
 import numpy as np
 
 from kithara_ops.data.chat import chat_tokens
-from kithara_ops.data.packing import document_rows, segment_rows
+from kithara_ops.data.packing import MODES, document_rows, segment_rows
 from kithara_ops.data.preset_tokenizer import PresetTokenizer, as_tokenizer, with_chat_template
 from kithara_ops.data.sources import Document, read_documents
 from kithara_ops.data.tokenizer import ByteTokenizer
@@ -72,6 +72,8 @@ def pack(
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}.")
+    if packing not in MODES:
+        raise ConfigError(f"packing must be one of {', '.join(MODES)}, got {packing!r}.")
     # Some families (Qwen) have no start token: their documents begin with their text.
     bos = np.array([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
     eos = np.array([tokenizer.eos_id], np.int32)
